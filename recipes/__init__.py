@@ -1,0 +1,1 @@
+"""Preset recipes (YAML), shipped as package data of ``quantkit.recipes``."""
