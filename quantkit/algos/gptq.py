@@ -73,15 +73,16 @@ def gptq(
         W, H = W[:, perm], H[perm][:, perm]
     U, _ = inverse_hessian_factor(H, damp)
 
-    codes = torch.zeros_like(W, dtype=torch.uint8)
-    Q = torch.zeros_like(W)
-    losses = torch.zeros(W.shape[0], dtype=torch.float64)
+    codes = torch.zeros(n, W.shape[0], dtype=torch.uint8, device=W.device)  # transposed while filling
+    Q = torch.zeros(n, W.shape[0], device=W.device)
+    losses = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
     fitted: list[GridParams | None] = [None] * num_groups(group_size, n)
     params: GridParams | None = None
 
+    # The inner loop works on transposed blocks so that a column of W is a contiguous row in memory.
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, i1:i2].T.contiguous()  # [b, out]
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -90,28 +91,29 @@ def gptq(
                 params = static[(perm[col].item() if perm is not None else col) // g]
             elif col % g == 0:
                 # The group may run past this block: later columns already carry the earlier blocks' updates.
-                group = W1[:, i : i + g] if i + g <= i2 - i1 else torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g]
+                group = W1[i : i + g].T if i + g <= i2 - i1 else torch.cat([W1[i:].T, W[:, i2:]], 1)[:, :g]
                 params = grid.fit(group)
                 fitted[col // g] = params
-            w = W1[:, i]
+            w = W1[i]
             d = U1[i, i]
             q, k = grid.quantize(w, params)
-            Q[:, col] = q
-            codes[:, col] = k
-            losses += ((w - q) ** 2 / d**2 / 2).double()
+            Q[col] = q
+            codes[col] = k
             err = (w - q) / d
-            W1[:, i:] -= torch.outer(err, U1[i, i:])
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            losses += (err.double() ** 2) / 2
+            W1[i:].sub_(torch.outer(U1[i, i:], err))
+            Err1[i] = err
+        W[:, i2:] -= Err1.T @ U[i1:i2, i2:]
 
+    Q, codes = Q.T, codes.T.contiguous()
     groups = static if static is not None else fitted
     scales = torch.stack([p.scale for p in groups], 1)
     zeros = torch.stack([p.zero for p in groups], 1)
-    W_hat = Q
+    W_hat = Q.contiguous()
     stored_perm = None
     if perm is not None:
         inv = torch.argsort(perm)
-        W_hat = Q[:, inv]
+        W_hat = Q[:, inv].contiguous()
         if static_groups:
             codes = codes[:, inv]  # groups live in original order: store in original order, no permutation
         else:

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("QUANTKIT_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _env():
+    torch.manual_seed(0)
+    if not DATA.is_dir():
+        pytest.exit(f"test data folder not found: {DATA} (set QUANTKIT_DATA_DIR)", returncode=3)
+    os.environ["QUANTKIT_DATA_DIR"] = str(DATA)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The bundled SmolLM2 as a safetensors folder (converted from GGUF once, cached)."""
+    from quantkit.loading import resolve_model
+
+    return resolve_model("smollm2-135m").folder
+
+
+def _tiny_config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=49152, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**common)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, smollm2_folder):
+    """``make(arch) -> folder`` with a tiny random model of that architecture and SmolLM2's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    made: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            torch.manual_seed(1)
+            model = AutoModelForCausalLM.from_config(_tiny_config(arch), dtype=torch.float32)
+            model.save_pretrained(folder)
+            AutoTokenizer.from_pretrained(smollm2_folder).save_pretrained(folder)
+            made[arch] = folder
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory, data_dir) -> Path:
+    """A small calibration text: the first 40 C4 documents, as JSONL."""
+    src = data_dir / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    path.write_text("".join(src.read_text().splitlines(keepends=True)[:40]))
+    return path
