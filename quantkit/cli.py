@@ -26,7 +26,8 @@ def _quantize(a: argparse.Namespace) -> int:
     )
     errs = [s.get("relative_output_error") for s in rep["layers"].values()]
     if errs and errs[0] is not None:
-        print(f"  mean relative layer output error {sum(errs) / len(errs):.4g} (per layer: {r.out}/quantkit_report.json)")
+        print(f"  mean relative layer output error {sum(errs) / len(errs):.4g} "
+              f"(per layer: {r.out}/quantkit_report.json)")
     return 0
 
 

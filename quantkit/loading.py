@@ -143,8 +143,9 @@ def load_tokenizer(source: ModelSource):
 
 def load_model(spec: str | os.PathLike | None, *, dtype: torch.dtype | str = "auto", device: str = "cpu"):
     """Load a whole model (quantized by quantkit or not) and its tokenizer for evaluation or generation."""
-    import quantkit  # noqa: F401  (registers the quantizer)
     from transformers import AutoModelForCausalLM
+
+    import quantkit  # noqa: F401  (registers the quantizer)
 
     source = resolve_model(spec)
     check_causal_lm(source.config)

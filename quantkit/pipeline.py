@@ -169,7 +169,7 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _run_layer(layer: nn.Module, calib: _Calibration, *, keep_outputs: bool) -> None:
-    for i, (h, kw) in enumerate(zip(calib.hidden, calib.kwargs)):
+    for i, (h, kw) in enumerate(zip(calib.hidden, calib.kwargs, strict=True)):
         out = layer(h, **kw)
         if keep_outputs:
             calib.hidden[i] = out[0] if isinstance(out, tuple) else out
@@ -198,7 +198,7 @@ def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], calib:
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
     try:
         with torch.no_grad():
-            for h, kw in zip(calib.hidden, calib.kwargs):
+            for h, kw in zip(calib.hidden, calib.kwargs, strict=True):
                 layer(h, **kw)
                 last["x"] = None
     finally:

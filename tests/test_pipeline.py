@@ -39,7 +39,7 @@ def test_bits_per_weight_matches_stored_tensors(tiny_model_factory, calib_file, 
                 t = f.get_tensor(key)
                 bits += t.numel() * t.element_size() * 8
                 assert not key.endswith(".weight"), "a quantized layer kept a dense weight"
-    for name, s in rep["layers"].items():
+    for s in rep["layers"].values():
         weights += s["shape"][0] * s["shape"][1]
     assert rep["bits_per_weight"] == pytest.approx(bits / weights, rel=1e-12)
     # 3 bits + fp16 scale and zero per group of 128 (96 columns: one group; 160: two groups) + int16 perm
@@ -129,7 +129,8 @@ def test_errors_are_one_clear_line_and_leave_nothing(tiny_model_factory, calib_f
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": "   "}\n')
     bert = tmp_path / "bert"
-    DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37, vocab_size=100)).save_pretrained(bert)
+    encoder = DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37, vocab_size=100))
+    encoder.save_pretrained(bert)
     bad_field = tmp_path / "bad.yaml"
     bad_field.write_text("schemes:\n  - method: gptq\n    bits: 4\n    group: 128\n")
     bad_bits = tmp_path / "bits.yaml"
@@ -139,7 +140,8 @@ def test_errors_are_one_clear_line_and_leave_nothing(tiny_model_factory, calib_f
         (["--model", str(bert), "--recipe", "rtn-w4g128"], "not a causal language model"),
         (["--model", str(folder), "--recipe", str(bad_field)], "unknown field 'group'"),
         (["--model", str(folder), "--recipe", str(bad_bits)], "unsupported bit width"),
-        (["--model", str(folder), "--recipe", "gptq-w4g128", "--calib", str(empty)], "calibration file has no text"),
+        (["--model", str(folder), "--recipe", "gptq-w4g128", "--calib", str(empty)],
+         "calibration file has no text"),
         (["--model", str(folder), "--recipe", "gptq-w4g128", "--calib", str(tmp_path / "x.txt")],
          "calibration file not found"),
     ]
