@@ -16,10 +16,26 @@ CAL = dict(calib="c4", nsamples=32, seqlen=512, seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
+def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
-    return {r: pipeline.quantize("smollm2-135m", r, root / r, **CAL).out for r in ("gptq-w4g128", "rtn-w3g128",
-                                                                                 "gptq-w3g128")}
+    return {r: pipeline.quantize("smollm2-135m", r, root / r, keep_model=r == "gptq-w4g128", **CAL)
+            for r in ("gptq-w4g128", "rtn-w3g128", "gptq-w3g128")}
+
+
+@pytest.fixture(scope="module")
+def quantized(results):
+    return {r: res.out for r, res in results.items()}
+
+
+def test_in_memory_logits_equal_reloaded(results):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    res = results["gptq-w4g128"]
+    loaded = AutoModelForCausalLM.from_pretrained(res.out)
+    x = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (res.model(x).logits - loaded(x).logits).abs().max().item() <= 1e-5
 
 
 def test_reload_in_new_process_answers_paris(quantized):
