@@ -148,14 +148,16 @@ def _skeleton(source: ModelSource, device: torch.device) -> nn.Module:
     return model.to(device) if device.type != "cpu" else model
 
 
-def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, what: str) -> None:
+def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, what: str,
+               *, complete: bool = True) -> None:
+    """Assign checkpoint tensors (floats as fp32) to a meta-initialized module; ``complete``: all must be there."""
     tensors = {k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
                for k, v in tensors.items()}
-    missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
+    _, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise QuantkitError(f"{what}: checkpoint has tensors the model does not: {unexpected[:3]}")
     still_meta = [n for n, p in module.named_parameters() if p.is_meta]
-    if still_meta and what != "model":
+    if complete and still_meta:
         raise QuantkitError(f"{what}: checkpoint lacks tensors for {still_meta[:3]}")
 
 
@@ -348,9 +350,9 @@ def quantize(
     # Everything the user could get wrong has been checked: from here on, files are written.
     progress_dir = _Progress(out, fingerprint)
     start = progress_dir.next_layer
-    non_layer = {k: v for k, v in reader.load([k for k in reader.keys()
-                                               if not k.startswith(layers_name + ".")]).items()}
-    _load_into(skeleton, non_layer, dev, "model")
+    # Embeddings, final norm, head: everything outside the decoder layers (tied weights are absent here).
+    non_layer = reader.load([k for k in reader.keys() if not k.startswith(layers_name + ".")])
+    _load_into(skeleton, non_layer, dev, "model", complete=False)
 
     calib_data = None
     if needs_calib:
@@ -361,7 +363,7 @@ def quantize(
         logger.info("resuming at layer %d of %d from %s", start, len(layers), progress_dir.dir)
 
     all_stats: dict[str, Any] = {}
-    bar = tqdm(range(len(layers)), desc=f"quantize ({recipe.name})", disable=not progress, initial=0)
+    bar = tqdm(range(len(layers)), desc=f"quantize ({recipe.name})", disable=not progress)
     for i in bar:
         prefix = f"{layers_name}.{i}"
         bar.set_postfix_str(prefix)

@@ -30,12 +30,11 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
-        for name, (shape, tdtype) in UniformFormat.tensor_specs(scheme, in_features, out_features).items():
-            self.register_buffer(name, torch.empty(shape, dtype=tdtype, device=device))
-        if scheme.symmetric:
-            self.zeros = None
-        if not scheme.stores_perm:
-            self.perm = None
+        specs = UniformFormat.tensor_specs(scheme, in_features, out_features)
+        for name in ("qweight", "scales", "zeros", "perm"):  # absent ones are None (symmetric, no act-order)
+            shape_dtype = specs.get(name)
+            empty = torch.empty(shape_dtype[0], dtype=shape_dtype[1], device=device) if shape_dtype else None
+            self.register_buffer(name, empty)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
