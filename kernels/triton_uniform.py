@@ -140,11 +140,12 @@ def _gemm_kernel(
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)  # long prefills: M * K or M * N (an LM head) can pass 2**31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         w = _dequant_tile(
             qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, N, stride_qn, stride_sn,
             K, GROUP_SIZE, BITS, HAS_ZEROS, BLOCK_K,
@@ -154,7 +155,7 @@ def _gemm_kernel(
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 # --- launch configurations -------------------------------------------------------------------------------------
