@@ -3,6 +3,8 @@ the PyTorch reference serves everything else (CPU, odd shapes, no Triton)."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +13,8 @@ import torch
 from quantkit.kernels.reference import uniform_matmul_ref
 
 __all__ = ["KERNELS", "Kernel", "register_kernel", "uniform_matmul"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -21,13 +25,32 @@ class Kernel:
 
 
 KERNELS: list[Kernel] = []
+_builtins_loaded = False
 
 
 def register_kernel(name: str, supports: Callable[..., bool], impl: Callable[..., torch.Tensor]) -> None:
     KERNELS.append(Kernel(name, supports, impl))
 
 
+def _load_builtin_kernels() -> None:
+    """Register the kernels quantkit ships, once, on first use (not at ``import quantkit``: CPU users pay nothing).
+
+    The Triton kernels register only when Triton is installed; their predicate then accepts CUDA tensors only.
+    """
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    if importlib.util.find_spec("triton") is None:
+        logger.debug("triton is not installed: uniform_matmul uses the PyTorch reference")
+        return
+    from quantkit.kernels.ops import triton_supports, uniform_matmul_triton
+
+    register_kernel("triton-uniform", triton_supports, uniform_matmul_triton)
+
+
 def uniform_matmul(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int) -> torch.Tensor:
+    _load_builtin_kernels()
     for kernel in KERNELS:
         if kernel.supports(x, qweight, bits=bits, group_size=group_size):
             return kernel.impl(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size)

@@ -1,0 +1,174 @@
+"""Benchmark: the fused dequant-matmul against ``torch.matmul`` with fp16 weights, on Llama linear shapes.
+
+    python -m quantkit.kernels.bench                      # all shapes, batches 1..128, W4 g128, W3 g128, W2 g64
+    python -m quantkit.kernels.bench --formats w4g128 --batches 1,16 --peak-gbps 3350
+
+For every weight shape ``[out, in]`` (Llama-2-7B: 4096x4096, 11008x4096, 4096x11008; Llama-3-8B: 1024x4096,
+14336x4096, 4096x14336), batch size and format it prints the time of ``torch.ops.quantkit.uniform_matmul`` (the op
+``QuantizedLinear`` runs on CUDA) and of ``torch.matmul(x, W.T)`` with an fp16 ``W``, the speedup, and the bandwidth
+each achieves (bytes of packed weights, scales, zeros, permutation, activations and output, divided by the time)
+as a fraction of the card's peak.
+
+Timing: each call is captured once in a CUDA graph (so Python and dispatcher overhead are not timed) and replayed
+by ``triton.testing.do_bench``, which clears the L2 cache before every replay; without that a 4096x4096 4-bit
+weight (8 MiB) would be read from L2 and report more than the card's memory bandwidth. The median is reported.
+Autotuning happens in the eager call before capture. CUDA only; the packed weights are random, built with
+quantkit's own packing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.algos.groups import num_groups
+from quantkit.formats.packing import pack_codes
+from quantkit.kernels.reference import uniform_matmul_ref
+
+__all__ = ["SHAPES", "Format", "main"]
+
+SHAPES = {  # weight shapes [out, in] of the linear layers
+    "llama2-7b": [("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008)],
+    "llama3-8b": [("k/v", 1024, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
+}
+# Memory bandwidth in GB/s by device name (first match wins; more specific names first).
+PEAK_GBPS = [
+    ("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("H800", 3350.0),
+    ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0), ("L40S", 864.0), ("RTX 4090", 1008.0),
+]
+
+
+@dataclass(frozen=True)
+class Format:
+    bits: int
+    group_size: int
+    symmetric: bool = False
+    act_order: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Format:
+        """``w4g128``, ``w3g-1`` (per channel); suffixes ``-sym`` and ``-act`` (act-order)."""
+        m = re.fullmatch(r"w([2348])g(\d+|-1)((?:-sym|-act)*)", text)
+        if not m:
+            raise argparse.ArgumentTypeError(f"bad format {text!r}; expected e.g. w4g128, w3g-1, w4g128-sym-act")
+        return cls(int(m[1]), int(m[2]), "-sym" in m[3], "-act" in m[3])
+
+    def __str__(self) -> str:
+        return f"w{self.bits}g{self.group_size}{'-sym' if self.symmetric else ''}{'-act' if self.act_order else ''}"
+
+
+def packed_layer(N: int, K: int, fmt: Format, device: torch.device) -> dict[str, torch.Tensor | None]:
+    G = num_groups(fmt.group_size, K)
+    codes = torch.randint(0, 2**fmt.bits, (N, K), device=device, dtype=torch.uint8)
+    return {
+        "qweight": pack_codes(codes, fmt.bits),
+        "scales": (0.005 + 0.01 * torch.rand(N, G, device=device)).half(),
+        "zeros": None if fmt.symmetric else torch.randint(0, 2**fmt.bits, (N, G), device=device).half(),
+        "perm": torch.randperm(K, device=device).to(torch.int16) if fmt.act_order else None,
+    }
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def time_ms(fn: Callable[[], torch.Tensor], warmup: int, rep: int) -> float:
+    """Median time of one call, replayed from a CUDA graph with the L2 cache cleared before each replay."""
+    import triton.testing
+
+    fn()  # autotune and compile outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+
+
+def peak_bandwidth(name: str) -> float | None:
+    return next((gbps for key, gbps in PEAK_GBPS if key in name), None)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
+    p.add_argument("--batches", default="1,2,4,8,16,32,64,128", help="comma-separated batch sizes (rows of x)")
+    p.add_argument("--formats", default="w4g128,w3g128,w2g64", help="comma-separated, e.g. w4g128,w3g-1-sym-act")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="activation dtype")
+    p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth; default from the device name")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    args = p.parse_args(argv)
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+        args.formats = [Format.parse(f) for f in args.formats.split(",")]
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels/bench.py times CUDA kernels and needs an NVIDIA GPU; none is visible.", file=sys.stderr)
+        return 2
+    try:
+        import triton
+    except ImportError:
+        print("kernels/bench.py needs Triton: pip install 'quantkit[triton]'", file=sys.stderr)
+        return 2
+    import quantkit.kernels.ops  # noqa: F401  (registers torch.ops.quantkit.uniform_matmul)
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = args.peak_gbps or peak_bandwidth(name)
+    if peak is None:
+        print(f"unknown memory bandwidth for {name!r}: pass --peak-gbps", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    print(f"# {name}, peak {peak:.0f} GB/s; torch {torch.__version__}, triton {triton.__version__}; "
+          f"activations {args.dtype}; times are medians of CUDA-graph replays with L2 cleared")
+    dense = "fp16" if dtype == torch.float16 else "bf16"
+    header = (f"{'model':<10} {'layer':<8} {'out x in':>12} {'batch':>5} {'format':<10} {dense + ' us':>9} "
+              f"{'quant us':>9} {'speedup':>7} {'quant GB/s':>10} {'of peak':>7} {dense + ' GB/s':>9} {'of peak':>7}")
+    print(header)
+    torch.manual_seed(0)
+    for model in args.models:
+        for layer, N, K in SHAPES[model]:
+            W = torch.randn(N, K, device=device, dtype=dtype)
+            for fmt in args.formats:
+                q = packed_layer(N, K, fmt, device)
+                # A sanity check that what we time computes the right thing, on the GEMV and the GEMM path.
+                for M in {min(args.batches), max(args.batches)}:
+                    x = torch.randn(M, K, device=device, dtype=dtype)
+                    out = torch.ops.quantkit.uniform_matmul(x, **q, bias=None, bits=fmt.bits, group_size=fmt.group_size)
+                    ref = uniform_matmul_ref(x, **q, bias=None, bits=fmt.bits, group_size=fmt.group_size)
+                    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                    if err > 2e-2:
+                        print(f"{model} {layer} {fmt} batch {M}: kernel disagrees with the reference ({err:.2e})")
+                        return 1
+                for M in args.batches:
+                    x = torch.randn(M, K, device=device, dtype=dtype)
+                    t_q = time_ms(
+                        lambda x=x, q=q, fmt=fmt: torch.ops.quantkit.uniform_matmul(
+                            x, **q, bias=None, bits=fmt.bits, group_size=fmt.group_size
+                        ),
+                        args.warmup, args.rep,
+                    )
+                    t_16 = time_ms(lambda x=x, W=W: torch.matmul(x, W.t()), args.warmup, args.rep)
+                    io = nbytes(x) + nbytes(x) * N // K  # activations in, output [M, N] out (same dtype)
+                    gbps_q = (nbytes(*q.values()) + io) / t_q / 1e6
+                    gbps_16 = (nbytes(W) + io) / t_16 / 1e6
+                    print(f"{model:<10} {layer:<8} {f'{N}x{K}':>12} {M:>5} {str(fmt):<10} {t_16 * 1e3:>9.1f} "
+                          f"{t_q * 1e3:>9.1f} {t_16 / t_q:>7.2f} {gbps_q:>10.0f} {gbps_q / peak:>7.1%} "
+                          f"{gbps_16:>9.0f} {gbps_16 / peak:>7.1%}", flush=True)
+            del W
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

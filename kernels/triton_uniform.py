@@ -1,0 +1,333 @@
+"""Fused dequant-matmul Triton kernels for the uniform packed format (``quantkit-uniform`` version 1).
+
+``y = x @ W.T (+ bias)`` where ``W = scale * (code - zero)`` is never written to global memory: each program loads
+the packed int32 words of its weight tile, unpacks the codes, applies scales and zeros in registers and accumulates
+in fp32 (the layout and the GPTQ-style 3-bit packing are described in ``quantkit.formats.packing``).
+
+Two paths, both autotuned over shape keys:
+
+- **GEMV** (``M <= GEMV_MAX_M``, decoding): one program per ``BLOCK_N`` outputs and K split; the few rows of ``x``
+  broadcast against the dequantized tile and reduce in registers. With ``SPLIT_K > 1`` the K tiles are dealt out
+  round-robin to the splits, which add their partial sums into the output atomically; that pays when
+  ``N / BLOCK_N`` programs alone cannot fill the GPU.
+- **GEMM** (prefill): ``BLOCK_M x BLOCK_N`` output tiles, ``tl.dot`` on the dequantized tile cast to the activation
+  dtype (the rounding the reference applies when it casts the dense weight).
+
+Act-order: stored column ``j`` is original column ``perm[j]``, so ``y = x[..., perm] @ W_stored.T``; the activation
+is permuted once per call and the kernels only ever see contiguous groups in stored order.
+
+Importing this module imports Triton; ``quantkit.kernels.ops`` guards that import for CPU-only installs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.formats.packing import SUPPORTED_BITS, packed_words
+
+__all__ = ["GEMV_MAX_M", "SUPPORTED_DTYPES", "is_interpreted", "triton_uniform_matmul"]
+
+GEMV_MAX_M = 8
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes of columns ``k0 .. k0 + BLOCK_K`` (``k0`` a multiple of BLOCK_K) of rows ``offs_n``: [BLOCK_K, BLOCK_N]
+    uint32. Columns past K come out as finite garbage; callers zero them through the activation."""
+    row = qweight_ptr + offs_n[None, :] * stride_qn
+    n_mask = offs_n[None, :] < N
+    # Unsigned words: an arithmetic shift would smear the sign bit into a code at the top of a word.
+    if 32 % BITS == 0:
+        # 2, 4, 8 bits: whole words hold 32 // BITS codes each; load every word once and fan it out.
+        per_word: tl.constexpr = 32 // BITS
+        offs_w = k0 // per_word + tl.arange(0, BLOCK_K // per_word)
+        w_mask = (offs_w[:, None] < (K * BITS + 31) // 32) & n_mask
+        words = tl.load(row + offs_w[:, None], mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, per_word) * BITS).to(tl.uint32)
+        codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, offs_n.shape[0]))
+    else:
+        # 3 bits: 32 codes fill 3 words and codes 10 and 21 of each run straddle two words, so each code reads
+        # its own word (and the next one when it straddles).
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = (offs_k[:, None] < K) & n_mask
+        bit = offs_k * BITS
+        word = bit // 32
+        shift = (bit % 32).to(tl.uint32)
+        lo = tl.load(row + word[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
+        straddles = shift + BITS > 32
+        hi = tl.load(row + word[:, None] + 1, mask=mask & straddles[:, None], other=0).to(tl.uint32, bitcast=True)
+        codes = (lo >> shift[:, None]) | (hi << ((32 - shift) % 32)[:, None])
+    return codes & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _dequant_tile(
+    qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, N, stride_qn, stride_sn,
+    K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The dequantized weight tile ``W[offs_n, k0 : k0 + BLOCK_K].T``: [BLOCK_K, BLOCK_N] fp32."""
+    codes = _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K, BITS, BLOCK_K).to(tl.float32)
+    # Groups are contiguous runs of stored columns, so k // GROUP_SIZE is column k's group; that also gives the
+    # shorter last group (K not a multiple of GROUP_SIZE) its own scale.
+    if GROUP_SIZE % BLOCK_K == 0 or GROUP_SIZE >= K:
+        # The whole tile lies in one group: one scale (and zero) per row. (k0 < K: a split may overhang K.)
+        meta = (offs_n * stride_sn + k0 // GROUP_SIZE)[None, :]
+        mask = (offs_n[None, :] < N) & (k0 < K)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        meta = offs_n[None, :] * stride_sn + (offs_k // GROUP_SIZE)[:, None]
+        mask = (offs_n[None, :] < N) & (offs_k[:, None] < K)
+    scale = tl.load(scales_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+    else:
+        zero = 2.0 ** (BITS - 1)
+    return scale * (codes - zero)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    M, N, stride_xm, stride_qn, stride_sn, stride_om,
+    K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Split pid_k takes K tiles pid_k, pid_k + SPLIT_K, ... (loop bounds independent of the program id, as the
+    # interpreter needs); a split whose last tile lies past K sees it fully masked.
+    for k0 in range(0, K, BLOCK_K * SPLIT_K):
+        k_tile = k0 + pid_k * BLOCK_K
+        offs_k = k_tile + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        w = _dequant_tile(
+            qweight_ptr, scales_ptr, zeros_ptr, k_tile, offs_n, N, stride_qn, stride_sn,
+            K, GROUP_SIZE, BITS, HAS_ZEROS, BLOCK_K,
+        )
+        # Round the weight to the activation dtype as the GEMM path and the reference do, so paths agree.
+        w = w.to(x.dtype).to(tl.float32)
+        acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=(offs_n < N) & (pid_k == 0), other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    M, N, stride_xm, stride_qn, stride_sn, stride_om, m_bucket,
+    K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # m_bucket only keys the autotuner (prefill lengths vary call to call; tuning once per power of two is enough).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)  # long prefills: M * K or M * N (an LM head) can pass 2**31
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        w = _dequant_tile(
+            qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, N, stride_qn, stride_sn,
+            K, GROUP_SIZE, BITS, HAS_ZEROS, BLOCK_K,
+        )
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# --- launch configurations -------------------------------------------------------------------------------------
+
+def is_interpreted() -> bool:
+    """True when the kernels were compiled for the Triton interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return not isinstance(_gemv_kernel, triton.runtime.JITFunction)
+
+
+def _zero_output(nargs: dict[str, Any]) -> None:
+    nargs["out_ptr"].zero_()
+
+
+def _gemv_config(block_n: int, block_k: int, split_k: int, num_warps: int = 4) -> triton.Config:
+    # Split-K accumulates with atomics, so the output must start at zero; the hook also runs inside autotuning.
+    return triton.Config(
+        {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
+        num_warps=num_warps,
+        pre_hook=_zero_output if split_k > 1 else None,
+    )
+
+
+def _gemm_config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps, num_stages=num_stages
+    )
+
+
+def _gemv_configs(allow_split_k: bool) -> list[triton.Config]:
+    if is_interpreted():
+        # The interpreter cannot time configs (and is slow): one config, chosen so that the tests see a split-K
+        # launch and tiles that span several scale groups (group 32) as well as groups spanning several tiles.
+        return [_gemv_config(32, 64, 2 if allow_split_k else 1)]
+    splits = (1, 2, 4, 8) if allow_split_k else (1,)
+    return [
+        _gemv_config(bn, bk, sk)
+        for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64))
+        for sk in splits
+    ] + [_gemv_config(16, 128, sk) for sk in splits] + [_gemv_config(64, 256, 1, num_warps=8)]
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if is_interpreted():
+        return [_gemm_config(16, 32, 64, 4, 1)]  # see _gemv_configs
+    return [
+        _gemm_config(16, 64, 128, 4, 4),
+        _gemm_config(16, 128, 64, 4, 4),
+        _gemm_config(32, 64, 128, 4, 4),
+        _gemm_config(32, 128, 64, 4, 4),
+        _gemm_config(64, 64, 64, 4, 4),
+        _gemm_config(64, 128, 64, 4, 3),
+        _gemm_config(128, 64, 64, 4, 3),
+        _gemm_config(128, 128, 32, 8, 3),
+        _gemm_config(128, 256, 64, 8, 3),
+    ]
+
+
+def _prune_gemv(configs: list[triton.Config], nargs: dict[str, Any], **meta: Any) -> list[triton.Config]:
+    # The broadcast product is BLOCK_M x BLOCK_K x BLOCK_N fp32 values in registers; cap it to avoid spills.
+    keep = [c for c in configs if meta["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
+def _prune_gemm(configs: list[triton.Config], nargs: dict[str, Any], **meta: Any) -> list[triton.Config]:
+    # Row tiles much taller than the batch only waste work.
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, nargs["m_bucket"])]
+    return keep or configs[:1]
+
+
+@functools.cache
+def _tuned_gemv(allow_split_k: bool) -> Any:
+    # Built on first use, not at import: the config list depends on interpreter mode and costs nothing until needed.
+    return triton.autotune(
+        configs=_gemv_configs(allow_split_k),
+        key=["N", "K", "GROUP_SIZE", "BITS", "HAS_ZEROS", "BLOCK_M"],
+        prune_configs_by={"early_config_prune": _prune_gemv},
+    )(_gemv_kernel)
+
+
+@functools.cache
+def _tuned_gemm() -> Any:
+    return triton.autotune(
+        configs=_gemm_configs(),
+        key=["m_bucket", "N", "K", "GROUP_SIZE", "BITS", "HAS_ZEROS"],
+        prune_configs_by={"early_config_prune": _prune_gemm},
+    )(_gemm_kernel)
+
+
+# --- launcher --------------------------------------------------------------------------------------------------
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+           perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int) -> None:
+    K, N = x.shape[-1], qweight.shape[0]
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"activations must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if qweight.dtype != torch.int32 or qweight.shape[1] != packed_words(K, bits):
+        raise ValueError(f"qweight {tuple(qweight.shape)} {qweight.dtype} does not hold {K} {bits}-bit codes per row")
+    g = K if group_size == -1 else group_size
+    if g <= 0:
+        raise ValueError(f"invalid group size {group_size}")
+    ngroups = -(-K // g)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and tuple(t.shape) != (N, ngroups):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(N, ngroups)}")
+    if perm is not None and tuple(perm.shape) != (K,):
+        raise ValueError(f"perm has shape {tuple(perm.shape)}, expected {(K,)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected {(N,)}")
+
+
+def triton_uniform_matmul(
+    x: torch.Tensor,  # [..., in] fp16 / bf16 / fp32
+    qweight: torch.Tensor,  # [out, ceil(in * bits / 32)] int32
+    scales: torch.Tensor,  # [out, ngroups] fp16
+    zeros: torch.Tensor | None,  # [out, ngroups] fp16, None for symmetric
+    perm: torch.Tensor | None,  # [in], stored column j is original column perm[j]
+    bias: torch.Tensor | None,  # [out]
+    *,
+    bits: int,
+    group_size: int,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` in the activation dtype with fp32 accumulation; ``[..., out]``.
+
+    Runs on CUDA tensors, or on CPU tensors when Triton is in interpreter mode. ``config`` pins the block sizes
+    (``BLOCK_N``, ``BLOCK_K`` and ``SPLIT_K`` for M <= ``GEMV_MAX_M``, else ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``)
+    instead of autotuning; tests use it to cover several tilings.
+    """
+    _check(x, qweight, scales, zeros, perm, bias, bits, group_size)
+    if not (x.is_cuda or is_interpreted()):
+        raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before Triton loads)")
+    K, N = x.shape[-1], qweight.shape[0]
+    x2 = x.reshape(-1, K)
+    if perm is not None:
+        x2 = x2.index_select(1, perm.to(torch.int32))
+    x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*x.shape[:-1], N)
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else None
+    args = (x2, qweight, scales, zeros, bias, out, M, N, x2.stride(0), qweight.stride(0), scales.stride(0),
+            out.stride(0))
+    # K and the group size are compile-time constants: a model has a handful of each, and constants give static
+    # loop bounds and turn k // GROUP_SIZE into a shift. (Also, Triton 3.6's interpreter cannot take a runtime
+    # loop bound under numpy >= 2.4: triton-lang/triton#9171.)
+    flags = {"K": K, "GROUP_SIZE": K if group_size == -1 else group_size, "BITS": bits,
+             "HAS_ZEROS": zeros is not None, "HAS_BIAS": bias is not None}
+    if M <= GEMV_MAX_M:
+        block_m = triton.next_power_of_2(M)
+        # No split-K in bf16: each partial sum would be rounded to 8 mantissa bits (and bf16 atomics need sm_90).
+        allow_split_k = x.dtype != torch.bfloat16
+        kernel = _gemv_kernel if config is not None else _tuned_gemv(allow_split_k)
+        if config is not None and config["SPLIT_K"] > 1:
+            if not allow_split_k:
+                raise ValueError("split-K accumulates in the output dtype and is not used with bfloat16")
+            out.zero_()  # what the autotuned configs' pre_hook does
+
+        def grid(meta: dict[str, Any]) -> tuple[int, int]:
+            return triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]
+
+        kernel[grid](*args, **flags, BLOCK_M=block_m, **(config or {}))
+    else:
+        m_bucket = min(triton.next_power_of_2(M), 256)
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact as in torch's default matmul
+        kernel = _gemm_kernel if config is not None else _tuned_gemm()
+
+        def grid(meta: dict[str, Any]) -> tuple[int, int]:
+            return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])
+
+        kernel[grid](*args, m_bucket, **flags, DOT_PRECISION=precision, **(config or {}))
+    return out.reshape(*x.shape[:-1], N)

@@ -1,0 +1,197 @@
+"""Fused Triton dequant-matmul kernels against the PyTorch reference (dequantize, then matmul).
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors. Triton decides between interpreter and
+compiler when ``@triton.jit`` runs, i.e. when ``quantkit.kernels.triton_uniform`` is imported, so the variable is
+set here, before anything imports it (quantkit itself never does at import). On a GPU machine,
+``TRITON_INTERPRET=0 pytest tests/test_kernels.py`` runs the same checks compiled, on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from quantkit.algos.groups import num_groups  # noqa: E402
+from quantkit.formats.packing import SUPPORTED_BITS, pack_codes, packed_words  # noqa: E402
+from quantkit.kernels import dispatch  # noqa: E402
+from quantkit.kernels.ops import uniform_matmul_triton  # noqa: E402
+from quantkit.kernels.reference import uniform_matmul_ref  # noqa: E402
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+GROUP_SIZES = (32, 64, 128, -1)
+# Max error relative to the output's largest magnitude. The kernels round the weight to the activation dtype as the
+# reference does, so only accumulation order (and, with split-K, fp16 partial sums) differs. A wrong scale group
+# gives errors of order 1.
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def tu():
+    """The kernel module, compiled the way this run asks (interpreter or CUDA)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install 'quantkit[triton]')")
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("TRITON_INTERPRET=0 needs a CUDA GPU")
+    mod = importlib.import_module("quantkit.kernels.triton_uniform")
+    if mod.is_interpreted() != INTERPRET:  # imported earlier in this process under the other mode
+        mod = importlib.reload(mod)
+    assert mod.is_interpreted() == INTERPRET
+    return mod
+
+
+def make_layer(N, K, bits, group_size, *, symmetric, act_order, bias=False, dtype=torch.float32, seed=0):
+    """Random packed tensors of a [N, K] layer; scales and zeros differ from group to group, so a kernel that
+    reads the wrong group cannot agree with the reference by chance."""
+    g = torch.Generator().manual_seed(seed)
+    G = num_groups(group_size, K)
+    layer = {
+        "qweight": pack_codes(torch.randint(0, 2**bits, (N, K), generator=g), bits),
+        "scales": (0.005 + 0.02 * torch.rand(N, G, generator=g)).half(),
+        "zeros": None if symmetric else torch.randint(0, 2**bits, (N, G), generator=g).half(),
+        "perm": torch.randperm(K, generator=g).to(torch.int16) if act_order else None,
+        "bias": (0.1 * torch.randn(N, generator=g)).to(dtype) if bias else None,
+    }
+    return {k: (v.to(DEVICE) if v is not None else None) for k, v in layer.items()}
+
+
+def activations(*shape, dtype=torch.float32, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+
+
+def assert_matches_reference(tu, x, layer, bits, group_size, config=None):
+    out = tu.triton_uniform_matmul(x, **layer, bits=bits, group_size=group_size, config=config)
+    ref = uniform_matmul_ref(x, **layer, bits=bits, group_size=group_size)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    assert err < TOL[x.dtype], f"relative error {err:.2e} (M={x.numel() // x.shape[-1]}, config={config})"
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["stored-order", "act-order"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_matches_reference(tu, bits, group_size, symmetric, act_order):
+    # K = 200 and 160 are multiples of none of the larger group sizes (last group shorter: 200 = 128 + 72,
+    # 160 = 2 * 64 + 32) nor, for 200, of the block sizes; N = 72 leaves a partial column block. M = 1 takes the
+    # GEMV path (split-K under the interpreter's config), M = 17 the GEMM path with a partial row block.
+    K = 160 if act_order else 200
+    layer = make_layer(72, K, bits, group_size, symmetric=symmetric, act_order=act_order)
+    for M in (1, 17):
+        assert_matches_reference(tu, activations(M, K), layer, bits, group_size)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize(
+    "lead, N, K, group_size",
+    [
+        ((3,), 40, 96, 64),  # GEMV with masked rows; last group of 32
+        ((2, 3), 16, 15, 64),  # K smaller than a group and a block; 3-D activations
+        ((9,), 130, 64, 32),  # just past the GEMV threshold; N past a power of two
+        ((2, 11), 7, 33, 32),  # N smaller than a block, last group of 1
+    ],
+)
+def test_odd_shapes(tu, bits, lead, N, K, group_size):
+    layer = make_layer(N, K, bits, group_size, symmetric=False, act_order=True, bias=True, seed=bits)
+    assert_matches_reference(tu, activations(*lead, K), layer, bits, group_size)
+
+
+@pytest.mark.parametrize("M", [2, 24], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_activation_dtypes(tu, dtype, M):
+    if INTERPRET and dtype == torch.bfloat16 and M > tu.GEMV_MAX_M:
+        pytest.skip("Triton 3.6's interpreter multiplies bf16 tl.dot operands as their raw uint16 storage; "
+                    "run with TRITON_INTERPRET=0 on a GPU to check bf16 GEMM")
+    layer = make_layer(72, 200, 4, 32, symmetric=False, act_order=True, bias=True, dtype=dtype)
+    assert_matches_reference(tu, activations(M, 200, dtype=dtype), layer, 4, 32)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize(
+    "M, config",
+    [
+        (4, {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 1}),
+        (4, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1}),  # tiles spanning four groups of 32
+        (4, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 4}),  # more splits than some of them have tiles
+        (20, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}),
+        (20, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128}),
+    ],
+    ids=["gemv-small", "gemv-wide-k", "gemv-split4", "gemm-small", "gemm-wide-k"],
+)
+def test_tilings(tu, M, config, group_size):
+    # 3 bits: codes straddle words, at every tiling.
+    layer = make_layer(72, 200, 3, group_size, symmetric=False, act_order=False, bias=True, dtype=torch.float16)
+    assert_matches_reference(tu, activations(M, 200, dtype=torch.float16), layer, 3, group_size, config=config)
+
+
+def test_custom_op_opcheck(tu):
+    """Schema, fake implementation and AOT dispatch agree with the real kernel (torch.compile's needs)."""
+    layer = make_layer(40, 96, 4, 32, symmetric=False, act_order=True, bias=True)
+    args = (activations(2, 96), layer["qweight"], layer["scales"], layer["zeros"], layer["perm"], layer["bias"])
+    torch.library.opcheck(uniform_matmul_triton, args, {"bits": 4, "group_size": 32})
+
+
+def test_fake_impl_on_meta():
+    layer = make_layer(40, 96, 3, 64, symmetric=False, act_order=True, bias=True)
+    meta = {k: v.to("meta") for k, v in layer.items()}
+    for dtype in (torch.float16, torch.bfloat16):
+        out = torch.ops.quantkit.uniform_matmul(
+            torch.empty(2, 5, 96, dtype=dtype, device="meta"), **meta, bits=3, group_size=64
+        )
+        assert out.shape == (2, 5, 40) and out.dtype == dtype and out.device.type == "meta"
+    with pytest.raises(RuntimeError, match="does not hold"):
+        torch.ops.quantkit.uniform_matmul(torch.empty(2, 64, device="meta"), **meta, bits=3, group_size=64)
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_routes_cuda_to_the_custom_op():
+    """What torch.compile sees for CUDA activations: one quantkit op, no dequantized weight. (Fake CUDA tensors,
+    so this runs without a GPU.)"""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install 'quantkit[triton]')")
+    N, K = 40, 96
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(3, K, dtype=torch.float16, device="cuda")
+        qweight = torch.empty(N, packed_words(K, 4), dtype=torch.int32, device="cuda")
+        scales = torch.empty(N, num_groups(32, K), dtype=torch.float16, device="cuda")
+        with _OpLog() as log:
+            out = dispatch.uniform_matmul(x, qweight, scales, None, None, None, bits=4, group_size=32)
+    assert [op for op in log.ops if op.namespace != "prim"] == [torch.ops.quantkit.uniform_matmul.default]
+    assert out.shape == (3, N) and out.dtype == torch.float16 and out.device.type == "cuda"
+
+
+def test_dispatch_uses_reference_on_cpu(monkeypatch):
+    """CPU tensors take the reference even with TRITON_INTERPRET=1 set (as in this module): nothing changes for
+    CPU users."""
+    if importlib.util.find_spec("triton") is not None:
+
+        def fail(*args, **kwargs):
+            raise AssertionError("the Triton kernel ran on CPU tensors")
+
+        triton_uniform = importlib.import_module("quantkit.kernels.triton_uniform")
+        monkeypatch.setattr(triton_uniform, "triton_uniform_matmul", fail)
+    layer = make_layer(40, 96, 4, 32, symmetric=False, act_order=True, bias=True)
+    layer = {k: v.cpu() for k, v in layer.items()}
+    x = torch.randn(3, 96)
+    out = dispatch.uniform_matmul(x, **layer, bits=4, group_size=32)
+    assert torch.equal(out, uniform_matmul_ref(x, **layer, bits=4, group_size=32))
+    names = [k.name for k in dispatch.KERNELS]
+    assert ("triton-uniform" in names) == (importlib.util.find_spec("triton") is not None)
