@@ -128,7 +128,33 @@ def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> 
     return front
 
 
-def _panel(ax, runs, values: list[float | None], ylabel: str, *, higher_is_better: bool, log_y: bool) -> None:
+def _place_labels(ax, pts: list[tuple[float, float, str]], renderer) -> None:
+    """Label each point beside it, taking the first nearby spot that overlaps no other label or point."""
+    offsets = [(7, 5), (7, -13), (-7, 5), (-7, -13), (7, 16), (7, -24), (-7, 16), (-7, -24), (7, 27), (7, -35)]
+    marker_boxes = []
+    for x, y, _ in pts:
+        px, py = ax.transData.transform((x, y))
+        marker_boxes.append((px - 5, py - 5, px + 5, py + 5))
+    placed: list[tuple[float, float, float, float]] = []
+    axes_box = ax.get_window_extent(renderer)
+    for x, y, label in sorted(pts, key=lambda p: (p[0], p[1])):
+        for dx, dy in offsets:
+            ann = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9,
+                              ha="left" if dx > 0 else "right")
+            b = ann.get_window_extent(renderer)
+            box = (b.x0, b.y0, b.x1, b.y1)
+            inside = axes_box.x0 <= b.x0 and b.x1 <= axes_box.x1 and axes_box.y0 <= b.y0 and b.y1 <= axes_box.y1
+            clear = not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3]
+                            for o in placed + marker_boxes)
+            if inside and clear:
+                break
+            if (dx, dy) != offsets[-1]:
+                ann.remove()
+        placed.append(box)
+
+
+def _panel(ax, runs, values: list[float | None], ylabel: str, *, higher_is_better: bool,
+           log_y: bool) -> list[tuple[float, float, str]]:
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     pts = [(r["bits_per_weight"], v, r["_label"]) for r, v in zip(runs, values, strict=True)
@@ -139,12 +165,9 @@ def _panel(ax, runs, values: list[float | None], ylabel: str, *, higher_is_bette
     if len(front) > 1:
         ax.plot(*zip(*front, strict=True), color="tab:orange", lw=1.5, zorder=2, label="Pareto front")
         ax.legend(loc="best", fontsize=9)
-    for x, y, label in pts:
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=9)
     ax.set_xscale("log", base=2)
-    ticks = sorted({2, 3, 4, 8, 16, 32} | {round(x, 2) for x in xs})
     lo, hi = (min(xs), max(xs)) if xs else (2, 32)
-    ax.xaxis.set_major_locator(FixedLocator([t for t in ticks if lo / 1.5 <= t <= hi * 1.5]))
+    ax.xaxis.set_major_locator(FixedLocator([t for t in (2, 3, 4, 6, 8, 16, 32) if lo / 1.3 <= t <= hi * 1.6]))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlim(lo / 1.3, hi * 1.6)
@@ -156,6 +179,7 @@ def _panel(ax, runs, values: list[float | None], ylabel: str, *, higher_is_bette
     ax.set_xlabel("bits per weight (log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.3)
+    return pts
 
 
 def pareto_plot(runs: list[dict[str, Any]], out: str | os.PathLike) -> Path:
@@ -177,19 +201,24 @@ def pareto_plot(runs: list[dict[str, Any]], out: str | os.PathLike) -> Path:
         raise QuantkitError("the results have neither perplexity nor zero-shot figures to plot")
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
     i = 0
+    labelled = []
     if ppl_name:
         vals = [r.get("perplexity", {}).get(ppl_name, {}).get("ppl") for r in runs]
         tags = {_window_tag(r["perplexity"][ppl_name]) for r in runs if ppl_name in r.get("perplexity", {})}
         title = f"{_PPL_TITLES.get(ppl_name, ppl_name)} perplexity" + (f" ({tags.pop()})" if len(tags) == 1 else "")
-        _panel(axes[0][i], runs, vals, "perplexity (log scale, lower is better)", higher_is_better=False,
-               log_y=True)
+        labelled.append((axes[0][i], _panel(axes[0][i], runs, vals, "perplexity (log scale, lower is better)",
+                                            higher_is_better=False, log_y=True)))
         axes[0][i].set_title(title)
         i += 1
     if i < panels:
-        _panel(axes[0][i], runs, [None if a is None else 100 * a for a in accs],
-               "average zero-shot acc, % (higher is better)", higher_is_better=True, log_y=False)
+        labelled.append((axes[0][i], _panel(axes[0][i], runs, [None if a is None else 100 * a for a in accs],
+                                            "average zero-shot acc, % (higher is better)", higher_is_better=True,
+                                            log_y=False)))
         axes[0][i].set_title("zero-shot average accuracy")
     fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    for ax, pts in labelled:
+        _place_labels(ax, pts, renderer)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
