@@ -221,6 +221,7 @@ def test_smollm2_wikitext2_matches_direct_computation(smollm2_folder, data_dir, 
     r = _eval(args + ([] if windows is None else ["--ppl-windows", str(windows)]), tmp_path / "r.json")
     ours = r["perplexity"]["wikitext2"]
     direct, total = _direct_wikitext2_ppl(smollm2_folder, data_dir, windows)
+    print(f"WikiText-2, {ours['windows']} x 2048: quantkit eval {ours['ppl']:.6f}, direct {direct:.6f}")
     assert total == 148 and ours["tokens"] == 304_986
     assert ours["windows"] == (total if windows is None else windows) and ours["seqlen"] == 2048
     assert f"{ours['ppl']:.4g}" == f"{direct:.4g}"
