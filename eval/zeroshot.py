@@ -12,6 +12,7 @@ own tasks (data from the Hugging Face Hub). Offline (a data folder is given), th
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -78,10 +79,11 @@ def resolve_tasks(tasks: str | list[str], data_dir: str | os.PathLike | None) ->
     """Offline (``data_dir`` set): the local configs, after checking their files; online: lm-eval's names."""
     names = _parse_names(tasks)
     if data_dir is None:
-        known = set(task_manager(None).all_tasks)
+        known = set(task_manager(None).all_subtasks)
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise QuantkitError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm_eval ls tasks`)")
+            raise QuantkitError(f"unknown lm-eval task(s): {', '.join(unknown)} (name single tasks, not groups; "
+                                "see `lm_eval ls tasks`)")
         return [ResolvedTask(n, n, "lm-eval") for n in names]
     unknown = [n for n in names if n not in TASKS]
     if unknown:
@@ -101,12 +103,16 @@ def resolve_tasks(tasks: str | list[str], data_dir: str | os.PathLike | None) ->
 
 def task_manager(data_dir: str | os.PathLike | None):
     """lm-eval's TaskManager: built-in tasks online; only quantkit's local configs offline."""
+    return _task_manager(None if data_dir is None else str(Path(data_dir).expanduser()))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(data_dir: str | None):
     from lm_eval.tasks import TaskManager
 
     if data_dir is None:
-        return TaskManager()
-    return TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=False,
-                       metadata={"data_dir": str(Path(data_dir).expanduser())})
+        return TaskManager()  # indexing every built-in task takes a while: done once per process
+    return TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=False, metadata={"data_dir": data_dir})
 
 
 def _metrics(task_results: dict[str, Any]) -> dict[str, float | None]:

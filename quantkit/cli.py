@@ -34,10 +34,13 @@ def _quantize(a: argparse.Namespace) -> int:
 
 
 def _eval(a: argparse.Namespace) -> int:
+    from quantkit.errors import QuantkitError
     from quantkit.eval.runner import evaluate, format_results, write_results
 
+    if a.model_arg and a.model and a.model_arg != a.model:
+        raise QuantkitError(f"two models named: {a.model_arg} and --model {a.model}")
     r = evaluate(
-        a.model, ppl=a.ppl, ppl_windows=a.ppl_windows, seqlen=a.seqlen, tasks=a.tasks, limit=a.limit,
+        a.model or a.model_arg, ppl=a.ppl, ppl_windows=a.ppl_windows, seqlen=a.seqlen, tasks=a.tasks, limit=a.limit,
         batch_size=a.batch_size, data_dir=a.data_dir, device=a.device, dtype=a.dtype, command=a.command_line,
     )
     path = write_results(r, a.out)
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=_quantize)
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy (lm-eval) of a model, quantized or not")
+    e.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="same as --model")
     e.add_argument("--model", default=None,
                    help="anything quantize accepts, or a folder written by quantize (default: smollm2-135m)")
     e.add_argument("--ppl", default="wikitext2",

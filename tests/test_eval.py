@@ -226,3 +226,33 @@ def test_smollm2_wikitext2_matches_direct_computation(smollm2_folder, data_dir, 
     assert ours["windows"] == (total if windows is None else windows) and ours["seqlen"] == 2048
     assert f"{ours['ppl']:.4g}" == f"{direct:.4g}"
     assert ours["ppl"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_online_task_names_are_lm_eval_tasks():
+    from quantkit.errors import QuantkitError
+    from quantkit.eval.zeroshot import resolve_tasks
+
+    resolved = resolve_tasks("arc_easy,lambada_openai", None)
+    assert [(t.name, t.lm_eval_name, t.source) for t in resolved] == [
+        ("arc_easy", "arc_easy", "lm-eval"), ("lambada_openai", "lambada_openai", "lm-eval")]
+    with pytest.raises(QuantkitError, match="unknown lm-eval task"):
+        resolve_tasks("arc_easy,not_a_task", None)
+
+
+def test_c4_windows_follow_gptq_convention(monkeypatch, smollm2_folder, data_dir):
+    """The sampling (the Hub shard replaced by local C4 text): seeded, whole windows from long-enough documents."""
+    from transformers import AutoTokenizer
+
+    import quantkit.eval.c4 as c4
+
+    texts = [json.loads(line)["text"] for line in
+             (data_dir / "c4" / "c4-train.00000-of-01024.first1000.jsonl").read_text().splitlines()[:200]]
+    monkeypatch.setattr(c4, "_validation_texts", lambda: texts)
+    tok = AutoTokenizer.from_pretrained(smollm2_folder)
+    ids = c4.c4_validation_ids(tok, seqlen=256, nsamples=6)
+    assert ids.shape == (6 * 256,) and torch.equal(ids, c4.c4_validation_ids(tok, seqlen=256, nsamples=6))
+    assert torch.equal(ids[: 3 * 256], c4.c4_validation_ids(tok, seqlen=256, nsamples=3))  # a prefix of the 256
+    docs = [tok(t, return_tensors="pt").input_ids[0] for t in texts]
+    for w in ids.view(6, 256):  # every window is a contiguous slice of one document longer than seqlen
+        assert any(d.numel() > 256 and any(torch.equal(d[s:s + 256], w) for s in range(d.numel() - 256))
+                   for d in docs)

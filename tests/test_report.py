@@ -15,7 +15,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _run(tmp: Path, name: str, data_dir: Path, model: Path) -> Path:
     out = tmp / f"{name}.json"
-    args = ["eval", "--model", str(model), "--ppl", "wikitext2", "--ppl-windows", "1", "--seqlen", "64",
+    args = ["eval", str(model), "--ppl", "wikitext2", "--ppl-windows", "1", "--seqlen", "64",
             "--tasks", "arc_easy,winogrande", "--limit", "2", "--device", "cpu", "--data-dir", str(data_dir),
             "--out", str(out)]
     assert main(args) == 0
