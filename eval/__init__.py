@@ -1,4 +1,6 @@
-"""Evaluation: perplexity (and, later, zero-shot through lm-eval). Importable as ``quantkit.eval``."""
+"""Evaluation, importable as ``quantkit.eval``: perplexity (``perplexity``), C4 validation windows (``c4``),
+zero-shot accuracy through lm-eval with offline task configs (``zeroshot``, ``tasks/``), the ``quantkit eval``
+runner (``runner``) and ``quantkit report`` (``report``). lm-eval and matplotlib are imported only when used."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -29,6 +31,55 @@ def _quantize(a: argparse.Namespace) -> int:
         print(f"  mean relative layer output error {sum(errs) / len(errs):.4g} "
               f"(per layer: {r.out}/quantkit_report.json)")
     return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from quantkit.errors import QuantkitError
+    from quantkit.eval.runner import evaluate, format_results, write_results
+
+    if a.model_arg and a.model and a.model_arg != a.model:
+        raise QuantkitError(f"two models named: {a.model_arg} and --model {a.model}")
+    r = evaluate(
+        a.model or a.model_arg, ppl=a.ppl, ppl_windows=a.ppl_windows, seqlen=a.seqlen, tasks=a.tasks, limit=a.limit,
+        batch_size=a.batch_size, data_dir=a.data_dir, device=a.device, dtype=a.dtype, command=a.command_line,
+    )
+    path = write_results(r, a.out)
+    print(format_results(r))
+    print(f"\nwrote {path}")
+    return 0
+
+
+def _report(a: argparse.Namespace) -> int:
+    from quantkit.eval.report import load_results, markdown_table, pareto_plot
+
+    runs = load_results(a.results)
+    text = markdown_table(runs)
+    if a.plot:
+        plot = pareto_plot(runs, a.plot)
+        if a.out:  # link the plot from the report, relative to it when possible
+            try:
+                rel = Path(plot).resolve().relative_to(Path(a.out).resolve().parent)
+            except ValueError:
+                rel = Path(plot).resolve()
+            text += f"\n![perplexity and zero-shot accuracy against bits per weight]({rel.as_posix()})\n"
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+        print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""))
+    else:
+        print(text, end="")
+        if a.plot:
+            print(f"\nwrote {a.plot}")
+    return 0
+
+
+def _batch_size(v: str) -> int | str:
+    if v == "auto" or v.startswith("auto:"):
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer or 'auto': {v!r}") from None
 
 
 def _recipes(a: argparse.Namespace) -> int:
@@ -58,6 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an output folder that holds another model")
     q.set_defaults(fn=_quantize)
 
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy (lm-eval) of a model, quantized or not")
+    e.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    e.add_argument("--model", default=None,
+                   help="anything quantize accepts, or a folder written by quantize (default: smollm2-135m)")
+    e.add_argument("--ppl", default="wikitext2",
+                   help="comma-separated perplexity datasets: wikitext2, c4 (online only); 'none' to skip "
+                   "(default wikitext2)")
+    e.add_argument("--ppl-windows", type=int, default=None,
+                   help="score only the first N windows (quick protocol: 16); default all (full protocol)")
+    e.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens (default 2048)")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks: arc_easy,arc_challenge,piqa,winogrande,lambada_openai "
+                   "or 'all' (offline: these five; online: any lm-eval task name)")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    e.add_argument("--batch-size", type=_batch_size, default=1,
+                   help="lm-eval batch size, an integer or 'auto' (default 1, as the lm_eval command line)")
+    e.add_argument("--data-dir", default=None,
+                   help="local data folder: offline perplexity files and zero-shot task configs "
+                   "(default: $QUANTKIT_DATA_DIR; neither: online, from the Hugging Face Hub)")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype of the unquantized parts (default: as stored)")
+    e.add_argument("--out", required=True, help="results JSON file")
+    e.set_defaults(fn=_eval)
+
+    rp = sub.add_parser("report", help="compare eval results: a Markdown table and a Pareto plot")
+    rp.add_argument("results", nargs="+", help="results files written by `quantkit eval --out`")
+    rp.add_argument("--out", default=None, help="write the Markdown report here (default: print it)")
+    rp.add_argument("--plot", default=None, help="write the plot (PNG) here")
+    rp.set_defaults(fn=_report)
+
     r = sub.add_parser("recipes", help="list preset recipes")
     r.set_defaults(fn=_recipes)
     return p
@@ -65,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    a.command_line = shlex.join(["quantkit", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from quantkit.errors import QuantkitError
 

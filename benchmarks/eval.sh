@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Full evaluation for BENCHMARKS.md: WikiText-2 perplexity (full protocol, 148 x 2048) and the five zero-shot tasks
+# (all documents, lm-eval, local task configs) for the unquantized SmolLM2 and each quantized folder given; then
+# lm-eval run on its own (`lm_eval --model hf`) on the unquantized folder with the same local task configs and the
+# same settings, a side-by-side comparison of the two, and `quantkit report` (Markdown table + Pareto plot).
+# Runs one job at a time (parallel jobs oversubscribe a small machine's cores).
+#   usage: QUANTKIT_DATA_DIR=../shared/data bash benchmarks/eval.sh OUTDIR [QUANTIZED_FOLDER ...]
+#   env:   DEVICE (default cpu; use the same device for both sides of the comparison)
+set -euo pipefail
+out=${1:?usage: eval.sh OUTDIR [QUANTIZED_FOLDER ...]}; shift
+: "${QUANTKIT_DATA_DIR:?set QUANTKIT_DATA_DIR to the data folder (offline task configs read it)}"
+device=${DEVICE:-cpu}
+tasks=arc_easy,arc_challenge,piqa,winogrande,lambada_openai
+mkdir -p "$out"
+
+run() {  # NAME MODEL
+  [ -f "$out/eval_$1.json" ] || quantkit eval --model "$2" --ppl wikitext2 --tasks "$tasks" --device "$device" \
+      --out "$out/eval_$1.json" 2> "$out/eval_$1.log"
+}
+run fp32 smollm2-135m
+for folder in "$@"; do run "$(basename "$folder")" "$folder"; done
+
+folder=$(python -c 'from quantkit.loading import resolve_model; print(resolve_model("smollm2-135m").folder)')
+include=$(python -c 'from quantkit.eval.zeroshot import LOCAL_TASKS_DIR; print(LOCAL_TASKS_DIR)')
+if [ ! -d "$out/lm_eval_fp32" ]; then
+  lm_eval --model hf --model_args "pretrained=$folder" --include_path "$include" \
+      --tasks "$(echo "$tasks" | sed 's/,/_local,/g')_local" --device "$device" --batch_size 1 \
+      --metadata "{\"data_dir\": \"$QUANTKIT_DATA_DIR\"}" --output_path "$out/lm_eval_fp32" > "$out/lm_eval_fp32.log" 2>&1
+fi
+
+python - "$out" <<'PY'
+import glob, json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+ours = json.loads((out / "eval_fp32.json").read_text())["tasks"]
+theirs = json.loads(pathlib.Path(sorted(glob.glob(str(out / "lm_eval_fp32" / "**" / "results_*.json"),
+                                                  recursive=True))[-1]).read_text())["results"]
+print("| task | metric | quantkit eval | lm_eval --model hf | equal |")
+print("|---|---|---|---|---|")
+for task, m in ours.items():
+    for metric in ("acc", "acc_norm", "perplexity"):
+        if metric in m:
+            a, b = m[metric], theirs[task + "_local"][metric + ",none"]
+            print(f"| {task} | {metric} | {a:.6f} ± {m[metric + '_stderr']:.6f} | {b:.6f} ± "
+                  f"{theirs[task + '_local'][metric + '_stderr,none']:.6f} | {'yes' if a == b else 'NO'} |")
+PY
+quantkit report "$out"/eval_*.json --out "$out/report.md" --plot "$out/pareto.png"

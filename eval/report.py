@@ -1,0 +1,226 @@
+"""``quantkit report``: runs of ``quantkit eval`` side by side, as a Markdown table and a Pareto plot.
+
+The table has one row per results file: method, bits per weight, size on disk, perplexity per dataset, each
+zero-shot task (acc, and acc_norm where lm-eval defines it, in percent) and the average acc over the run's tasks.
+The plot puts perplexity (log scale) and, when there are zero-shot results, the average accuracy against bits
+per weight (log2 scale, so 2-4 bits and 16-32 bits both stay readable), one labelled point per run, with the
+Pareto front (no other run is both smaller and better) drawn as a line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+
+__all__ = ["load_results", "run_label", "average_acc", "markdown_table", "pareto_plot"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64"}
+_PPL_TITLES = {"wikitext2": "WikiText-2", "c4": "C4"}
+
+
+def load_results(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
+    if not paths:
+        raise QuantkitError("give at least one results file (written by `quantkit eval --out`)")
+    runs = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise QuantkitError(f"results file not found: {path}")
+        try:
+            r = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise QuantkitError(f"{path}: not valid JSON ({e.msg})") from None
+        if not isinstance(r, dict) or "quantkit_eval" not in r:
+            raise QuantkitError(f"{path}: not a results file of `quantkit eval`")
+        r["_path"] = str(path)
+        runs.append(r)
+    labels = [run_label(r) for r in runs]
+    for r, label in zip(runs, labels, strict=True):
+        # Two runs of one method (e.g. two models): tell them apart by their model's name.
+        r["_label"] = label if labels.count(label) == 1 else f"{label} [{Path(r['model']).name}]"
+    return runs
+
+
+def run_label(r: dict[str, Any]) -> str:
+    if r.get("quantized"):
+        return str(r["method"])
+    dtype = _DTYPE_NAMES.get(r.get("stored_dtype") or "", r.get("stored_dtype"))
+    return f"unquantized ({dtype})" if dtype else "unquantized"
+
+
+def average_acc(r: dict[str, Any]) -> float | None:
+    accs = [t["acc"] for t in r.get("tasks", {}).values() if t.get("acc") is not None]
+    return sum(accs) / len(accs) if accs else None
+
+
+def _union(runs: list[dict[str, Any]], key: str) -> list[str]:
+    names: list[str] = []
+    for r in runs:
+        names += [n for n in r.get(key, {}) if n not in names]
+    return names
+
+
+def _window_tag(p: dict[str, Any]) -> str:
+    return f"{p['windows']}×{p['seqlen']}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def markdown_table(runs: list[dict[str, Any]]) -> str:
+    ppl_names, task_names = _union(runs, "perplexity"), _union(runs, "tasks")
+    header = ["method", "bits/weight", "size (MiB)"]
+    ppl_common: dict[str, str | None] = {}
+    for name in ppl_names:
+        tags = {_window_tag(r["perplexity"][name]) for r in runs if name in r.get("perplexity", {})}
+        ppl_common[name] = tags.pop() if len(tags) == 1 else None
+        header.append(f"{_PPL_TITLES.get(name, name)} ppl" + (f" ({ppl_common[name]})" if ppl_common[name] else ""))
+    has_norm = {n: any(r.get("tasks", {}).get(n, {}).get("acc_norm") is not None for r in runs) for n in task_names}
+    header += [f"{n} acc / acc_norm" if has_norm[n] else f"{n} acc" for n in task_names]
+    if task_names:
+        header.append("average acc")
+    rows = [header, ["---"] + ["---:"] * (len(header) - 1)]
+    for r in runs:
+        bpw = r.get("bits_per_weight")
+        row = [r["_label"], "–" if bpw is None else f"{bpw:.3f}", f"{r['size_on_disk_bytes'] / 2**20:.1f}"]
+        for name in ppl_names:
+            p = r.get("perplexity", {}).get(name)
+            cell = "–" if p is None else f"{p['ppl']:.3f}"
+            if p is not None and ppl_common[name] is None:
+                cell += f" ({_window_tag(p)})"
+            row.append(cell)
+        for name in task_names:
+            t = r.get("tasks", {}).get(name)
+            if t is None:
+                row.append("–")
+            elif has_norm[name]:
+                row.append(f"{_pct(t.get('acc'))} / {_pct(t.get('acc_norm'))}")
+            else:
+                row.append(_pct(t.get("acc")))
+        if task_names:
+            row.append(_pct(average_acc(r)))
+        rows.append(row)
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    notes = []
+    if task_names:
+        notes.append("Zero-shot accuracies in percent (lm-eval, 0-shot); average = mean acc over the run's tasks.")
+        limited = sorted({r.get("zeroshot_settings", {}).get("limit") for r in runs} - {None})
+        if limited:
+            notes.append(f"Some runs scored only the first {', '.join(map(str, limited))} documents per task.")
+    notes.append("Runs: " + "; ".join(f"{r['_label']} = `{r['_path']}`" for r in runs) + ".")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """Points that no other point beats on both axes (fewer bits and a better score), in order of bits."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
+        if not front or (y > front[-1][1] if higher_is_better else y < front[-1][1]):
+            front.append((x, y))
+    return front
+
+
+def _place_labels(ax, pts: list[tuple[float, float, str]], renderer) -> None:
+    """Label each point beside it, taking the first nearby spot that overlaps no other label or point."""
+    offsets = [(7, 5), (7, -13), (-7, 5), (-7, -13), (7, 16), (7, -24), (-7, 16), (-7, -24), (7, 27), (7, -35)]
+    marker_boxes = []
+    for x, y, _ in pts:
+        px, py = ax.transData.transform((x, y))
+        marker_boxes.append((px - 5, py - 5, px + 5, py + 5))
+    placed: list[tuple[float, float, float, float]] = []
+    axes_box = ax.get_window_extent(renderer)
+    for x, y, label in sorted(pts, key=lambda p: (p[0], p[1])):
+        for dx, dy in offsets:
+            ann = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9,
+                              ha="left" if dx > 0 else "right")
+            b = ann.get_window_extent(renderer)
+            box = (b.x0, b.y0, b.x1, b.y1)
+            inside = axes_box.x0 <= b.x0 and b.x1 <= axes_box.x1 and axes_box.y0 <= b.y0 and b.y1 <= axes_box.y1
+            clear = not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3]
+                            for o in placed + marker_boxes)
+            if inside and clear:
+                break
+            if (dx, dy) != offsets[-1]:
+                ann.remove()
+        placed.append(box)
+
+
+def _panel(ax, runs, values: list[float | None], ylabel: str, *, higher_is_better: bool,
+           log_y: bool) -> list[tuple[float, float, str]]:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    pts = [(r["bits_per_weight"], v, r["_label"]) for r, v in zip(runs, values, strict=True)
+           if v is not None and r.get("bits_per_weight") is not None]
+    xs = sorted({p[0] for p in pts})
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=45, color="tab:blue", zorder=3)
+    front = _pareto_front([(x, y) for x, y, _ in pts], higher_is_better)
+    if len(front) > 1:
+        ax.plot(*zip(*front, strict=True), color="tab:orange", lw=1.5, zorder=2, label="Pareto front")
+        ax.legend(loc="best", fontsize=9)
+    ax.set_xscale("log", base=2)
+    lo, hi = (min(xs), max(xs)) if xs else (2, 32)
+    ax.xaxis.set_major_locator(FixedLocator([t for t in (2, 3, 4, 6, 8, 16, 32) if lo / 1.3 <= t <= hi * 1.6]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(lo / 1.3, hi * 1.6)
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("bits per weight (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    return pts
+
+
+def pareto_plot(runs: list[dict[str, Any]], out: str | os.PathLike) -> Path:
+    """Perplexity (and the zero-shot average, if any run has one) against bits per weight, saved as PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise QuantkitError("the plot needs matplotlib: pip install matplotlib") from e
+    if not any(r.get("bits_per_weight") is not None for r in runs):
+        raise QuantkitError("no run has a bits-per-weight figure to plot against")
+    ppl_names = _union(runs, "perplexity")
+    ppl_name = "wikitext2" if "wikitext2" in ppl_names else (ppl_names[0] if ppl_names else None)
+    accs = [average_acc(r) for r in runs]
+    panels = (1 if ppl_name else 0) + (1 if any(a is not None for a in accs) else 0)
+    if panels == 0:
+        raise QuantkitError("the results have neither perplexity nor zero-shot figures to plot")
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
+    i = 0
+    labelled = []
+    if ppl_name:
+        vals = [r.get("perplexity", {}).get(ppl_name, {}).get("ppl") for r in runs]
+        tags = {_window_tag(r["perplexity"][ppl_name]) for r in runs if ppl_name in r.get("perplexity", {})}
+        title = f"{_PPL_TITLES.get(ppl_name, ppl_name)} perplexity" + (f" ({tags.pop()})" if len(tags) == 1 else "")
+        labelled.append((axes[0][i], _panel(axes[0][i], runs, vals, "perplexity (log scale, lower is better)",
+                                            higher_is_better=False, log_y=True)))
+        axes[0][i].set_title(title)
+        i += 1
+    if i < panels:
+        labelled.append((axes[0][i], _panel(axes[0][i], runs, [None if a is None else 100 * a for a in accs],
+                                            "average zero-shot acc, % (higher is better)", higher_is_better=True,
+                                            log_y=False)))
+        axes[0][i].set_title("zero-shot average accuracy")
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    for ax, pts in labelled:
+        _place_labels(ax, pts, renderer)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

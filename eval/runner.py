@@ -1,0 +1,199 @@
+"""``quantkit eval``: perplexity and zero-shot accuracy of one model, as a table and a JSON results file.
+
+Every input is checked before the model loads (task names, data files, perplexity datasets, the model folder),
+so a mistake costs seconds, not a model load. The model (quantized or not) is loaded once, through transformers
+with quantkit's quantizer registered: quantized linears stay packed (``QuantizedLinear``) during evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.checkpoint import atomic_write_text
+from quantkit.errors import QuantkitError
+from quantkit.eval.c4 import C4_WINDOWS, c4_validation_ids
+from quantkit.eval.model_info import describe_model
+from quantkit.eval.perplexity import data_dir as resolve_data_dir
+from quantkit.eval.perplexity import perplexity, wikitext2_text
+from quantkit.eval.zeroshot import resolve_tasks, zeroshot
+from quantkit.loading import check_causal_lm, load_model, resolve_model
+
+__all__ = ["PPL_DATASETS", "RESULTS_VERSION", "evaluate", "format_results", "software_versions", "write_results"]
+
+logger = logging.getLogger(__name__)
+
+PPL_DATASETS = ("wikitext2", "c4")
+RESULTS_VERSION = 1
+
+
+def _parse_ppl(ppl: str | list[str] | None, data: Path | None) -> list[str]:
+    if ppl is None:
+        return []
+    names = ppl.split(",") if isinstance(ppl, str) else list(ppl)
+    names = [n.strip() for n in names if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in PPL_DATASETS]
+    if unknown:
+        raise QuantkitError(f"unknown perplexity dataset(s): {', '.join(unknown)}; choose from "
+                            f"{', '.join(PPL_DATASETS)}")
+    if len(set(names)) != len(names):
+        raise QuantkitError(f"a perplexity dataset is named twice: {','.join(names)}")
+    if data is not None:
+        if "c4" in names:
+            c4_validation_ids(None, data=data)  # raises: no C4 validation data offline
+        wiki = data / "wikitext-2-raw" / "wiki.test.raw"
+        if "wikitext2" in names and not wiki.is_file():
+            raise QuantkitError(f"WikiText-2 test file not found: {wiki}")
+    return names
+
+
+def software_versions() -> dict[str, str | None]:
+    import quantkit
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "quantkit": quantkit.__version__}
+    for dist in ("torch", "transformers", "lm_eval", "datasets", "accelerate", "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _ppl_entry(name: str, ids: torch.Tensor, model, *, seqlen: int, windows: int | None) -> dict[str, Any]:
+    r = perplexity(model, ids, seqlen=seqlen, windows=windows)
+    available = r.tokens // seqlen
+    if name == "c4":
+        protocol = f"GPTQ C4 validation: {r.windows} of its {C4_WINDOWS} random windows (seed 0)"
+    elif r.windows == available:
+        protocol = f"full: all {r.windows} windows"
+    else:
+        protocol = f"first {r.windows} of {available} windows"
+    return {**asdict(r), "protocol": protocol}
+
+
+def evaluate(
+    model: str | os.PathLike | None,
+    *,
+    ppl: str | list[str] | None = "wikitext2",
+    ppl_windows: int | None = None,
+    seqlen: int = 2048,
+    tasks: str | list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int | str = 1,
+    data_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    command: str | None = None,
+    keep_model: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (anything ``quantize`` accepts). Returns the results dict (see ``write_results``);
+    with ``keep_model``, the loaded model is under the key ``"_model"`` (not serialized)."""
+    t0 = time.time()
+    for name, v in (("--ppl-windows", ppl_windows), ("--limit", limit), ("--seqlen", seqlen)):
+        if v is not None and v < 1:
+            raise QuantkitError(f"{name} must be at least 1, got {v}")
+    data = resolve_data_dir(data_dir)
+    if data is not None and not data.is_dir():
+        raise QuantkitError(f"data folder not found: {data}")
+    ppl_names = _parse_ppl(ppl, data)
+    task_list = resolve_tasks(tasks, data) if tasks else []
+    if not ppl_names and not task_list:
+        raise QuantkitError("nothing to evaluate: give --ppl and/or --tasks")
+    source = resolve_model(model)
+    check_causal_lm(source.config)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    logger.info("loading %s", source.name)
+    lm, tokenizer = load_model(model, dtype=dtype if dtype == "auto" else getattr(torch, dtype), device=device)
+    info = describe_model(source, lm)
+
+    results: dict[str, Any] = {
+        "quantkit_eval": RESULTS_VERSION,
+        "model": str(source.name),
+        "model_folder": str(source.folder),
+        **info.to_dict(),
+        "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
+        "device": device,
+        "data": "offline: " + str(data) if data is not None else "online: Hugging Face Hub",
+        "perplexity": {},
+        "tasks": {},
+    }
+    for name in ppl_names:
+        if name == "wikitext2":
+            ids = tokenizer(wikitext2_text(data), return_tensors="pt").input_ids
+        else:
+            n = C4_WINDOWS if ppl_windows is None else min(ppl_windows, C4_WINDOWS)
+            ids = c4_validation_ids(tokenizer, seqlen=seqlen, nsamples=n, data=data)
+        results["perplexity"][name] = _ppl_entry(name, ids, lm, seqlen=seqlen, windows=ppl_windows)
+        logger.info("%s perplexity %.4f (%s)", name, results["perplexity"][name]["ppl"],
+                    results["perplexity"][name]["protocol"])
+
+    if task_list:
+        import lm_eval
+
+        for name, r in zeroshot(lm, tokenizer, task_list, data_dir=data, limit=limit,
+                                batch_size=batch_size).items():
+            results["tasks"][name] = {**r.metrics, "samples": r.samples, "total": r.total,
+                                      "lm_eval_task": r.lm_eval_name, "source": r.source}
+        results["zeroshot_settings"] = {
+            "harness": "lm-eval", "num_fewshot": 0, "batch_size": batch_size, "limit": limit,
+            "task_configs": "local (quantkit eval/tasks)" if data is not None else "lm-eval built-in",
+            "lm_eval_version": lm_eval.__version__,
+        }
+    results["versions"] = software_versions()
+    results["command"] = command
+    results["seconds"] = round(time.time() - t0, 1)
+    if keep_model:
+        results["_model"] = lm
+    return results
+
+
+def write_results(results: dict[str, Any], out: str | os.PathLike) -> Path:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    serializable = {k: v for k, v in results.items() if not k.startswith("_")}
+    atomic_write_text(path, json.dumps(serializable, indent=2) + "\n")
+    return path
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_results(r: dict[str, Any]) -> str:
+    """The terminal table ``quantkit eval`` prints."""
+    bpw = r.get("bits_per_weight")
+    lines = [
+        f"model          {r['model']}",
+        f"method         {r['method']}" + (f" ({r['format']})" if r.get("format") else ""),
+        f"bits/weight    {_fmt(bpw)}" + (f"  ({r['stored_dtype']})" if r.get("stored_dtype") else ""),
+        f"size on disk   {r['size_on_disk_bytes'] / 2**20:.1f} MiB",
+    ]
+    if r["perplexity"]:
+        lines += ["", f"{'perplexity':16s}{'ppl':>10s}  protocol"]
+        for name, p in r["perplexity"].items():
+            lines.append(f"  {name:14s}{p['ppl']:10.4f}  {p['protocol']}, seqlen {p['seqlen']}")
+    if r["tasks"]:
+        s = r["zeroshot_settings"]
+        lines += ["", f"zero-shot (lm-eval {s['lm_eval_version']}, {s['task_configs']} task configs"
+                  + (f", first {s['limit']} documents" if s["limit"] else "") + ")",
+                  f"  {'task':16s}{'acc':>8s}{'± stderr':>10s}{'acc_norm':>10s}{'± stderr':>10s}{'docs':>7s}"]
+        for name, t in r["tasks"].items():
+            lines.append(f"  {name:16s}{_fmt(t.get('acc')):>8s}{_fmt(t.get('acc_stderr')):>10s}"
+                         f"{_fmt(t.get('acc_norm')):>10s}{_fmt(t.get('acc_norm_stderr')):>10s}{t['samples']:>7d}")
+        accs = [t["acc"] for t in r["tasks"].values() if t.get("acc") is not None]
+        if accs:
+            lines.append(f"  {'average (acc)':16s}{sum(accs) / len(accs):8.4f}")
+        for name, t in r["tasks"].items():
+            if t.get("perplexity") is not None:
+                lines.append(f"  ({name} perplexity {t['perplexity']:.4f})")
+    return "\n".join(lines)

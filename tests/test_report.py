@@ -1,0 +1,86 @@
+"""``quantkit report``: the Markdown table's values and a valid PNG plot, from two real `quantkit eval` runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quantkit.cli import main
+from quantkit.eval.report import _pareto_front, average_acc
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(tmp: Path, name: str, data_dir: Path, model: Path) -> Path:
+    out = tmp / f"{name}.json"
+    args = ["eval", str(model), "--ppl", "wikitext2", "--ppl-windows", "1", "--seqlen", "64",
+            "--tasks", "arc_easy,winogrande", "--limit", "2", "--device", "cpu", "--data-dir", str(data_dir),
+            "--out", str(out)]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_model_factory, tmp_path_factory, data_dir):
+    from quantkit.pipeline import quantize
+
+    tmp = tmp_path_factory.mktemp("report")
+    folder = tiny_model_factory("llama")
+    quantize(str(folder), "rtn-w4g128", tmp / "q", progress=False)
+    return [_run(tmp, "fp32", data_dir, folder), _run(tmp, "rtn", data_dir, tmp / "q")]
+
+
+def _table(md: str) -> list[dict[str, str]]:
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(cells[0], row, strict=True)) for row in cells[2:]]
+
+
+def test_report_table_and_plot(two_runs, tmp_path):
+    md, png = tmp_path / "report.md", tmp_path / "plots" / "pareto.png"
+    assert main(["report", *map(str, two_runs), "--out", str(md), "--plot", str(png)]) == 0
+    text = md.read_text()
+    rows = _table(text)
+    runs = [json.loads(p.read_text()) for p in two_runs]
+    assert [row["method"] for row in rows] == ["unquantized (fp32)", "rtn-w4g128"]
+    for row, r in zip(rows, runs, strict=True):
+        assert row["bits/weight"] == f"{r['bits_per_weight']:.3f}"
+        assert row["size (MiB)"] == f"{r['size_on_disk_bytes'] / 2**20:.1f}"
+        assert row["WikiText-2 ppl (1×64)"] == f"{r['perplexity']['wikitext2']['ppl']:.3f}"
+        e, w = r["tasks"]["arc_easy"], r["tasks"]["winogrande"]
+        assert row["arc_easy acc / acc_norm"] == f"{100 * e['acc']:.2f} / {100 * e['acc_norm']:.2f}"
+        assert row["winogrande acc"] == f"{100 * w['acc']:.2f}"
+        assert row["average acc"] == f"{100 * (e['acc'] + w['acc']) / 2:.2f}"
+    assert rows[0]["bits/weight"] == "32.000" and float(rows[1]["bits/weight"]) < 5
+    assert "first 2 documents" in text
+    assert "![" in text and "(plots/pareto.png)" in text  # the plot, linked relative to the report
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)
+    assert img.shape[0] >= 400 and img.shape[1] >= 1000  # two panels side by side
+
+
+def test_report_prints_without_out(two_runs, capsys):
+    assert main(["report", *map(str, two_runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n| ") >= 3 and "rtn-w4g128" in out
+
+
+def test_report_rejects_a_file_that_is_not_results(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    assert main(["report", str(bad)]) == 2
+    assert "not a results file of `quantkit eval`" in capsys.readouterr().err
+
+
+def test_pareto_front_and_average():
+    pts = [(4.2, 20.0), (3.2, 35.0), (4.2, 18.0), (8.1, 17.5), (32.0, 17.0), (2.2, 900.0), (3.5, 40.0)]
+    assert _pareto_front(pts, higher_is_better=False) == [(2.2, 900.0), (3.2, 35.0), (4.2, 18.0), (8.1, 17.5),
+                                                          (32.0, 17.0)]
+    assert _pareto_front([(2, 0.3), (3, 0.5), (4, 0.4)], higher_is_better=True) == [(2, 0.3), (3, 0.5)]
+    assert average_acc({"tasks": {"a": {"acc": 0.5}, "b": {"acc": 0.25}, "c": {"perplexity": 3.0}}}) == 0.375
+    assert average_acc({"tasks": {}}) is None
