@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantkit.algos import get_method
+from quantkit.algos.attention import HeadHessianAccumulator, recording_attention, value_heads
 from quantkit.algos.hessian import HessianAccumulator, output_error
 from quantkit.checkpoint import (
     REPORT_NAME,
@@ -178,11 +179,18 @@ def _run_layer(layer: nn.Module, calib: _Calibration, *, keep_outputs: bool) -> 
 
 
 def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], calib: _Calibration,
-                         device: torch.device) -> dict[str, HessianAccumulator]:
-    """One forward of the calibration set through ``layer``; linears fed the same tensor share a Hessian."""
-    acc: dict[str, HessianAccumulator] = {}
+                         device: torch.device, weighted: set[str] = frozenset()) -> dict[str, Any]:
+    """One forward of the calibration set through ``layer``; linears fed the same tensor share a Hessian.
+
+    The value projections named in ``weighted`` get per-head attention-weighted Hessians instead
+    (quantkit/algos/attention.py); one whose attention cannot be observed keeps the plain Hessian.
+    """
+    acc: dict[str, Any] = {}
     alias: dict[str, str] = {}
     last: dict[str, Any] = {"x": None, "owner": None}
+    head_acc: dict[str, HeadHessianAccumulator] = {}
+    pending: dict[nn.Module, torch.Tensor] = {}
+    callbacks: dict[nn.Module, Any] = {}
 
     def hook(name: str):
         def fn(_mod, inputs, _out):
@@ -197,9 +205,30 @@ def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], calib:
 
         return fn
 
+    def remember(attn: nn.Module):
+        def fn(_mod, inputs, _out):
+            pending[attn] = inputs[0].detach()
+
+        return fn
+
+    def weigh(name: str, attn: nn.Module):
+        def fn(received: torch.Tensor) -> None:
+            head_acc[name].add(pending.pop(attn), received)
+
+        return fn
+
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    for name in weighted:
+        parent = layer.get_submodule(name.rpartition(".")[0])
+        heads = value_heads(parent, linears[name])
+        if heads is None:
+            logger.warning("%s: attention layout not recognized; using the unweighted Hessian", name)
+            continue
+        head_acc[name] = HeadHessianAccumulator(heads, linears[name].in_features, device)
+        handles.append(linears[name].register_forward_hook(remember(parent)))
+        callbacks[parent] = weigh(name, parent)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), recording_attention(callbacks):
             for h, kw in zip(calib.hidden, calib.kwargs, strict=True):
                 layer(h, **kw)
                 last["x"] = None
@@ -208,6 +237,12 @@ def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], calib:
             hd.remove()
     for name, owner in alias.items():
         acc[name] = acc[owner]
+    for name, ha in head_acc.items():
+        if ha.n == 0:
+            logger.warning("%s: its attention does not run through transformers' attention interface; "
+                           "using the unweighted Hessian", name)
+        else:
+            acc[name] = ha
     return acc
 
 
@@ -376,8 +411,11 @@ def quantize(
         layer = layers[i]
         _load_into(layer, reader.load_prefix(prefix + "."), dev, prefix)
         linears = {n: m for n, m in _linears(layer, prefix).items() if n in schemes}
-        hessians = _accumulate_hessians(layer, {n[len(prefix) + 1:]: m for n, m in linears.items()},
-                                        calib_data, dev) if calib_data is not None and linears else {}
+        local = {n[len(prefix) + 1:]: m for n, m in linears.items()}
+        weighted = {n for n in local if n.rpartition(".")[2] == "v_proj" and schemes[f"{prefix}.{n}"].attention_weighted
+                    and get_method(schemes[f"{prefix}.{n}"].method).needs_hessian}
+        hessians = _accumulate_hessians(layer, local, calib_data, dev, weighted) \
+            if calib_data is not None and linears else {}
         packed_layer, stats_layer = {}, {}
         for name, linear in linears.items():
             acc = hessians.get(name[len(prefix) + 1:])

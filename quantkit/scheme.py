@@ -23,6 +23,8 @@ class LayerScheme:
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
+    # Value projections: weight each calibration token by the attention it receives (quantkit/algos/attention.py)
+    attention_weighted: bool = True
 
     def __post_init__(self) -> None:
         from quantkit.algos import METHODS  # late: algos import this module
@@ -36,7 +38,7 @@ class LayerScheme:
             raise bad("bits", f"unsupported bit width; supported: {', '.join(map(str, SUPPORTED_BITS))}")
         if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size >= 8):
             raise bad("group_size", "must be -1 (per channel) or an integer >= 8")
-        for flag in ("symmetric", "act_order", "static_groups"):
+        for flag in ("symmetric", "act_order", "static_groups", "attention_weighted"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "must be true or false")
         if not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:

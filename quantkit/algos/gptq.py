@@ -53,7 +53,17 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    perm: torch.Tensor | None = None,
 ) -> QuantResult:
+    """Quantize ``W`` column by column against ``H``. ``H`` may also be [h, in, in]: one Hessian per block of
+    ``out / h`` consecutive rows (the attention-weighted value projections); the blocks then share one
+    act-order permutation, from the summed diagonals, so the packed layer keeps a single one. ``perm``
+    overrides the act-order permutation (``act_order`` must be set)."""
+    if perm is not None and not act_order:
+        raise ValueError("a column permutation is only used with act_order")
+    if H.dim() == 3:
+        return _gptq_row_blocks(W, H, grid, group_size=group_size, block_size=block_size, damp=damp,
+                                act_order=act_order, static_groups=static_groups, perm=perm)
     if not torch.isfinite(H).all():
         raise QuantkitError("the Hessian has non-finite values (NaN or inf in the calibration activations)")
     if not torch.isfinite(W).all():
@@ -68,7 +78,8 @@ def gptq(
     W[:, dead] = 0.0
 
     static = [grid.fit(W[:, c : c + g]) for c in range(0, n, g)] if static_groups else None
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    if act_order and perm is None:
+        perm = _act_order(H)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U, _ = inverse_hessian_factor(H, damp)
@@ -119,6 +130,31 @@ def gptq(
         else:
             stored_perm = perm
     return QuantResult(codes=codes, scales=scales, zeros=zeros, perm=stored_perm, W_hat=W_hat, loss=losses.sum().item())
+
+
+def _act_order(H: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing Hessian diagonal (ties keep their order, so the result is deterministic)."""
+    return torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), descending=True, stable=True)
+
+
+def _gptq_row_blocks(W: torch.Tensor, H: torch.Tensor, grid: UniformGrid, *, perm, act_order, **kw) -> QuantResult:
+    h = H.shape[0]
+    if W.shape[0] % h:
+        raise QuantkitError(f"{h} Hessians do not split the {W.shape[0]} rows evenly")
+    if not torch.isfinite(H).all():
+        raise QuantkitError("the Hessian has non-finite values (NaN or inf in the calibration activations)")
+    if act_order and perm is None:
+        perm = _act_order(H.sum(0))
+    rows = W.shape[0] // h
+    parts = [gptq(W[i * rows : (i + 1) * rows], H[i], grid, act_order=act_order, perm=perm, **kw) for i in range(h)]
+    return QuantResult(
+        codes=torch.cat([p.codes for p in parts]),
+        scales=torch.cat([p.scales for p in parts]),
+        zeros=torch.cat([p.zeros for p in parts]),
+        perm=parts[0].perm,
+        W_hat=torch.cat([p.W_hat for p in parts]),
+        loss=sum(p.loss for p in parts),
+    )
 
 
 @register_method("gptq", needs_hessian=True)

@@ -27,6 +27,10 @@ class HessianAccumulator:
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ)`` = ``(2/n) ‖(W − Ŵ) X‖²``: the layer objective GPTQ minimizes, for any method."""
+    """``tr(ΔW H ΔWᵀ)`` = ``(2/n) ‖(W − Ŵ) X‖²``: the layer objective GPTQ minimizes, for any method.
+    ``H`` [h, in, in] holds one Hessian per block of ``out / h`` consecutive rows."""
     D = (W.float() - W_hat.float()).double()
+    if H.dim() == 3:
+        D = D.reshape(H.shape[0], -1, D.shape[1])
+        return torch.einsum("hoi,hij,hoj->", D, H.double(), D).item()
     return torch.einsum("oi,ij,oj->", D, H.double(), D).item()
