@@ -58,8 +58,8 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask: t
         raise ValueError(f"{nq} query heads do not split over {nkv} key/value heads")
     grp = nq // nkv
     scale = 1.0 / math.sqrt(d) if scaling is None else scaling
-    q = query.float().reshape(b, nkv, grp, tq, d)
-    k = key.float().unsqueeze(2)  # [b, nkv, 1, tk, d]
+    q = (query.float() * scale).reshape(b, nkv, grp, tq, d)
+    kt = key.float().transpose(-1, -2)  # [b, nkv, d, tk]
     mask = attention_mask
     if mask is not None:
         if mask.dim() != 4:
@@ -69,24 +69,29 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask: t
         mask = mask.reshape(mask.shape[0], nkv, grp, *mask.shape[2:]) if mask.shape[1] == nq else mask.unsqueeze(2)
     causal = mask is None and is_causal and tq > 1
     received = torch.zeros(b, nkv, tk, dtype=torch.float32, device=query.device)
-    cols = torch.arange(tk, device=query.device)
     for s in range(0, tq, chunk):
         e = min(s + chunk, tq)
-        scores = (q[:, :, :, s:e] @ k.transpose(-1, -2)) * scale  # [b, nkv, grp, e-s, tk]
+        # sdpa's causal mask is aligned top-left: query i sees keys 0..i, so keys past this chunk are skipped
+        keys = min(e, tk) if causal else tk
+        qc = q[:, :, :, s:e].reshape(b, nkv, grp * (e - s), d)  # one matmul per KV head, not per query head
+        scores = (qc @ kt[..., :keys]).view(b, nkv, grp, e - s, keys)
         if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
+            scores = torch.tanh_(scores / softcap).mul_(softcap)
         if mask is not None:
             m = mask[..., s:e, :] if mask.shape[-2] == tq else mask
             if m.dtype == torch.bool:
-                scores = scores.masked_fill(~m, float("-inf"))
+                scores.masked_fill_(~m, float("-inf"))
             else:  # additive; the dtype's minimum marks a masked pair, as transformers builds it
-                scores = (scores + m.float()).masked_fill(m <= torch.finfo(m.dtype).min / 2, float("-inf"))
-        elif causal:
-            # sdpa's causal mask is aligned top-left (queries 0..tq-1 see keys 0..i)
-            rows = torch.arange(s, e, device=query.device)
-            scores = scores.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a fully masked row attends to nothing
-        received += probs.sum(dim=(2, 3))
+                scores.add_(m.float()).masked_fill_(m <= torch.finfo(m.dtype).min / 2, float("-inf"))
+        elif causal and s < keys:
+            diag = scores[..., s:keys]  # only the block on the diagonal has keys after some queries
+            diag.masked_fill_(torch.ones(e - s, keys - s, dtype=torch.bool, device=query.device).triu_(1),
+                              float("-inf"))
+        top = scores.amax(dim=-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)
+        unnorm = scores.sub_(top).exp_()
+        total = unnorm.sum(dim=-1)
+        inv = torch.where(total > 0, 1.0 / total, 0.0)  # a query that may attend to nothing contributes nothing
+        received[..., :keys] += (inv.unsqueeze(-2) @ unnorm).sum(dim=2).squeeze(-2)
     return received / grp
 
 
