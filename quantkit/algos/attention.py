@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from quantkit.algos.hessian import HessianAccumulator
+
 __all__ = ["HeadHessianAccumulator", "attention_received", "recording_attention", "value_heads"]
 
 
@@ -95,12 +97,12 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask: t
     return received / grp
 
 
-class HeadHessianAccumulator:
+class HeadHessianAccumulator(HessianAccumulator):
     """``Σ_s c_hs x_s x_sᵀ`` per key/value head *h* (float64 running sums); :attr:`H` is [heads, in, in]."""
 
     def __init__(self, heads: int, in_features: int, device: torch.device | str = "cpu"):
-        self.S = torch.zeros(heads, in_features, in_features, dtype=torch.float64, device=device)
-        self.n = 0
+        super().__init__(in_features, device)
+        self.S = self.S.expand(heads, -1, -1).clone()
 
     def add(self, X: torch.Tensor, received: torch.Tensor) -> None:
         """``X`` [b, t, in]: the value projection's input; ``received`` [b, heads, t]."""
@@ -109,12 +111,6 @@ class HeadHessianAccumulator:
         for h in range(self.S.shape[0]):
             self.S[h] += ((X * c[h, :, None]).T @ X).double()
         self.n += X.shape[0]
-
-    @property
-    def H(self) -> torch.Tensor:
-        if self.n == 0:
-            raise ValueError("no calibration tokens were accumulated")
-        return (2.0 / self.n * self.S).float()
 
 
 def _is_causal(module: nn.Module, kwargs: dict) -> bool:
