@@ -412,8 +412,8 @@ def quantize(
         _load_into(layer, reader.load_prefix(prefix + "."), dev, prefix)
         linears = {n: m for n, m in _linears(layer, prefix).items() if n in schemes}
         local = {n[len(prefix) + 1:]: m for n, m in linears.items()}
-        weighted = {n for n in local if n.rpartition(".")[2] == "v_proj" and schemes[f"{prefix}.{n}"].attention_weighted
-                    and get_method(schemes[f"{prefix}.{n}"].method).needs_hessian}
+        weighted = {n[len(prefix) + 1:] for n in linears if n.endswith(".v_proj") and schemes[n].attention_weighted
+                    and get_method(schemes[n].method).needs_hessian}
         hessians = _accumulate_hessians(layer, local, calib_data, dev, weighted) \
             if calib_data is not None and linears else {}
         packed_layer, stats_layer = {}, {}

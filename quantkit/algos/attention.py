@@ -107,9 +107,8 @@ class HeadHessianAccumulator(HessianAccumulator):
     def add(self, X: torch.Tensor, received: torch.Tensor) -> None:
         """``X`` [b, t, in]: the value projection's input; ``received`` [b, heads, t]."""
         X = X.reshape(-1, X.shape[-1]).float()
-        c = received.permute(1, 0, 2).reshape(received.shape[1], -1).float()  # [heads, b*t]
-        for h in range(self.S.shape[0]):
-            self.S[h] += ((X * c[h, :, None]).T @ X).double()
+        c = received.permute(1, 0, 2).reshape(received.shape[1], -1, 1).float()  # [heads, b*t, 1]
+        self.S += ((c * X).transpose(1, 2) @ X).double()  # one batched matmul over the heads
         self.n += X.shape[0]
 
 
