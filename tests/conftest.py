@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Before anything imports Triton (transformers does): Triton fixes interpreter vs compiler per @triton.jit at
+# decoration time, its standard library included. Without a GPU the kernel tests need the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QUANTKIT_DATA_DIR", REPO.parent / "shared" / "data"))

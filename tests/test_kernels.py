@@ -1,30 +1,28 @@
 """Fused Triton dequant-matmul kernels against the PyTorch reference (dequantize, then matmul).
 
 Without a GPU the kernels run under the Triton interpreter on CPU tensors. Triton decides between interpreter and
-compiler when ``@triton.jit`` runs, i.e. when ``quantkit.kernels.triton_uniform`` is imported, so the variable is
-set here, before anything imports it (quantkit itself never does at import). On a GPU machine,
-``TRITON_INTERPRET=0 pytest tests/test_kernels.py`` runs the same checks compiled, on CUDA tensors.
+compiler when each ``@triton.jit`` runs, its own standard library's included, so ``TRITON_INTERPRET`` must be set
+before Triton is first imported, by anything (transformers imports it too): tests/conftest.py sets it, defaulting
+to 1. On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/test_kernels.py`` runs the same checks compiled, on CUDA
+tensors.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from quantkit.algos.groups import num_groups  # noqa: E402
-from quantkit.formats.packing import SUPPORTED_BITS, pack_codes, packed_words  # noqa: E402
-from quantkit.kernels import dispatch  # noqa: E402
-from quantkit.kernels.ops import uniform_matmul_triton  # noqa: E402
-from quantkit.kernels.reference import uniform_matmul_ref  # noqa: E402
+from quantkit.algos.groups import num_groups
+from quantkit.formats.packing import SUPPORTED_BITS, pack_codes, packed_words
+from quantkit.kernels import dispatch
+from quantkit.kernels.ops import uniform_matmul_triton
+from quantkit.kernels.reference import uniform_matmul_ref
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
