@@ -49,9 +49,11 @@ def _load_builtin_kernels() -> None:
     register_kernel("triton-uniform", triton_supports, uniform_matmul_triton)
 
 
-def uniform_matmul(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int) -> torch.Tensor:
+def uniform_matmul(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int,
+                   levels: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for the scalar-grid format: ``levels`` set for non-uniform grids, else affine codes."""
     _load_builtin_kernels()
     for kernel in KERNELS:
         if kernel.supports(x, qweight, bits=bits, group_size=group_size):
-            return kernel.impl(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size)
-    return uniform_matmul_ref(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size)
+            return kernel.impl(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels)
+    return uniform_matmul_ref(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels)

@@ -25,11 +25,12 @@ def uniform_matmul_triton(
     zeros: torch.Tensor | None,
     perm: torch.Tensor | None,
     bias: torch.Tensor | None,
+    levels: torch.Tensor | None = None,
     *,
     bits: int,
     group_size: int,
 ) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for the uniform format through the fused Triton kernels; ``[..., out]``, ``x.dtype``."""
+    """``x @ W.T (+ bias)`` for the scalar-grid format through the fused Triton kernels; ``[..., out]``, ``x.dtype``."""
     try:
         from quantkit.kernels.triton_uniform import triton_uniform_matmul
     except ImportError as e:
@@ -37,7 +38,8 @@ def uniform_matmul_triton(
             "quantkit's fused kernels need Triton: pip install 'quantkit[triton]' (or use the PyTorch reference, "
             "quantkit.kernels.uniform_matmul_ref)"
         ) from e
-    return triton_uniform_matmul(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size)
+    return triton_uniform_matmul(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size,
+                                 levels=levels)
 
 
 @uniform_matmul_triton.register_fake
@@ -48,6 +50,7 @@ def _(
     zeros: torch.Tensor | None,
     perm: torch.Tensor | None,
     bias: torch.Tensor | None,
+    levels: torch.Tensor | None = None,
     *,
     bits: int,
     group_size: int,

@@ -1,4 +1,5 @@
-"""PyTorch reference for the uniform packed format: unpack codes, apply scales and zeros, then matmul."""
+"""PyTorch reference for the scalar-grid packed format: unpack codes, decode them (``scale * (code - zero)`` or
+``scale * levels[code]``), then matmul."""
 
 from __future__ import annotations
 
@@ -19,11 +20,18 @@ def dequantize_uniform(
     group_size: int,
     in_features: int,
     dtype: torch.dtype = torch.float32,
+    levels: torch.Tensor | None = None,  # [2**bits] fp16: a non-uniform grid (zeros are then None)
 ) -> torch.Tensor:
     """The dense weight [out, in] in original column order, computed in fp32 and cast to ``dtype``."""
-    codes = unpack_codes(qweight, bits, in_features).float()
+    codes = unpack_codes(qweight, bits, in_features)
     g = in_features if group_size == -1 else group_size
     s = scales.float().repeat_interleave(g, dim=1)[:, :in_features]
+    if levels is not None:
+        W = s * levels.float()[codes.long()]
+        if perm is not None:
+            W = torch.empty_like(W).index_copy_(1, perm.long(), W)
+        return W.to(dtype)
+    codes = codes.float()
     if zeros is None:
         z = torch.tensor(float(2 ** (bits - 1)), device=codes.device)
     else:
@@ -44,8 +52,10 @@ def uniform_matmul_ref(
     *,
     bits: int,
     group_size: int,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     W = dequantize_uniform(
-        qweight, scales, zeros, perm, bits=bits, group_size=group_size, in_features=x.shape[-1], dtype=x.dtype
+        qweight, scales, zeros, perm, bits=bits, group_size=group_size, in_features=x.shape[-1], dtype=x.dtype,
+        levels=levels,
     )
     return torch.nn.functional.linear(x, W, bias)

@@ -68,11 +68,17 @@ def _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K: tl.constexpr, BITS: 
 
 @triton.jit
 def _dequant_tile(
-    qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, N, stride_qn, stride_sn,
-    K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr,
+    qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, k0, offs_n, N, stride_qn, stride_sn,
+    K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LEVELS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """The dequantized weight tile ``W[offs_n, k0 : k0 + BLOCK_K].T``: [BLOCK_K, BLOCK_N] fp32."""
-    codes = _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K, BITS, BLOCK_K).to(tl.float32)
+    codes = _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K, BITS, BLOCK_K)
+    if HAS_LEVELS:
+        # Non-uniform grid: the 2**BITS-entry level table is a gather from a few cached bytes (L1-resident).
+        values = tl.load(levels_ptr + codes).to(tl.float32)
+    else:
+        values = codes.to(tl.float32)
     # Groups are contiguous runs of stored columns, so k // GROUP_SIZE is column k's group; that also gives the
     # shorter last group (K not a multiple of GROUP_SIZE) its own scale.
     if GROUP_SIZE % BLOCK_K == 0 or GROUP_SIZE >= K:
@@ -84,18 +90,21 @@ def _dequant_tile(
         meta = offs_n[None, :] * stride_sn + (offs_k // GROUP_SIZE)[:, None]
         mask = (offs_n[None, :] < N) & (offs_k[:, None] < K)
     scale = tl.load(scales_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LEVELS:
+        return scale * values
     if HAS_ZEROS:
         zero = tl.load(zeros_ptr + meta, mask=mask, other=0.0).to(tl.float32)
     else:
         zero = 2.0 ** (BITS - 1)
-    return scale * (codes - zero)
+    return scale * (values - zero)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, bias_ptr, out_ptr,
     M, N, stride_xm, stride_qn, stride_sn, stride_om,
-    K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LEVELS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -111,8 +120,8 @@ def _gemv_kernel(
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         w = _dequant_tile(
-            qweight_ptr, scales_ptr, zeros_ptr, k_tile, offs_n, N, stride_qn, stride_sn,
-            K, GROUP_SIZE, BITS, HAS_ZEROS, BLOCK_K,
+            qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, k_tile, offs_n, N, stride_qn, stride_sn,
+            K, GROUP_SIZE, BITS, HAS_ZEROS, HAS_LEVELS, BLOCK_K,
         )
         # Round the weight to the activation dtype as the GEMM path and the reference do, so paths agree.
         w = w.to(x.dtype).to(tl.float32)
@@ -130,9 +139,10 @@ def _gemv_kernel(
 
 @triton.jit
 def _gemm_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, bias_ptr, out_ptr,
     M, N, stride_xm, stride_qn, stride_sn, stride_om, m_bucket,
-    K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LEVELS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # m_bucket only keys the autotuner (prefill lengths vary call to call; tuning once per power of two is enough).
@@ -147,8 +157,8 @@ def _gemm_kernel(
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         w = _dequant_tile(
-            qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, N, stride_qn, stride_sn,
-            K, GROUP_SIZE, BITS, HAS_ZEROS, BLOCK_K,
+            qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, k0, offs_n, N, stride_qn, stride_sn,
+            K, GROUP_SIZE, BITS, HAS_ZEROS, HAS_LEVELS, BLOCK_K,
         )
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
@@ -230,7 +240,7 @@ def _tuned_gemv(allow_split_k: bool) -> Any:
     # Built on first use, not at import: the config list depends on interpreter mode and costs nothing until needed.
     return triton.autotune(
         configs=_gemv_configs(allow_split_k),
-        key=["N", "K", "GROUP_SIZE", "BITS", "HAS_ZEROS", "BLOCK_M"],
+        key=["N", "K", "GROUP_SIZE", "BITS", "HAS_ZEROS", "HAS_LEVELS", "BLOCK_M"],
         prune_configs_by={"early_config_prune": _prune_gemv},
     )(_gemv_kernel)
 
@@ -239,7 +249,7 @@ def _tuned_gemv(allow_split_k: bool) -> Any:
 def _tuned_gemm() -> Any:
     return triton.autotune(
         configs=_gemm_configs(),
-        key=["m_bucket", "N", "K", "GROUP_SIZE", "BITS", "HAS_ZEROS"],
+        key=["m_bucket", "N", "K", "GROUP_SIZE", "BITS", "HAS_ZEROS", "HAS_LEVELS"],
         prune_configs_by={"early_config_prune": _prune_gemm},
     )(_gemm_kernel)
 
@@ -247,7 +257,8 @@ def _tuned_gemm() -> Any:
 # --- launcher --------------------------------------------------------------------------------------------------
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-           perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int) -> None:
+           perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
+           levels: torch.Tensor | None) -> None:
     K, N = x.shape[-1], qweight.shape[0]
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
@@ -266,6 +277,8 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
         raise ValueError(f"perm has shape {tuple(perm.shape)}, expected {(K,)}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected {(N,)}")
+    if levels is not None and (tuple(levels.shape) != (2**bits,) or zeros is not None):
+        raise ValueError(f"levels must be a table of {2**bits} values, without zeros; got {tuple(levels.shape)}")
 
 
 def triton_uniform_matmul(
@@ -279,6 +292,7 @@ def triton_uniform_matmul(
     bits: int,
     group_size: int,
     config: dict[str, int] | None = None,
+    levels: torch.Tensor | None = None,  # [2**bits]: a non-uniform grid, W = scale * levels[code]
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` in the activation dtype with fp32 accumulation; ``[..., out]``.
 
@@ -286,7 +300,7 @@ def triton_uniform_matmul(
     (``BLOCK_N``, ``BLOCK_K`` and ``SPLIT_K`` for M <= ``GEMV_MAX_M``, else ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``)
     instead of autotuning; tests use it to cover several tilings.
     """
-    _check(x, qweight, scales, zeros, perm, bias, bits, group_size)
+    _check(x, qweight, scales, zeros, perm, bias, bits, group_size, levels)
     if not (x.is_cuda or is_interpreted()):
         raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before Triton loads)")
     K, N = x.shape[-1], qweight.shape[0]
@@ -300,13 +314,14 @@ def triton_uniform_matmul(
         return out.reshape(*x.shape[:-1], N)
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
-    args = (x2, qweight, scales, zeros, bias, out, M, N, x2.stride(0), qweight.stride(0), scales.stride(0),
+    levels = levels.float().contiguous() if levels is not None else None
+    args = (x2, qweight, scales, zeros, levels, bias, out, M, N, x2.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0))
     # K and the group size are compile-time constants: a model has a handful of each, and constants give static
     # loop bounds and turn k // GROUP_SIZE into a shift. (Also, Triton 3.6's interpreter cannot take a runtime
     # loop bound under numpy >= 2.4: triton-lang/triton#9171.)
     flags = {"K": K, "GROUP_SIZE": K if group_size == -1 else group_size, "BITS": bits,
-             "HAS_ZEROS": zeros is not None, "HAS_BIAS": bias is not None}
+             "HAS_ZEROS": zeros is not None, "HAS_LEVELS": levels is not None, "HAS_BIAS": bias is not None}
     if M <= GEMV_MAX_M:
         block_m = triton.next_power_of_2(M)
         # No split-K in bf16: each partial sum would be rounded to 8 mantissa bits (and bf16 atomics need sm_90).

@@ -45,6 +45,7 @@ from quantkit.hf.config import QuantkitConfig
 from quantkit.loading import CheckpointReader, ModelSource, check_causal_lm, load_tokenizer, resolve_model
 from quantkit.nn import QuantizedLinear
 from quantkit.recipe import Recipe, load_recipe
+from quantkit.rotations import HadamardRotation, random_signs
 from quantkit.scheme import LayerScheme
 
 __all__ = ["QuantizeOutput", "quantize", "decoder_layers"]
@@ -246,21 +247,46 @@ def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], calib:
     return acc
 
 
+def _layer_rotations(name: str, scheme: LayerScheme, W: torch.Tensor) -> dict[str, HadamardRotation]:
+    """The rotations a scheme asks for, keyed by the name of their stored signs; seeded by layer name."""
+    if scheme.rotation == "none":
+        return {}
+    out_features, in_features = W.shape
+    rots = {"rot_in_signs": HadamardRotation(random_signs(in_features, scheme.rotation_seed, name), "input")}
+    if scheme.rotate_output:
+        signs = random_signs(out_features, scheme.rotation_seed, name + ":output")
+        rots["rot_out_signs"] = HadamardRotation(signs, "output")
+    return rots
+
+
 def _quantize_linear(name: str, linear: nn.Linear, scheme: LayerScheme, H: torch.Tensor | None):
     W = linear.weight.detach().float()
     method = get_method(scheme.method)
+    rots = _layer_rotations(name, scheme, W)
+    W_rot, H_rot = W, H
+    for rot in rots.values():  # the input-side rotation first: it is the one that changes the Hessian
+        W_rot = rot.fuse(W_rot)
+        if rot.side == "input" and H is not None:
+            H_rot = rot.rotate_hessian(H)
+        elif H is not None and H.dim() == 3:
+            raise QuantkitError(f"{name}: an output rotation mixes the heads of a per-head Hessian")
     try:
-        result = method.fn(W, H, scheme)
+        result = method.fn(W_rot, H_rot, scheme)
     except QuantkitError as e:
         raise QuantkitError(f"{name}: {e}") from None
-    packed = UniformFormat.pack(result, scheme)
+    packed = UniformFormat.pack(result, scheme, rotations={k: r.signs for k, r in rots.items()})
+    W_hat = result.W_hat
+    for rot in reversed(rots.values()):
+        W_hat = rot.unfuse(W_hat)
     stats: dict[str, Any] = {
-        "method": scheme.method, "bits": scheme.bits, "group_size": scheme.group_size,
+        "method": scheme.method, "bits": scheme.bits, "group_size": scheme.group_size, "grid": scheme.grid,
         "shape": list(W.shape), "loss": result.loss,
-        "weight_mse": (W - result.W_hat).pow(2).mean().item(),
+        "weight_mse": (W - W_hat).pow(2).mean().item(),
     }
+    for rot in rots.values():
+        stats["rotation_" + rot.side] = rot.layout.describe()
     if H is not None:
-        err = output_error(W, result.W_hat, H)
+        err = output_error(W, W_hat, H)
         base = output_error(W, torch.zeros_like(W), H)
         stats["output_error"] = err
         stats["relative_output_error"] = err / base if base > 0 else 0.0
@@ -413,7 +439,7 @@ def quantize(
         linears = {n: m for n, m in _linears(layer, prefix).items() if n in schemes}
         local = {n[len(prefix) + 1:]: m for n, m in linears.items()}
         weighted = {n[len(prefix) + 1:] for n in linears if n.endswith(".v_proj") and schemes[n].attention_weighted
-                    and get_method(schemes[n].method).needs_hessian}
+                    and not schemes[n].rotate_output and get_method(schemes[n].method).needs_hessian}
         hessians = _accumulate_hessians(layer, local, calib_data, dev, weighted) \
             if calib_data is not None and linears else {}
         packed_layer, stats_layer = {}, {}

@@ -8,7 +8,9 @@ from typing import Any
 from quantkit.errors import RecipeError
 from quantkit.formats.packing import SUPPORTED_BITS
 
-__all__ = ["LayerScheme"]
+__all__ = ["LayerScheme", "ROTATIONS"]
+
+ROTATIONS = ("none", "hadamard")
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,16 @@ class LayerScheme:
     block_size: int = 128
     # Value projections: weight each calibration token by the attention it receives (quantkit/algos/attention.py)
     attention_weighted: bool = True
+    # The scalar grid (quantkit/grids): uniform (affine integers; `symmetric` applies), gaussian, nf4, fp4
+    grid: str = "uniform"
+    # Randomized Hadamard rotation of the input dimension (quantkit/rotations), optionally also of the output
+    rotation: str = "none"
+    rotate_output: bool = False
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         from quantkit.algos import METHODS  # late: algos import this module
+        from quantkit.grids import GRIDS
 
         def bad(field: str, why: str) -> RecipeError:
             return RecipeError(f"field '{field}': {why} (got {getattr(self, field)!r})")
@@ -38,13 +47,32 @@ class LayerScheme:
             raise bad("bits", f"unsupported bit width; supported: {', '.join(map(str, SUPPORTED_BITS))}")
         if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size >= 8):
             raise bad("group_size", "must be -1 (per channel) or an integer >= 8")
-        for flag in ("symmetric", "act_order", "static_groups", "attention_weighted"):
+        if self.grid not in GRIDS:
+            raise bad("grid", f"unknown grid; known: {', '.join(sorted(GRIDS))}")
+        if self.bits not in GRIDS[self.grid][1]:
+            raise bad("bits", f"grid {self.grid!r} supports {', '.join(map(str, GRIDS[self.grid][1]))} bits")
+        if self.rotation not in ROTATIONS:
+            raise bad("rotation", f"unknown rotation; known: {', '.join(ROTATIONS)}")
+        if self.rotate_output and self.rotation == "none":
+            raise bad("rotate_output", "needs a rotation")
+        if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool) or self.rotation_seed < 0:
+            raise bad("rotation_seed", "must be a non-negative integer")
+        for flag in ("symmetric", "act_order", "static_groups", "attention_weighted", "rotate_output"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "must be true or false")
         if not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
             raise bad("damp", "must be a number in (0, 1), relative to the Hessian's mean diagonal")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise bad("block_size", "must be a positive integer")
+
+    @property
+    def stores_zeros(self) -> bool:
+        """Only the asymmetric uniform grid has zero points; level grids and symmetric grids do not."""
+        return self.grid == "uniform" and not self.symmetric
+
+    @property
+    def stores_levels(self) -> bool:
+        return self.grid != "uniform"
 
     @property
     def stores_perm(self) -> bool:

@@ -103,6 +103,19 @@ def test_odd_shapes(tu, bits, lead, N, K, group_size):
     assert_matches_reference(tu, activations(*lead, K), layer, bits, group_size)
 
 
+@pytest.mark.parametrize("act_order", [False, True], ids=["stored-order", "act-order"])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("grid,bits", [("gaussian", 2), ("gaussian", 3), ("nf4", 4), ("fp4", 4), ("gaussian", 8)])
+def test_level_grids_match_reference(tu, grid, bits, group_size, act_order):
+    """Non-uniform grids decode through the level table: ``scale * levels[code]``, no zeros."""
+    from quantkit.grids import make_grid
+
+    layer = make_layer(72, 200, bits, group_size, symmetric=True, act_order=act_order, bias=True, seed=bits)
+    layer["levels"] = make_grid(grid, bits).table.half().to(DEVICE)
+    for M in (1, 17):
+        assert_matches_reference(tu, activations(M, 200), layer, bits, group_size)
+
+
 @pytest.mark.parametrize("M", [2, 24], ids=["gemv", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_activation_dtypes(tu, dtype, M):

@@ -29,7 +29,7 @@ def test_bits_per_weight_matches_stored_tensors(tiny_model_factory, calib_file, 
     out = tmp_path / "q"
     rep = _quantize(tiny_model_factory("llama"), out, calib_file, recipe="gptq-w3g128").report
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "quantkit" and cfg["version"] == 1
+    assert cfg["quant_method"] == "quantkit" and cfg["version"] == 2
     modules = cfg["modules"]
     bits = weights = 0
     with safe_open(out / "model.safetensors", "pt") as f:

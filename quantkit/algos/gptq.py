@@ -16,7 +16,7 @@ import torch
 from quantkit.algos import QuantResult, register_method
 from quantkit.algos.groups import group_size_of, num_groups
 from quantkit.errors import QuantkitError
-from quantkit.grids import GridParams, UniformGrid
+from quantkit.grids import Grid, GridParams, make_grid
 
 __all__ = ["gptq", "inverse_hessian_factor"]
 
@@ -46,7 +46,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, *, retries: int = 6) ->
 def gptq(
     W: torch.Tensor,  # [out, in]
     H: torch.Tensor,  # [in, in], 2 X Xᵀ / n
-    grid: UniformGrid,
+    grid: Grid,
     *,
     group_size: int = 128,
     block_size: int = 128,
@@ -137,7 +137,7 @@ def _act_order(H: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), descending=True, stable=True)
 
 
-def _gptq_row_blocks(W: torch.Tensor, H: torch.Tensor, grid: UniformGrid, *, perm, act_order, **kw) -> QuantResult:
+def _gptq_row_blocks(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, perm, act_order, **kw) -> QuantResult:
     h = H.shape[0]
     if W.shape[0] % h:
         raise QuantkitError(f"{h} Hessians do not split the {W.shape[0]} rows evenly")
@@ -162,7 +162,7 @@ def _gptq_method(W: torch.Tensor, H: torch.Tensor | None, scheme) -> QuantResult
     return gptq(
         W,
         H,
-        UniformGrid(scheme.bits, scheme.symmetric),
+        make_grid(scheme.grid, scheme.bits, scheme.symmetric),
         group_size=scheme.group_size,
         block_size=scheme.block_size,
         damp=scheme.damp,

@@ -6,12 +6,12 @@ import torch
 
 from quantkit.algos import QuantResult, register_method
 from quantkit.algos.groups import group_size_of
-from quantkit.grids import UniformGrid
+from quantkit.grids import Grid, make_grid
 
 __all__ = ["rtn"]
 
 
-def rtn(W: torch.Tensor, grid: UniformGrid, *, group_size: int) -> QuantResult:
+def rtn(W: torch.Tensor, grid: Grid, *, group_size: int) -> QuantResult:
     """W: [out, in]. Each group of columns gets its own per-row grid parameters."""
     W = W.float()
     g = group_size_of(group_size, W.shape[1])
@@ -34,4 +34,4 @@ def rtn(W: torch.Tensor, grid: UniformGrid, *, group_size: int) -> QuantResult:
 
 @register_method("rtn", needs_hessian=False)
 def _rtn_method(W: torch.Tensor, H: torch.Tensor | None, scheme) -> QuantResult:
-    return rtn(W, UniformGrid(scheme.bits, scheme.symmetric), group_size=scheme.group_size)
+    return rtn(W, make_grid(scheme.grid, scheme.bits, scheme.symmetric), group_size=scheme.group_size)

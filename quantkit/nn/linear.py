@@ -1,4 +1,8 @@
-"""``QuantizedLinear``: a linear layer whose weight stays packed; the forward goes through the kernel dispatch."""
+"""``QuantizedLinear``: a linear layer whose weight stays packed; the forward goes through the kernel dispatch.
+
+With a Hadamard rotation (quantkit.rotations) the stored weight is ``S W Rᵀ``: the forward rotates the input by
+``R`` before the dequant-matmul and the output by ``Sᵀ`` after it, then adds the bias.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ from torch import nn
 from quantkit.formats import UniformFormat
 from quantkit.kernels.dispatch import uniform_matmul
 from quantkit.kernels.reference import dequantize_uniform
+from quantkit.rotations import HadamardRotation
 from quantkit.scheme import LayerScheme
 
 __all__ = ["QuantizedLinear"]
 
 
 class QuantizedLinear(nn.Module):
-    """Drop-in for ``nn.Linear`` holding the uniform format's tensors as buffers (they are not trainable)."""
+    """Drop-in for ``nn.Linear`` holding the packed format's tensors as buffers (they are not trainable)."""
 
     def __init__(
         self,
@@ -31,7 +36,8 @@ class QuantizedLinear(nn.Module):
         self.out_features = out_features
         self.scheme = scheme
         specs = UniformFormat.tensor_specs(scheme, in_features, out_features)
-        for name in ("qweight", "scales", "zeros", "perm"):  # absent ones are None (symmetric, no act-order)
+        # Absent ones are None (symmetric or level grid, no act-order, no rotation).
+        for name in ("qweight", "scales", "zeros", "levels", "perm", "rot_in_signs", "rot_out_signs"):
             shape_dtype = specs.get(name)
             empty = torch.empty(shape_dtype[0], dtype=shape_dtype[1], device=device) if shape_dtype else None
             self.register_buffer(name, empty)
@@ -49,9 +55,16 @@ class QuantizedLinear(nn.Module):
             m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return m
 
+    @property
+    def rotations(self) -> tuple[HadamardRotation | None, HadamardRotation | None]:
+        """The input-side and output-side rotations fused into the stored weight (None where there is none)."""
+        r_in = HadamardRotation(self.rot_in_signs, "input") if self.rot_in_signs is not None else None
+        r_out = HadamardRotation(self.rot_out_signs, "output") if self.rot_out_signs is not None else None
+        return r_in, r_out
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense weight [out, in] (for inspection and tests; the forward does not keep it)."""
-        return dequantize_uniform(
+        """The dense weight [out, in] in the original basis (for inspection and tests; the forward never builds it)."""
+        W = dequantize_uniform(
             self.qweight,
             self.scales,
             self.zeros,
@@ -59,25 +72,38 @@ class QuantizedLinear(nn.Module):
             bits=self.scheme.bits,
             group_size=self.scheme.group_size,
             in_features=self.in_features,
-            dtype=dtype,
+            levels=self.levels,
         )
+        for rot in self.rotations:
+            if rot is not None:
+                W = rot.unfuse(W)
+        return W.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return uniform_matmul(
+        r_in, r_out = self.rotations
+        if r_in is not None:
+            x = r_in.online(x)
+        y = uniform_matmul(
             x,
             self.qweight,
             self.scales,
             self.zeros,
             self.perm,
-            self.bias,
+            self.bias if r_out is None else None,
             bits=self.scheme.bits,
             group_size=self.scheme.group_size,
+            levels=self.levels,
         )
+        if r_out is not None:
+            y = r_out.online(y)
+            if self.bias is not None:
+                y = y + self.bias
+        return y
 
     def extra_repr(self) -> str:
         s = self.scheme
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"method={s.method}, bits={s.bits}, group_size={s.group_size}, symmetric={s.symmetric}, "
-            f"act_order={s.act_order}"
+            f"act_order={s.act_order}, grid={s.grid}, rotation={s.rotation}{'+output' if s.rotate_output else ''}"
         )

@@ -1,0 +1,84 @@
+"""What the online Hadamard rotation costs next to the dequant-matmul it precedes (issue: rotations, item 4).
+
+    python benchmarks/rotation_cost.py                # CPU: the PyTorch reference path, per token
+    python benchmarks/rotation_cost.py --device cuda  # GPU: Triton transform vs the W4 g128 kernel, batch 1
+
+For each weight shape [out, in] (SmolLM2, Llama-2-7B and Llama-3-8B linears) it times, at the given batch (tokens):
+- ``rotate``: ``HadamardRotation.apply`` on the activation [batch, in] (what ``QuantizedLinear.forward`` runs);
+- ``matmul``: the W4 g128 dequant-matmul of the same layer through quantkit's dispatch (the Triton kernel on
+  CUDA, the PyTorch reference on CPU), with random packed weights;
+and prints both times and their ratio. CPU times are the median of repeated wall-clock runs after a warm-up,
+single-process with torch's default threads; CUDA times come from ``triton.testing.do_bench`` (L2 flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+
+from quantkit.algos.groups import num_groups
+from quantkit.formats.packing import pack_codes
+from quantkit.kernels.dispatch import uniform_matmul
+from quantkit.rotations import HadamardRotation, hadamard_layout, random_signs
+
+SHAPES = {
+    "smollm2-135m": [("q/o", 576, 576), ("k/v", 192, 576), ("gate/up", 1536, 576), ("down", 576, 1536)],
+    "llama2-7b": [("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008)],
+    "llama3-8b": [("k/v", 1024, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
+}
+
+
+def _time_cpu(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_cuda(fn) -> float:
+    import triton.testing
+
+    fn()
+    return triton.testing.do_bench(fn, return_mode="median") / 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--reps", type=int, default=50, help="CPU repetitions (median)")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    print(f"device {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, batch {args.batch}, "
+          f"activations {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| model | layer | [out, in] | transform | rotate (µs) | W4 g128 matmul (µs) | rotate / matmul |")
+    print("|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for model in args.models.split(","):
+        for name, N, K in SHAPES[model]:
+            G = num_groups(128, K)
+            qweight = pack_codes(torch.randint(0, 16, (N, K), generator=g), 4).to(dev)
+            scales = (0.01 * torch.rand(N, G, generator=g)).half().to(dev)
+            zeros = torch.randint(0, 16, (N, G), generator=g).half().to(dev)
+            x = torch.randn(args.batch, K, generator=g).to(dtype).to(dev)
+            rot = HadamardRotation(random_signs(K, 0, name).to(dev))
+
+            rotate = functools.partial(rot.apply, x)
+            matmul = functools.partial(uniform_matmul, x, qweight, scales, zeros, None, None, bits=4, group_size=128)
+            timer = _time_cuda if dev.type == "cuda" else lambda f: _time_cpu(f, args.reps)
+            t_rot, t_mm = timer(rotate), timer(matmul)
+            print(f"| {model} | {name} | [{N}, {K}] | {hadamard_layout(K).describe()} | {t_rot * 1e6:.1f} | "
+                  f"{t_mm * 1e6:.1f} | {t_rot / t_mm:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

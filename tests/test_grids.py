@@ -1,0 +1,117 @@
+"""Grids: the Lloyd–Max data against its generator and the published optimum, rounding to the nearest level,
+scale fitting, the packed level table, and that each grid helps where it claims to."""
+
+import pytest
+import torch
+
+from quantkit.algos.gptq import gptq
+from quantkit.algos.hessian import output_error
+from quantkit.algos.rtn import rtn
+from quantkit.errors import RecipeError
+from quantkit.formats import UniformFormat
+from quantkit.grids import FP4_LEVELS, NF4_LEVELS, gaussian_levels, make_grid
+from quantkit.grids.lloyd_max import lloyd_max_gaussian
+from quantkit.nn import QuantizedLinear
+from quantkit.scheme import LayerScheme
+
+# Max (1960), "Quantizing for minimum distortion": MSE of the optimal quantizer of N(0, 1).
+MAX_1960_MSE = {2: 0.1175, 3: 0.03454, 4: 0.009497}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lloyd_max_data_is_what_the_script_computes(bits):
+    levels, mse = lloyd_max_gaussian(bits)
+    assert torch.allclose(torch.tensor(gaussian_levels(bits), dtype=torch.float64), levels, atol=1e-9)
+    assert mse == pytest.approx(MAX_1960_MSE[bits], rel=2e-3)
+    # The grid's error on normal samples is the computed optimum (and beats a uniform grid on the same range).
+    x = torch.randn(400_000, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
+    edges = (levels[1:] + levels[:-1]) / 2
+    emp = (x - levels[torch.bucketize(x, edges)]).pow(2).mean().item()
+    assert emp == pytest.approx(mse, rel=0.03)
+    uni = torch.linspace(levels[0].item(), levels[-1].item(), 2**bits, dtype=torch.float64)
+    assert (x - uni[torch.bucketize(x, (uni[1:] + uni[:-1]) / 2)]).pow(2).mean().item() > emp
+
+
+def test_gaussian_data_covers_every_packable_width():
+    for bits in (2, 3, 4, 8):
+        lv = gaussian_levels(bits)
+        assert len(lv) == 2**bits and list(lv) == sorted(lv) and lv[0] == -lv[-1]
+
+
+def test_nf4_and_fp4_tables():
+    assert len(NF4_LEVELS) == 16 and NF4_LEVELS[0] == -1.0 and NF4_LEVELS[-1] == 1.0 and 0.0 in NF4_LEVELS
+    assert sorted(set(abs(v) for v in FP4_LEVELS)) == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    with pytest.raises(ValueError, match="supports 4 bits"):
+        make_grid("nf4", 3)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "nf4", "fp4"])
+def test_level_grid_rounds_to_the_nearest_level(name):
+    grid = make_grid(name, 4)
+    W = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    params = grid.fit(W)
+    W_hat, codes = grid.quantize(W, params)
+    assert codes.dtype == torch.uint8 and int(codes.max()) < 16
+    assert torch.equal(grid.decode(codes, params), W_hat)
+    # Brute force: every weight's distance to its level is the smallest over all levels.
+    all_levels = params.scale[:, None, None] * grid.table[None, None, :]  # [rows, 1, 16]
+    best = (W[:, :, None] - all_levels).abs().min(-1).values
+    assert torch.allclose((W - W_hat).abs(), best, atol=1e-6)
+    # Scales are fp16 values, and the fitted scale beats the plain absmax one.
+    assert torch.equal(params.scale.half().float(), params.scale)
+    absmax = (W.abs().amax(1) / grid.table.abs().max()).half().float()
+    err_absmax = (W - absmax[:, None] * grid.table[grid._round(W / absmax[:, None])]).pow(2).sum()
+    assert (W - W_hat).pow(2).sum() <= err_absmax
+
+
+def test_gaussian_grid_beats_uniform_on_gaussian_weights_at_equal_bits():
+    """At 4 bits, no zero points either way (symmetric uniform): same bits per weight, lower error."""
+    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
+    gauss = rtn(W, make_grid("gaussian", 4), group_size=128).W_hat
+    uniform = rtn(W, make_grid("uniform", 4, symmetric=True), group_size=128).W_hat
+    assert (W - gauss).pow(2).mean() < 0.9 * (W - uniform).pow(2).mean()
+
+
+@pytest.mark.parametrize("name", ["gaussian", "nf4"])
+def test_gptq_with_a_level_grid_beats_rtn_on_its_objective(name):
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(128, 1024, generator=g) * torch.linspace(0.2, 3, 128)[:, None]
+    X[:64] += 0.8 * X[64:]  # correlated inputs: where second-order rounding gains
+    H = 2 * X @ X.T / X.shape[1]
+    W = torch.randn(32, 128, generator=g)
+    grid = make_grid(name, 4)
+    q_gptq = gptq(W, H, grid, group_size=64, act_order=True)
+    q_rtn = rtn(W, grid, group_size=64)
+    assert output_error(W, q_gptq.W_hat, H) < 0.8 * output_error(W, q_rtn.W_hat, H)
+    # The codes and scales decode to the weight GPTQ reports (columns stored in act-order).
+    stored = q_gptq.W_hat[:, q_gptq.perm]
+    assert torch.equal(q_gptq.scales.repeat_interleave(64, 1) * grid.table[q_gptq.codes.long()], stored)
+
+
+@pytest.mark.parametrize("name,bits", [("gaussian", 2), ("gaussian", 3), ("gaussian", 8), ("nf4", 4), ("fp4", 4)])
+def test_level_grid_pack_round_trip_is_exact(name, bits):
+    W = torch.randn(24, 200, generator=torch.Generator().manual_seed(3))
+    scheme = LayerScheme(method="rtn", bits=bits, group_size=64, grid=name)
+    res = rtn(W, make_grid(name, bits), group_size=64)
+    packed = UniformFormat.pack(res, scheme)
+    assert set(packed) == {"qweight", "scales", "levels"}
+    assert packed["levels"].dtype == torch.float16 and packed["levels"].numel() == 2**bits
+    q = QuantizedLinear.from_packed(packed, scheme, 200)
+    assert torch.equal(q.dequantize(), res.W_hat)
+    x = torch.randn(3, 200)
+    assert torch.allclose(q(x), x @ res.W_hat.T, atol=1e-5)
+
+
+def test_scheme_rejects_bad_grid_and_rotation_fields():
+    with pytest.raises(RecipeError, match="field 'grid'"):
+        LayerScheme(method="rtn", bits=4, grid="lattice")
+    with pytest.raises(RecipeError, match="field 'bits'.*nf4"):
+        LayerScheme(method="rtn", bits=3, grid="nf4")
+    with pytest.raises(RecipeError, match="field 'rotation'"):
+        LayerScheme(method="rtn", bits=4, rotation="givens")
+    with pytest.raises(RecipeError, match="field 'rotate_output'"):
+        LayerScheme(method="rtn", bits=4, rotate_output=True)
+    with pytest.raises(RecipeError, match="field 'rotation_seed'"):
+        LayerScheme(method="rtn", bits=4, rotation="hadamard", rotation_seed=-1)
+    assert LayerScheme(method="rtn", bits=4, grid="nf4").stores_levels
+    assert not LayerScheme(method="rtn", bits=4, grid="gaussian").stores_zeros
