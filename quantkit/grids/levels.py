@@ -6,8 +6,7 @@
 - ``nf4``: QLoRA's NormalFloat4 levels (Dettmers et al. 2023), a quantile grid of the normal distribution.
 - ``fp4``: the e2m1 floating-point values {0, 0.5, 1, 1.5, 2, 3, 4, 6} with a sign (LLM-FP4, OCP MX).
 
-The scale of each group is fitted for the grid: the fp16 scale that minimizes the group's squared error among
-candidates spread around the one that maps the group's largest magnitude to the grid's largest level.
+The scale of each group is fitted for the grid, to the group's squared error (``LevelGrid.fit``).
 Levels are rounded to fp16 once, here, because the format stores them in fp16: what a rounding method computes
 is exactly what the packed model computes.
 """
@@ -33,8 +32,8 @@ NF4_LEVELS = (
 # e2m1: 15 distinct values; code 8 (negative zero) decodes to 0 like code 0 and is never produced.
 FP4_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
-# Scale candidates, as multiples of absmax / max|level| (the scale that clips nothing).
-_SHRINK = torch.linspace(0.5, 1.25, 31)
+# Least-squares refinements of the scale after the starting points (each costs one rounding of the group).
+_FIT_STEPS = 2
 
 
 @functools.cache
@@ -67,29 +66,67 @@ class LevelGrid:
         return self._table
 
     @functools.cached_property
-    def _sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        values, codes = torch.sort(self._table, stable=True)
-        return values, codes, (values[1:] + values[:-1]) / 2
+    def _lookup(self) -> dict[str, torch.Tensor | float]:
+        """Tables for rounding in O(1) per value: a fine uniform partition of the levels' range in which each bin
+        holds at most one decision boundary (midpoint), so the bin's first candidate plus one comparison give the
+        nearest level (a binary search per value, ``torch.bucketize``, is several times slower on CPU)."""
+        values, codes = torch.sort(self._table.double(), stable=True)
+        mids = (values[1:] + values[:-1]) / 2
+        lo, hi = values[0].item(), values[-1].item()
+        gaps = (mids[1:] - mids[:-1]).clamp(min=0)
+        min_gap = gaps[gaps > 0].min().item() if (gaps > 0).any() else hi - lo
+        nbins = max(1, min(1 << 16, int(2 * (hi - lo) / min_gap) + 1))
+        width = (hi - lo) / nbins
+        first = torch.bucketize(lo + width * torch.arange(nbins, dtype=torch.float64), mids)
+        return {"first": first, "mids": torch.cat([mids, mids.new_tensor([float("inf")])]).float(),
+                "codes": codes, "values": values.float(), "lo": lo, "inv_width": 1 / width}
+
+    def _index(self, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Index, in ascending level order, of the nearest level to each value of ``y``; ties to the lower."""
+        t = {k: v.to(y.device) if torch.is_tensor(v) else v for k, v in self._lookup.items()}
+        # Clamped to [0, nbins - 1] first, so truncation is the floor.
+        b = (y - t["lo"]).mul_(t["inv_width"]).clamp_(0, t["first"].numel() - 1).long()
+        idx = t["first"][b]
+        return idx.add_(y > t["mids"][idx]), t
 
     def _round(self, y: torch.Tensor) -> torch.Tensor:
         """Codes of the nearest levels to ``y`` (any shape), ties to the lower level."""
-        values, codes, mids = (t.to(y.device) for t in self._sorted)
-        return codes[torch.bucketize(y.contiguous(), mids)]
+        idx, t = self._index(y)
+        return t["codes"][idx]
 
     def fit(self, W: torch.Tensor) -> GridParams:
-        """Per-row fp16 scale of the group ``W`` [rows, g] minimizing ``‖W − scale · levels[codes]‖²``."""
+        """Per-row fp16 scale of the group ``W`` [rows, g], fitted to ``‖W − scale · levels[codes]‖²``.
+
+        Alternating minimization, as Lloyd's algorithm: round with the scale, then set the scale to the least-squares
+        one for those codes, ``⟨w, l⟩ / ⟨l, l⟩``. It starts from the better of the scale that clips nothing
+        (absmax over the largest level) and, for the Gaussian grid, the group's RMS (the grid is fitted to N(0, 1)).
+        The best scale seen is kept, so the result is never worse than a start.
+        """
         W = W.float()
-        top = self._table.abs().max().item()
-        absmax = W.abs().amax(dim=1).clamp(min=float(torch.finfo(torch.float16).tiny))
-        cand = (absmax[:, None] / top * _SHRINK.to(W.device)[None, :]).to(torch.float16).float()
-        cand = cand.clamp(min=float(torch.finfo(torch.float16).tiny))  # [rows, c]
+        tiny = float(torch.finfo(torch.float16).tiny)
         table = self._table.to(W.device)
-        err = torch.empty_like(cand)
-        for j in range(cand.shape[1]):  # a loop over candidates keeps memory at one [rows, g] tensor
-            s = cand[:, j : j + 1]
-            err[:, j] = (W - s * table[self._round(W / s)]).pow(2).sum(1)
-        best = cand.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
-        return GridParams(scale=best, zero=torch.zeros_like(best))
+        starts = [W.abs().amax(dim=1) / table.abs().max()]
+        if self.name == "gaussian":
+            starts.append(W.pow(2).mean(dim=1).sqrt())
+        best_s = best_err = None
+        s = None
+        for i in range(len(starts) + _FIT_STEPS):
+            if i < len(starts):
+                s = starts[i]
+            s = s.to(torch.float16).float().clamp(min=tiny)
+            idx, t = self._index(W / s[:, None])
+            q = t["values"][idx]
+            err = (W - s[:, None] * q).pow(2).sum(1)
+            if best_s is None:
+                best_s, best_err = s, err
+            else:
+                better = err < best_err
+                best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
+            if i >= len(starts) - 1:
+                qq = q.pow(2).sum(1)
+                s = torch.where(qq > 0, (W * q).sum(1) / qq.clamp(min=1e-30), best_s)
+                s = torch.where(s > 0, s, best_s)  # codes all of the wrong sign cannot happen, but keep it safe
+        return GridParams(scale=best_s, zero=torch.zeros_like(best_s))
 
     def quantize(self, x: torch.Tensor, params: GridParams) -> tuple[torch.Tensor, torch.Tensor]:
         """Round ``x`` [rows] or [rows, k] onto the grid; returns ``(x_hat, codes)``."""
