@@ -4,6 +4,9 @@ Each program transforms ``ROWS`` rows of length ``N`` (a power of two) held in r
 stages, each pairing elements ``h`` apart as ``(a + b, a − b)``, computed in fp32 and stored in the input dtype.
 The reshape / permute / split / join of a stage only relabels registers; nothing goes back to memory between
 stages. Unnormalized, like :func:`quantkit.rotations.hadamard.fwht`, which is its reference.
+
+:func:`triton_rotate` is the whole randomized rotation of a power-of-two block in one launch: random signs
+before the transform (``R x = H D x / √n``) or after it (``Rᵀ y = D H y / √n``), and the scale.
 """
 
 from __future__ import annotations
@@ -12,40 +15,64 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_fwht"]
+__all__ = ["triton_fwht", "triton_rotate"]
 
 # Elements one program holds: rows are batched until a program has this many (short transforms, long batches).
 _ELEMS_PER_PROGRAM = 4096
 
 
 @triton.jit
-def _fwht_kernel(x_ptr, out_ptr, n_rows, N: tl.constexpr, LOG_N: tl.constexpr, ROWS: tl.constexpr):
+def _fwht_kernel(x_ptr, out_ptr, signs_ptr, scale, n_rows, n_signs, N: tl.constexpr, LOG_N: tl.constexpr,
+                 ROWS: tl.constexpr, SIGNS: tl.constexpr):
+    # SIGNS: 0 none; 1 multiply by the signs before the transform; 2 after it. A row is a block of N consecutive
+    # elements of a vector of n_signs elements (the vectors are contiguous), so element e has sign e % n_signs.
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     offs = rows.to(tl.int64)[:, None] * N + tl.arange(0, N)[None, :]
     mask = rows[:, None] < n_rows
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SIGNS != 0:
+        d = tl.load(signs_ptr + offs % n_signs, mask=mask, other=0).to(tl.float32)
+    if SIGNS == 1:
+        x = x * d
     for s in tl.static_range(LOG_N):
         h: tl.constexpr = 1 << s
         y = tl.permute(tl.reshape(x, (ROWS, N // (2 * h), 2, h)), (0, 1, 3, 2))  # pairs h apart on the last axis
         a, b = tl.split(y)
         y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
         x = tl.reshape(y, (ROWS, N))
+    x = x * scale
+    if SIGNS == 2:
+        x = x * d
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x: torch.Tensor, N: int, signs: torch.Tensor | None, scale: float, where: int) -> torch.Tensor:
+    if N & (N - 1) or N == 0:
+        raise ValueError(f"the fast transform needs a power-of-two length, got {N}")
+    x2 = x.contiguous()
+    out = torch.empty_like(x2)
+    n_rows = x2.numel() // N
+    if n_rows == 0:
+        return out
+    rows = max(1, min(_ELEMS_PER_PROGRAM // N, triton.next_power_of_2(n_rows)))
+    num_warps = 4 if N * rows <= 2048 else 8
+    n_signs = signs.numel() if signs is not None else 1
+    _fwht_kernel[(triton.cdiv(n_rows, rows),)](
+        x2, out, signs if signs is not None else x2, scale, n_rows, n_signs,
+        N=N, LOG_N=N.bit_length() - 1, ROWS=rows, SIGNS=where, num_warps=num_warps,
+    )
+    return out
 
 
 def triton_fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalized Walsh–Hadamard transform of the last dimension (a power of two); same shape and dtype."""
-    N = x.shape[-1]
-    if N & (N - 1) or N == 0:
-        raise ValueError(f"the fast transform needs a power-of-two length, got {N}")
-    x2 = x.reshape(-1, N).contiguous()
-    out = torch.empty_like(x2)
-    n_rows = x2.shape[0]
-    if n_rows == 0:
-        return out.reshape(x.shape)
-    rows = max(1, min(_ELEMS_PER_PROGRAM // N, triton.next_power_of_2(n_rows)))
-    num_warps = 4 if N * rows <= 2048 else 8
-    _fwht_kernel[(triton.cdiv(n_rows, rows),)](x2, out, n_rows, N=N, LOG_N=N.bit_length() - 1, ROWS=rows,
-                                              num_warps=num_warps)
-    return out.reshape(x.shape)
+    return _launch(x, x.shape[-1], None, 1.0, 0)
+
+
+def triton_rotate(x: torch.Tensor, signs: torch.Tensor, block: int, *, transpose: bool = False) -> torch.Tensor:
+    """``R x`` (``Rᵀ x`` with ``transpose``) over the last dimension for ``R = H D / √block``, ``H`` block-diagonal
+    Sylvester with power-of-two blocks: one launch, computed in fp32, returned in ``x``'s dtype."""
+    if x.shape[-1] != signs.numel() or x.shape[-1] % block:
+        raise ValueError(f"signs [{signs.numel()}] and block {block} do not fit a last dimension of {x.shape[-1]}")
+    return _launch(x, block, signs.contiguous(), block**-0.5, 2 if transpose else 1)

@@ -48,3 +48,22 @@ def test_rotation_on_cuda_uses_the_kernel_and_agrees_with_cpu():
     rot = HadamardRotation(random_signs(576, 0, "x"))
     x = torch.randn(4, 576)
     assert torch.allclose(rot.apply(x.cuda()).cpu(), rot.apply(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("n, block", [(64, 64), (4096, 4096), (11008, 256), (704, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_rotate_is_the_randomized_rotation(n, block, dtype):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install 'quantkit[triton]')")
+    from quantkit.kernels.triton_hadamard import triton_rotate
+    from quantkit.rotations import hadamard_layout
+
+    assert hadamard_layout(n).block == block
+    rot = HadamardRotation(random_signs(n, 0, "k"))
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for fn, ref in ((lambda t: triton_rotate(t, rot.signs.to(DEVICE), block), rot.apply),
+                    (lambda t: triton_rotate(t, rot.signs.to(DEVICE), block, transpose=True), rot.invert)):
+        out = fn(x.to(DEVICE)).cpu()
+        assert out.dtype == dtype
+        assert (out.float() - ref(x.float())).abs().max().item() < tol

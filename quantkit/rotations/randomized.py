@@ -50,6 +50,17 @@ def hadamard_transform(x: torch.Tensor, layout: HadamardLayout, *, transpose: bo
     return (y * layout.block**-0.5).reshape(*lead, n)
 
 
+def _fused_kernel(x: torch.Tensor, layout: HadamardLayout):
+    """The one-launch Triton rotation, for CUDA tensors and power-of-two blocks (Llama's 4096, 11008 = 43·256)."""
+    if not x.is_cuda or layout.small != 1:
+        return None
+    try:
+        from quantkit.kernels.triton_hadamard import triton_rotate
+    except ImportError:
+        return None
+    return triton_rotate
+
+
 def _fwht_dispatch(y: torch.Tensor) -> torch.Tensor:
     if y.is_cuda:
         try:
@@ -74,11 +85,17 @@ class HadamardRotation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``R x`` for each vector along the last dimension, computed in fp32 and returned in ``x``'s dtype."""
+        fused = _fused_kernel(x, self.layout)
+        if fused is not None:
+            return fused(x, self.signs, self.layout.block)
         s = self.signs.to(device=x.device, dtype=torch.float32)
         return hadamard_transform(x.float() * s, self.layout).to(x.dtype)
 
     def invert(self, x: torch.Tensor) -> torch.Tensor:
         """``Rᵀ x`` along the last dimension: undoes :meth:`apply`."""
+        fused = _fused_kernel(x, self.layout)
+        if fused is not None:
+            return fused(x, self.signs, self.layout.block, transpose=True)
         s = self.signs.to(device=x.device, dtype=torch.float32)
         return (hadamard_transform(x.float(), self.layout, transpose=True) * s).to(x.dtype)
 
