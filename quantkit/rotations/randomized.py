@@ -14,6 +14,7 @@ Where each rotation lives:
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -45,9 +46,14 @@ def hadamard_transform(x: torch.Tensor, layout: HadamardLayout, *, transpose: bo
     y = x.reshape(-1, layout.small, layout.pow2)
     y = _fwht_dispatch(y)  # Sylvester matrices are symmetric: the same with or without transpose
     if layout.small > 1:
-        S = small_hadamard(layout.small).to(device=x.device, dtype=y.dtype)
+        S = _small_on(layout.small, y.device, y.dtype)
         y = (S.T if transpose else S) @ y  # rows of the [small, pow2] view mix by S (x Hᵀ: S on the left)
     return (y * layout.block**-0.5).reshape(*lead, n)
+
+
+@functools.cache
+def _small_on(m: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return small_hadamard(m).to(device=device, dtype=dtype)
 
 
 def _fused_kernel(x: torch.Tensor, layout: HadamardLayout):
