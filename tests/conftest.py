@@ -73,3 +73,23 @@ def calib_file(tmp_path_factory, data_dir) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
     path.write_text("".join(src.read_text().splitlines(keepends=True)[:40]))
     return path
+
+
+@pytest.fixture
+def assert_round_trip(tmp_path):
+    """``check(model, folder) -> loaded``: the folder reloads to the in-memory model's logits (≤ 1e-5), and
+    ``save_pretrained`` of the loaded model reloads to the same logits again."""
+    from transformers import AutoModelForCausalLM
+
+    def check(model, folder: Path):
+        loaded = AutoModelForCausalLM.from_pretrained(folder)
+        x = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got = loaded(x).logits
+            assert (model(x).logits - got).abs().max().item() <= 1e-5
+            loaded.save_pretrained(tmp_path / "resaved")
+            again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
+            assert (again(x).logits - got).abs().max().item() <= 1e-5
+        return loaded
+
+    return check

@@ -49,26 +49,17 @@ def test_bits_per_weight_matches_stored_tensors(tiny_model_factory, calib_file, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_logits_in_memory_equal_reloaded_and_resaved(arch, tiny_model_factory, calib_file, tmp_path):
-    from transformers import AutoModelForCausalLM
-
+def test_logits_in_memory_equal_reloaded_and_resaved(arch, tiny_model_factory, calib_file, tmp_path,
+                                                     assert_round_trip):
     folder = tiny_model_factory(arch)
     res = _quantize(folder, tmp_path / "q", calib_file, keep_model=True)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    loaded = assert_round_trip(res.model, tmp_path / "q")
     names = set(json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"])
     swapped = {n for n, m in loaded.named_modules() if isinstance(m, QuantizedLinear)}
     assert swapped == names and len(names) == 7 * 3
     assert not any(isinstance(m, torch.nn.Linear) for n, m in loaded.named_modules() if ".layers." in n)
     # No quantized layer materializes a dense weight as a parameter.
     assert {n.rsplit(".", 1)[1] for n, _ in loaded.named_parameters() if n.rsplit(".", 1)[0] in names} <= {"bias"}
-    x = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = res.model(x).logits
-        got = loaded(x).logits
-        assert (ref - got).abs().max().item() <= 1e-5
-        loaded.save_pretrained(tmp_path / "resaved")
-        again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
-        assert (again(x).logits - got).abs().max().item() <= 1e-5
     if arch == "qwen2":  # q/k/v carry a bias; it must survive
         assert loaded.model.layers[0].self_attn.q_proj.bias is not None
 
