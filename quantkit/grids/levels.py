@@ -103,30 +103,33 @@ class LevelGrid:
         The best scale seen is kept, so the result is never worse than a start.
         """
         W = W.float()
-        tiny = float(torch.finfo(torch.float16).tiny)
-        table = self._table.to(W.device)
-        starts = [W.abs().amax(dim=1) / table.abs().max()]
+        starts = [W.abs().amax(dim=1) / self._table.abs().max()]
         if self.name == "gaussian":
             starts.append(W.pow(2).mean(dim=1).sqrt())
-        best_s = best_err = None
-        s = None
-        for i in range(len(starts) + _FIT_STEPS):
-            if i < len(starts):
-                s = starts[i]
-            s = s.to(torch.float16).float().clamp(min=tiny)
-            idx, t = self._index(W / s[:, None])
-            q = t["values"][idx]
-            err = (W - s[:, None] * q).pow(2).sum(1)
+        best_s = best_err = best_q = None
+        for s in starts:
+            s, q, err = self._evaluate(W, s)
             if best_s is None:
-                best_s, best_err = s, err
+                best_s, best_err, best_q = s, err, q
             else:
                 better = err < best_err
                 best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
-            if i >= len(starts) - 1:
-                qq = q.pow(2).sum(1)
-                s = torch.where(qq > 0, (W * q).sum(1) / qq.clamp(min=1e-30), best_s)
-                s = torch.where(s > 0, s, best_s)  # codes all of the wrong sign cannot happen, but keep it safe
+                best_q = torch.where(better[:, None], q, best_q)
+        q = best_q
+        for _ in range(_FIT_STEPS):
+            qq = q.pow(2).sum(1)
+            s = torch.where(qq > 0, (W * q).sum(1) / qq.clamp(min=1e-30), best_s)  # least squares for these codes
+            s, q, err = self._evaluate(W, torch.where(s > 0, s, best_s))
+            better = err < best_err
+            best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
         return GridParams(scale=best_s, zero=torch.zeros_like(best_s))
+
+    def _evaluate(self, W: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scale rounded to fp16 (as stored), the levels W rounds to with it [rows, g], and the error [rows]."""
+        s = s.to(torch.float16).float().clamp(min=float(torch.finfo(torch.float16).tiny))
+        idx, t = self._index(W / s[:, None])
+        q = t["values"][idx]
+        return s, q, (W - s[:, None] * q).pow(2).sum(1)
 
     def quantize(self, x: torch.Tensor, params: GridParams) -> tuple[torch.Tensor, torch.Tensor]:
         """Round ``x`` [rows] or [rows, k] onto the grid; returns ``(x_hat, codes)``."""
