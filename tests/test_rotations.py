@@ -151,7 +151,9 @@ def test_rotated_model_saves_reloads_and_generates_like_in_memory(recipe, tiny_m
     res = pipeline.quantize(str(folder), spec, tmp_path / "q", calib=str(calib_file), nsamples=6, seqlen=64,
                             progress=False, keep_model=True)
     modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
-    assert all(m["rotation"] == "hadamard" for m in modules.values())
+    rotated = {n for n, m in modules.items() if m["rotation"] == "hadamard"}
+    # The data-free presets keep value projections unrotated (see the recipes).
+    assert rotated == {n for n in modules if recipe == "output-rotation" or "gptq" in recipe or "v_proj" not in n}
     layer = res.report["layers"]["model.layers.0.mlp.down_proj"]
     assert layer["rotation_input"].startswith("full Hadamard of order 160")
     loaded = assert_round_trip(res.model, tmp_path / "q")
