@@ -263,30 +263,28 @@ def _quantize_linear(name: str, linear: nn.Linear, scheme: LayerScheme, H: torch
     W = linear.weight.detach().float()
     method = get_method(scheme.method)
     rots = _layer_rotations(name, scheme, W)
-    W_rot, H_rot = W, H
-    for rot in rots.values():  # the input-side rotation first: it is the one that changes the Hessian
-        W_rot = rot.fuse(W_rot)
+    if "rot_out_signs" in rots and H is not None and H.dim() == 3:
+        raise QuantkitError(f"{name}: an output rotation mixes the heads of a per-head Hessian")
+    # Rounding happens in the rotated basis. The rotations are orthogonal, so the weight error and the layer
+    # objective measured there (with H rotated alike) are those of the original basis: no need to rotate back.
+    for rot in rots.values():
+        W = rot.fuse(W)
         if rot.side == "input" and H is not None:
-            H_rot = rot.rotate_hessian(H)
-        elif H is not None and H.dim() == 3:
-            raise QuantkitError(f"{name}: an output rotation mixes the heads of a per-head Hessian")
+            H = rot.rotate_hessian(H)
     try:
-        result = method.fn(W_rot, H_rot, scheme)
+        result = method.fn(W, H, scheme)
     except QuantkitError as e:
         raise QuantkitError(f"{name}: {e}") from None
     packed = UniformFormat.pack(result, scheme, rotations={k: r.signs for k, r in rots.items()})
-    W_hat = result.W_hat
-    for rot in reversed(rots.values()):
-        W_hat = rot.unfuse(W_hat)
     stats: dict[str, Any] = {
         "method": scheme.method, "bits": scheme.bits, "group_size": scheme.group_size, "grid": scheme.grid,
         "shape": list(W.shape), "loss": result.loss,
-        "weight_mse": (W - W_hat).pow(2).mean().item(),
+        "weight_mse": (W - result.W_hat).pow(2).mean().item(),
     }
     for rot in rots.values():
         stats["rotation_" + rot.side] = rot.layout.describe()
     if H is not None:
-        err = output_error(W, W_hat, H)
+        err = output_error(W, result.W_hat, H)
         base = output_error(W, torch.zeros_like(W), H)
         stats["output_error"] = err
         stats["relative_output_error"] = err / base if base > 0 else 0.0
