@@ -29,6 +29,9 @@ class LayerScheme:
     attention_weighted: bool = True
     # The scalar grid (quantkit/grids): uniform (affine integers; `symmetric` applies), gaussian, nf4, fp4
     grid: str = "uniform"
+    # Uniform grid: fit each group's range by least squared error over shrink factors instead of min/max
+    # (level grids always fit their scale to the squared error)
+    mse_clip: bool = False
     # Randomized Hadamard rotation of the input dimension (quantkit/rotations), optionally also of the output
     rotation: str = "none"
     rotate_output: bool = False
@@ -51,13 +54,15 @@ class LayerScheme:
             raise bad("grid", f"unknown grid; known: {', '.join(sorted(GRIDS))}")
         if self.bits not in GRIDS[self.grid][1]:
             raise bad("bits", f"grid {self.grid!r} supports {', '.join(map(str, GRIDS[self.grid][1]))} bits")
+        if self.mse_clip is True and self.grid != "uniform":
+            raise bad("mse_clip", f"applies to the uniform grid; {self.grid!r} always fits its scale by squared error")
         if self.rotation not in ROTATIONS:
             raise bad("rotation", f"unknown rotation; known: {', '.join(ROTATIONS)}")
         if self.rotate_output and self.rotation == "none":
             raise bad("rotate_output", "needs a rotation")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool) or self.rotation_seed < 0:
             raise bad("rotation_seed", "must be a non-negative integer")
-        for flag in ("symmetric", "act_order", "static_groups", "attention_weighted", "rotate_output"):
+        for flag in ("symmetric", "mse_clip", "act_order", "static_groups", "attention_weighted", "rotate_output"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "must be true or false")
         if not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:

@@ -4,6 +4,7 @@ scale fitting, the packed level table, and that each grid helps where it claims 
 import pytest
 import torch
 
+from quantkit.algos import get_method
 from quantkit.algos.gptq import gptq
 from quantkit.algos.hessian import output_error
 from quantkit.algos.rtn import rtn
@@ -111,7 +112,44 @@ def test_scheme_rejects_bad_grid_and_rotation_fields():
         LayerScheme(method="rtn", bits=4, rotation="givens")
     with pytest.raises(RecipeError, match="field 'rotate_output'"):
         LayerScheme(method="rtn", bits=4, rotate_output=True)
+    with pytest.raises(RecipeError, match="field 'mse_clip'.*uniform grid"):
+        LayerScheme(method="rtn", bits=4, grid="gaussian", mse_clip=True)
+    with pytest.raises(RecipeError, match="field 'mse_clip'"):
+        LayerScheme(method="rtn", bits=4, mse_clip="yes")
     with pytest.raises(RecipeError, match="field 'rotation_seed'"):
         LayerScheme(method="rtn", bits=4, rotation="hadamard", rotation_seed=-1)
     assert LayerScheme(method="rtn", bits=4, grid="nf4").stores_levels
     assert not LayerScheme(method="rtn", bits=4, grid="gaussian").stores_zeros
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_clip_never_loses_to_min_max_and_wins_on_heavy_tails(bits, symmetric):
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(64, 128, generator=g)
+    W[:, 5] *= 8  # one outlier column: min/max spends much of the range on it
+    plain = make_grid("uniform", bits, symmetric)
+    clipped = make_grid("uniform", bits, symmetric, mse_clip=True)
+    p_plain, p_clip = plain.fit(W), clipped.fit(W)
+    err_plain = (plain.quantize(W, p_plain)[0] - W).pow(2).sum(1)
+    err_clip = (clipped.quantize(W, p_clip)[0] - W).pow(2).sum(1)
+    assert (err_clip <= err_plain).all()
+    assert err_clip.sum() < 0.95 * err_plain.sum()
+    # Still the stored format: fp16 scales, integer zero points on the grid, and codes that decode exactly.
+    assert torch.equal(p_clip.scale.half().float(), p_clip.scale)
+    assert torch.equal(p_clip.zero, p_clip.zero.round()) and 0 <= p_clip.zero.min() <= p_clip.zero.max() <= 2**bits - 1
+    W_hat, codes = clipped.quantize(W, p_clip)
+    assert torch.equal(clipped.decode(codes, p_clip), W_hat)
+
+
+def test_mse_clip_reaches_rtn_and_gptq_through_the_scheme():
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(32, 256, generator=g) * torch.rand(1, 256, generator=g).pow(4).mul(6).add(0.2)
+    X = torch.randn(256, 512, generator=g)
+    H = 2 * X @ X.T / X.shape[1]
+    for method in ("rtn", "gptq"):
+        errs = {}
+        for clip in (False, True):
+            scheme = LayerScheme(method=method, bits=3, group_size=128, mse_clip=clip)
+            errs[clip] = output_error(W, get_method(method).fn(W, H, scheme).W_hat, H)
+        assert errs[True] < errs[False], (method, errs)

@@ -152,10 +152,15 @@ def test_rotated_model_saves_reloads_and_generates_like_in_memory(recipe, tiny_m
                             progress=False, keep_model=True)
     modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
     rotated = {n for n, m in modules.items() if m["rotation"] == "hadamard"}
-    # The data-free presets keep value projections unrotated (see the recipes).
-    assert rotated == {n for n in modules if recipe == "output-rotation" or "gptq" in recipe or "v_proj" not in n}
-    layer = res.report["layers"]["model.layers.0.mlp.down_proj"]
-    assert layer["rotation_input"].startswith("full Hadamard of order 160")
+    # The data-free presets keep value and down projections unrotated (see the recipes).
+    data_free = recipe.startswith("hadamard-") and "gptq" not in recipe
+    assert rotated == {n for n in modules if not (data_free and n.endswith(("v_proj", "down_proj")))}
+    layers = res.report["layers"]
+    if data_free:
+        assert "rotation_input" not in layers["model.layers.0.mlp.down_proj"]
+        assert layers["model.layers.0.mlp.gate_proj"]["rotation_input"].startswith("full Hadamard of order")
+    else:
+        assert layers["model.layers.0.mlp.down_proj"]["rotation_input"].startswith("full Hadamard of order 160")
     loaded = assert_round_trip(res.model, tmp_path / "q")
     q = loaded.model.layers[0].self_attn.q_proj
     assert isinstance(q, QuantizedLinear) and q.rot_in_signs is not None

@@ -162,7 +162,7 @@ def _gptq_method(W: torch.Tensor, H: torch.Tensor | None, scheme) -> QuantResult
     return gptq(
         W,
         H,
-        make_grid(scheme.grid, scheme.bits, scheme.symmetric),
+        make_grid(scheme.grid, scheme.bits, scheme.symmetric, scheme.mse_clip),
         group_size=scheme.group_size,
         block_size=scheme.block_size,
         damp=scheme.damp,

@@ -1,5 +1,9 @@
 """Uniform integer grid, asymmetric (min/max with a zero point) or symmetric, as in GPTQ's quantizer.
 
+The range is the group's min and max, or with ``mse_clip`` the shrunk range ``p · [min, max]`` with the least
+squared error over a grid of ``p`` (GPTQ's ``mse`` option, llm-compressor's MSE observer): clipping the few
+largest weights buys a finer step for all the others.
+
 Scales and zero points are rounded to fp16 when they are fitted, because that is how they are stored:
 the weights a rounding method sees are then exactly the weights the packed model will compute with.
 """
@@ -21,20 +25,43 @@ class GridParams:
     zero: torch.Tensor  # [rows] fp32 holding integers
 
 
+# Shrink factors tried by the MSE clip search: 1.00, 0.99, ..., 0.50.
+CLIP_SHRINKS = tuple(1 - i / 100 for i in range(51))
+
+
 @dataclass(frozen=True)
 class UniformGrid:
     bits: int
     symmetric: bool = False
+    mse_clip: bool = False
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
 
     def fit(self, W: torch.Tensor) -> GridParams:
-        """Fit per-row scale and zero to the group ``W`` [rows, g] by its min and max."""
+        """Fit per-row scale and zero to the group ``W`` [rows, g]: by its min and max, or with ``mse_clip`` by the
+        shrunk range with the least squared error (the full range is a candidate, so never worse than min/max)."""
         W = W.float()
         xmin = W.min(dim=1).values.clamp(max=0)
         xmax = W.max(dim=1).values.clamp(min=0)
+        if not self.mse_clip:
+            return self._fit_range(xmin, xmax)
+        best = best_err = None
+        for p in CLIP_SHRINKS:
+            params = self._fit_range(p * xmin, p * xmax)
+            err = (self.quantize(W, params)[0] - W).pow(2).sum(1)
+            if best is None:
+                best, best_err = params, err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = GridParams(
+                torch.where(better, params.scale, best.scale), torch.where(better, params.zero, best.zero)
+            )
+        return best
+
+    def _fit_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> GridParams:
         if self.symmetric:
             xmax = torch.maximum(xmin.abs(), xmax)
             xmin = -xmax
