@@ -5,16 +5,15 @@
 #   3. benchmarks/rotation_cost.py --device cuda: the online Hadamard transform against the W4 g128 kernel, batch 1.
 # Results go to $OUT (default ./gpu_out), one file per step, ready for BENCHMARKS.md.
 #
-# The GPU machine has torch, triton and transformers but no network: carry the other wheels in an ignored folder,
-#   pip download --only-binary=:all: -d .wheels pytest safetensors accelerate gguf tqdm pyyaml
-#   echo /.wheels/ >> .git/info/exclude
-# and run, e.g. through the device tool with carry [".wheels"]:
+# The GPU image has torch, triton, transformers, accelerate, safetensors, pytest, tqdm and pyyaml (device KINDS.md),
+# which is all these steps import; it has no network, so any other wheel travels in an ignored folder `.wheels`
+# (carry it with the device tool), installed from there when present. Run from the repository root:
 #   bash benchmarks/gpu_session.sh
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 if [ -d .wheels ]; then
-  pip install -q --no-index --find-links .wheels pytest safetensors accelerate gguf tqdm pyyaml > "$out/pip.log" 2>&1
+  pip install -q --no-index --find-links .wheels .wheels/*.whl > "$out/pip.log" 2>&1
 fi
 pip install -q --no-deps --no-build-isolation . >> "$out/pip.log" 2>&1 || { echo "install failed"; tail "$out/pip.log"; exit 1; }
 {
