@@ -11,10 +11,11 @@ held-out set. Used to decide which linears the data-free Hadamard presets keep u
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
-from quantkit.data import C4_SAMPLE, _data_dir, _read_file
+from quantkit.data import C4_SAMPLE, load_calibration_texts
 from quantkit.errors import QuantkitError
 from quantkit.eval.perplexity import perplexity
 from quantkit.loading import load_model
@@ -28,12 +29,12 @@ def main() -> None:
     p.add_argument("--data-dir", default=None, help="local data folder (default: $QUANTKIT_DATA_DIR)")
     args = p.parse_args()
 
-    root = _data_dir(args.data_dir)
-    if root is None:
+    root = args.data_dir or os.environ.get("QUANTKIT_DATA_DIR")
+    if not root:
         raise SystemExit("c4_select: needs the local data folder (--data-dir or QUANTKIT_DATA_DIR)")
-    docs = _read_file(root / C4_SAMPLE)
+    docs = load_calibration_texts("c4", root)  # the local sample, as calibration reads it
     if len(docs) < 2:
-        raise QuantkitError(f"{root / C4_SAMPLE}: too few documents to hold half out")
+        raise QuantkitError(f"{root}/{C4_SAMPLE}: too few documents to hold half out")
     text = "\n\n".join(docs[len(docs) // 2 :])
     print(f"| model | C4 ppl, first {args.windows} x {args.seqlen} of documents {len(docs) // 2}–{len(docs) - 1} |")
     print("|---|---|")

@@ -16,7 +16,7 @@ import torch
 from quantkit.algos import QuantResult, register_method
 from quantkit.algos.groups import group_size_of, num_groups
 from quantkit.errors import QuantkitError
-from quantkit.grids import Grid, GridParams, make_grid
+from quantkit.grids import Grid, GridParams, grid_for
 
 __all__ = ["gptq", "inverse_hessian_factor"]
 
@@ -162,7 +162,7 @@ def _gptq_method(W: torch.Tensor, H: torch.Tensor | None, scheme) -> QuantResult
     return gptq(
         W,
         H,
-        make_grid(scheme.grid, scheme.bits, scheme.symmetric, scheme.mse_clip),
+        grid_for(scheme),
         group_size=scheme.group_size,
         block_size=scheme.block_size,
         damp=scheme.damp,

@@ -6,7 +6,7 @@ import torch
 
 from quantkit.algos import QuantResult, register_method
 from quantkit.algos.groups import group_size_of
-from quantkit.grids import Grid, make_grid
+from quantkit.grids import Grid, grid_for
 
 __all__ = ["rtn"]
 
@@ -34,4 +34,4 @@ def rtn(W: torch.Tensor, grid: Grid, *, group_size: int) -> QuantResult:
 
 @register_method("rtn", needs_hessian=False)
 def _rtn_method(W: torch.Tensor, H: torch.Tensor | None, scheme) -> QuantResult:
-    return rtn(W, make_grid(scheme.grid, scheme.bits, scheme.symmetric, scheme.mse_clip), group_size=scheme.group_size)
+    return rtn(W, grid_for(scheme), group_size=scheme.group_size)

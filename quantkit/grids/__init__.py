@@ -11,7 +11,7 @@ from collections.abc import Callable
 from quantkit.grids.levels import FP4_LEVELS, NF4_LEVELS, LevelGrid, gaussian_levels
 from quantkit.grids.uniform import GridParams, UniformGrid
 
-__all__ = ["GRIDS", "Grid", "GridParams", "LevelGrid", "UniformGrid", "make_grid", "register_grid"]
+__all__ = ["GRIDS", "Grid", "GridParams", "LevelGrid", "UniformGrid", "grid_for", "make_grid", "register_grid"]
 
 Grid = UniformGrid | LevelGrid
 
@@ -32,6 +32,11 @@ def make_grid(name: str, bits: int, symmetric: bool = False, mse_clip: bool = Fa
     if bits not in supported:
         raise ValueError(f"grid {name!r} supports {', '.join(map(str, supported))} bits, not {bits}")
     return factory(bits, symmetric, mse_clip)
+
+
+def grid_for(scheme) -> Grid:
+    """The grid a ``LayerScheme`` asks for."""
+    return make_grid(scheme.grid, scheme.bits, scheme.symmetric, scheme.mse_clip)
 
 
 @register_grid("uniform", (2, 3, 4, 8))
