@@ -41,3 +41,22 @@ def test_errors():
         pack_codes(torch.full((1, 4), 4, dtype=torch.uint8), 2)
     with pytest.raises(ValueError, match="cannot hold"):
         unpack_codes(torch.zeros(1, 2, dtype=torch.int32), 4, 100)
+
+
+def _read_bitstream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The layout's definition, one value at a time: value i is bits [i*bits, (i+1)*bits) of the row's stream."""
+    out = torch.zeros(words.shape[0], n, dtype=torch.uint8)
+    for r in range(words.shape[0]):
+        stream = sum((int(v) & 0xFFFFFFFF) << (32 * j) for j, v in enumerate(words[r].tolist()))
+        for i in range(n):
+            out[r, i] = (stream >> (i * bits)) & (2**bits - 1)
+    return out
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("n", [5, 32, 64, 100])
+def test_unpack_reads_any_words_as_the_bitstream(bits, n):
+    # Arbitrary words, sign bits included (the vectorized unpack shifts arithmetically and must mask the sign out).
+    g = torch.Generator().manual_seed(bits * 7 + n)
+    words = torch.randint(-(2**31), 2**31, (3, packed_words(n, bits)), generator=g, dtype=torch.int64).to(torch.int32)
+    assert torch.equal(unpack_codes(words, bits, n), _read_bitstream(words, bits, n))

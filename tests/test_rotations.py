@@ -91,6 +91,31 @@ def test_apply_is_the_dense_randomized_hadamard():
     assert torch.allclose(rot.invert(x.float()).double(), x @ R, atol=1e-5)
 
 
+def _butterfly_transform(x: torch.Tensor, n: int, transpose: bool) -> torch.Tensor:
+    """Reference for hadamard_transform: each block viewed as [small, pow2], the fast Walsh–Hadamard butterfly on
+    the power-of-two axis and the dense small factor on the other (float64)."""
+    lay = hadamard_layout(n)
+    y = fwht(x.double().reshape(-1, lay.small, lay.pow2))
+    S = small_hadamard(lay.small) if lay.small > 1 else torch.ones(1, 1, dtype=torch.float64)
+    return ((S.T if transpose else S) @ y).reshape(x.shape) / lay.block**0.5
+
+
+@pytest.mark.parametrize("n", DIMS + [192, 2048, 43, 28])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_kronecker_gemm_transform_matches_the_butterfly(n, transpose):
+    """The CPU path applies each Kronecker factor as one GEMM (Sylvester factors of order <= 64); it must be the
+    same transform as the O(n log n) butterfly, and for small n the same as the dense matrix."""
+    from quantkit.rotations import hadamard_transform
+
+    x = torch.randn(3, 2, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    got = hadamard_transform(x, hadamard_layout(n), transpose=transpose)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert torch.allclose(got, _butterfly_transform(x, n, transpose), atol=1e-10)
+    if n <= 2048:
+        H = hadamard_matrix(n) / hadamard_layout(n).block ** 0.5
+        assert torch.allclose(got, x @ (H if transpose else H.T), atol=1e-10)
+
+
 def test_signs_come_from_the_seed_and_the_layer_name():
     a = random_signs(576, 0, "model.layers.0.mlp.up_proj")
     assert a.dtype == torch.int8 and set(a.unique().tolist()) == {-1, 1}
