@@ -21,6 +21,14 @@ from quantkit.eval.perplexity import perplexity
 from quantkit.loading import load_model
 
 
+def heldout_c4_text(root: str) -> tuple[str, str]:
+    """Documents 500–999 of the local C4 sample joined by blank lines, and a label saying which documents."""
+    docs = load_calibration_texts("c4", root)  # the local sample, as calibration reads it
+    if len(docs) < 2:
+        raise QuantkitError(f"{root}/{C4_SAMPLE}: too few documents to hold half out")
+    return "\n\n".join(docs[len(docs) // 2 :]), f"documents {len(docs) // 2}–{len(docs) - 1}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", help="quantized folders, or anything `quantkit eval` accepts")
@@ -32,11 +40,8 @@ def main() -> None:
     root = args.data_dir or os.environ.get("QUANTKIT_DATA_DIR")
     if not root:
         raise SystemExit("c4_select: needs the local data folder (--data-dir or QUANTKIT_DATA_DIR)")
-    docs = load_calibration_texts("c4", root)  # the local sample, as calibration reads it
-    if len(docs) < 2:
-        raise QuantkitError(f"{root}/{C4_SAMPLE}: too few documents to hold half out")
-    text = "\n\n".join(docs[len(docs) // 2 :])
-    print(f"| model | C4 ppl, first {args.windows} x {args.seqlen} of documents {len(docs) // 2}–{len(docs) - 1} |")
+    text, which = heldout_c4_text(root)
+    print(f"| model | C4 ppl, first {args.windows} x {args.seqlen} of {which} |")
     print("|---|---|")
     for spec in args.models:
         model, tok = load_model(spec, dtype=torch.float32)

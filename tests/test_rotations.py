@@ -155,6 +155,11 @@ def test_rotation_spreads_outliers_and_rtn_gains():
 
 # --- rotated models through the pipeline ---------------------------------------------------------------------
 
+# Linears each data-free preset keeps unrotated (chosen on C4, see the recipes); the others rotate every linear.
+UNROTATED = {
+    "hadamard-rtn-w4g128": ("v_proj", "down_proj"),
+    "hadamard-gaussian-w4g128": ("v_proj", "gate_proj", "up_proj", "down_proj"),
+}
 ROTATED = {
     "hadamard-rtn-w4g128": None,
     "hadamard-gaussian-w4g128": None,
@@ -177,13 +182,12 @@ def test_rotated_model_saves_reloads_and_generates_like_in_memory(recipe, tiny_m
                             progress=False, keep_model=True)
     modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
     rotated = {n for n, m in modules.items() if m["rotation"] == "hadamard"}
-    # The data-free presets keep value and down projections unrotated (see the recipes).
-    data_free = recipe.startswith("hadamard-") and "gptq" not in recipe
-    assert rotated == {n for n in modules if not (data_free and n.endswith(("v_proj", "down_proj")))}
+    unrotated = UNROTATED.get(recipe, ())
+    assert rotated == {n for n in modules if not n.endswith(unrotated)}
     layers = res.report["layers"]
-    if data_free:
+    if unrotated:
         assert "rotation_input" not in layers["model.layers.0.mlp.down_proj"]
-        assert layers["model.layers.0.mlp.gate_proj"]["rotation_input"].startswith("full Hadamard of order")
+        assert layers["model.layers.0.self_attn.q_proj"]["rotation_input"].startswith("full Hadamard of order")
     else:
         assert layers["model.layers.0.mlp.down_proj"]["rotation_input"].startswith("full Hadamard of order 160")
     loaded = assert_round_trip(res.model, tmp_path / "q")
