@@ -40,8 +40,9 @@ def hadamard_transform(x: torch.Tensor, layout: HadamardLayout, *, transpose: bo
     Each block of ``b = small · pow2`` is viewed as ``[small, pow2]``: the small factor goes through a dense
     ``small × small`` matmul. The power-of-two factor goes through the fast transform (Triton) on CUDA; elsewhere it
     is split into Sylvester factors of order at most 64 (``H₂ₐ₊ᵦ = H₂ₐ ⊗ H₂ᵦ``) and each factor is one matmul
-    along its own axis. That is O(n · Σ factors) work instead of O(n log n), but every step is a large GEMM: on
-    CPU it is 5–40× faster than the butterfly's ``log₂ n`` elementwise passes (``benchmarks/rotation_cost.py``).
+    along its own axis. That is O(n · Σ factors) work instead of O(n log n), but every step is one GEMM rather
+    than an elementwise pass with its own allocation; on CPU that is faster than the butterfly at Llama's widths
+    and for long batches (``benchmarks/cpu_speed.py --hadamard``; figures in BENCHMARKS.md).
     """
     lead, n = x.shape[:-1], x.shape[-1]
     if n != layout.n:
