@@ -6,16 +6,19 @@
 # Runs one job at a time (parallel jobs oversubscribe a small machine's cores).
 #   usage: QUANTKIT_DATA_DIR=../shared/data bash benchmarks/eval.sh OUTDIR [QUANTIZED_FOLDER ...]
 #   env:   DEVICE (default cpu; use the same device for both sides of the comparison)
+#          BATCH (default 16): lm-eval's batch size, the same on both sides. A quantized model's CPU forward
+#          dequantizes every weight on each call, so larger batches spread that cost over more requests.
 set -euo pipefail
 out=${1:?usage: eval.sh OUTDIR [QUANTIZED_FOLDER ...]}; shift
 : "${QUANTKIT_DATA_DIR:?set QUANTKIT_DATA_DIR to the data folder (offline task configs read it)}"
 device=${DEVICE:-cpu}
+batch=${BATCH:-16}
 tasks=arc_easy,arc_challenge,piqa,winogrande,lambada_openai
 mkdir -p "$out"
 
 run() {  # NAME MODEL
   [ -f "$out/eval_$1.json" ] || quantkit eval --model "$2" --ppl wikitext2 --tasks "$tasks" --device "$device" \
-      --out "$out/eval_$1.json" 2> "$out/eval_$1.log"
+      --batch-size "$batch" --out "$out/eval_$1.json" 2> "$out/eval_$1.log"
 }
 run fp32 smollm2-135m
 for folder in "$@"; do run "$(basename "$folder")" "$folder"; done
@@ -24,7 +27,7 @@ folder=$(python -c 'from quantkit.loading import resolve_model; print(resolve_mo
 include=$(python -c 'from quantkit.eval.zeroshot import LOCAL_TASKS_DIR; print(LOCAL_TASKS_DIR)')
 if [ ! -d "$out/lm_eval_fp32" ]; then
   lm_eval --model hf --model_args "pretrained=$folder" --include_path "$include" \
-      --tasks "$(echo "$tasks" | sed 's/,/_local,/g')_local" --device "$device" --batch_size 1 \
+      --tasks "$(echo "$tasks" | sed 's/,/_local,/g')_local" --device "$device" --batch_size "$batch" \
       --metadata "{\"data_dir\": \"$QUANTKIT_DATA_DIR\"}" --output_path "$out/lm_eval_fp32" > "$out/lm_eval_fp32.log" 2>&1
 fi
 

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one command (device time is scarce and each start costs minutes):
-#   1. the kernel tests compiled for the GPU instead of interpreted (TRITON_INTERPRET=0);
-#   2. kernels/bench.py: dequant-matmul speed against fp16 cuBLAS and the memory-bandwidth bound;
-#   3. benchmarks/rotation_cost.py --device cuda: the online Hadamard transform against the W4 g128 kernel, batch 1.
-# Results go to $OUT (default ./gpu_out), one file per step, ready for BENCHMARKS.md.
+#   bench     kernels/bench.py: dequant-matmul speed against fp16 cuBLAS and the memory-bandwidth bound;
+#   decode    kernels/decode_bench.py: end-to-end greedy decode tokens/s, Llama-2-7B shapes, fp16 vs W4/W3/W2;
+#   rotation  benchmarks/rotation_cost.py --device cuda: the online Hadamard transform against the W4 g128 kernel;
+#   tests     the kernel tests compiled for the GPU instead of interpreted (TRITON_INTERPRET=0);
+#   generate  benchmarks/kernel_vs_reference.py: a quantized SmolLM2 folder's greedy text, kernel path vs reference
+#             (only if $QK_FOLDER names such a folder on that machine; see that script for getting one there).
+# Steps run in the order given (default: bench decode rotation tests), each under its own time limit, so that
+# together they stay inside one 10-minute device call. Results go to $OUT (default ./gpu_out), one file per step,
+# ready for BENCHMARKS.md.
 #
 # The GPU image has torch, triton, transformers, accelerate, safetensors, pytest, tqdm and pyyaml (device KINDS.md),
 # which is all these steps import; it has no network, so any other wheel travels in an ignored folder `.wheels`
 # (carry it with the device tool), installed from there when present. Run from the repository root:
-#   bash benchmarks/gpu_session.sh
+#   bash benchmarks/gpu_session.sh [step ...]
 set -uo pipefail
 out=${OUT:-gpu_out}
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(bench decode rotation tests)
 mkdir -p "$out"
 if [ -d .wheels ]; then
   python3 -m pip install -q --no-index --find-links .wheels .wheels/*.whl > "$out/pip.log" 2>&1
@@ -18,17 +25,35 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation . >> "$out/pip.log" 2>&1 || { echo "install failed"; tail "$out/pip.log"; exit 1; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } > "$out/versions.txt" 2>&1
 cat "$out/versions.txt"
 cd /tmp  # import the installed package, not the source tree (kernels/ maps to quantkit.kernels only when installed)
 src=$OLDPWD
-TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -p no:cacheprovider "$src/tests/test_kernels.py" \
-    "$src/tests/test_kernel_hadamard.py" > "$out/tests.txt" 2>&1
-echo "kernel tests (compiled): $(tail -n 1 "$out/tests.txt")"
-timeout 240 python3 -m quantkit.kernels.bench --models llama2-7b --batches 1,16,128 --formats w4g128,w3g128,w2g64 \
-    > "$out/bench.md" 2>&1
-tail -n 30 "$out/bench.md"
-timeout 120 python3 "$src/benchmarks/rotation_cost.py" --device cuda --models smollm2-135m,llama2-7b,llama3-8b \
-    > "$out/rotation_cost.md" 2>&1
-cat "$out/rotation_cost.md"
+export PYTHONUNBUFFERED=1
+for step in "${steps[@]}"; do
+  echo "== $step $(date +%T)"
+  case $step in
+    bench)
+      timeout 200 python3 -m quantkit.kernels.bench --models llama2-7b --batches 1,16,128 \
+          --formats w4g128,w3g128,w2g64 > "$out/bench.md" 2>&1
+      tail -n 30 "$out/bench.md" ;;
+    decode)
+      timeout 150 python3 -m quantkit.kernels.decode_bench --config llama2-7b --batches 1,16 \
+          --formats fp16,w4g128,w3g128,w2g64 > "$out/decode.md" 2>&1
+      cat "$out/decode.md" ;;
+    rotation)
+      timeout 60 python3 "$src/benchmarks/rotation_cost.py" --device cuda --models smollm2-135m,llama2-7b,llama3-8b \
+          > "$out/rotation_cost.md" 2>&1
+      cat "$out/rotation_cost.md" ;;
+    tests)
+      TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider "$src/tests/test_kernels.py" \
+          "$src/tests/test_kernel_hadamard.py" > "$out/tests.txt" 2>&1
+      echo "kernel tests (compiled): $(tail -n 1 "$out/tests.txt")" ;;
+    generate)
+      if [ -z "${QK_FOLDER:-}" ]; then echo "generate: set QK_FOLDER to a quantized folder"; continue; fi
+      timeout 240 python3 "$src/benchmarks/kernel_vs_reference.py" "$QK_FOLDER" > "$out/generate.txt" 2>&1
+      cat "$out/generate.txt" ;;
+    *) echo "unknown step $step (bench, decode, rotation, tests, generate)" ;;
+  esac
+done

@@ -12,7 +12,7 @@ import torch
 
 from quantkit.kernels.reference import uniform_matmul_ref
 
-__all__ = ["KERNELS", "Kernel", "register_kernel", "uniform_matmul"]
+__all__ = ["KERNELS", "Kernel", "kernel_for", "register_kernel", "uniform_matmul"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +57,21 @@ def uniform_matmul(x, qweight, scales, zeros, perm, bias, *, bits: int, group_si
         if kernel.supports(x, qweight, bits=bits, group_size=group_size):
             return kernel.impl(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels)
     return uniform_matmul_ref(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels)
+
+
+def kernel_for(model: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
+    """The name of the kernel that the first ``QuantizedLinear`` in ``model`` dispatches to, for activations of
+    ``dtype`` (default: the dtype of the model's first floating-point parameter) on that layer's device;
+    ``"pytorch-reference"`` when no registered kernel applies."""
+    from quantkit.nn import QuantizedLinear
+
+    layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+    if layer is None:
+        raise ValueError("the model has no QuantizedLinear")
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
+    _load_builtin_kernels()
+    x = torch.empty(1, layer.in_features, device=layer.qweight.device, dtype=dtype)
+    s = layer.scheme
+    return next((k.name for k in KERNELS if k.supports(x, layer.qweight, bits=s.bits, group_size=s.group_size)),
+                "pytorch-reference")
