@@ -1,18 +1,22 @@
 """What the online Hadamard rotation costs next to the dequant-matmul it precedes (issue: rotations, item 4).
 
     python benchmarks/rotation_cost.py                # CPU: the PyTorch reference path, per token
-    python benchmarks/rotation_cost.py --device cuda  # GPU: Triton transform vs the W4 g128 kernel, batch 1
+    python benchmarks/rotation_cost.py --device cuda  # GPU: the Triton W4 g128 kernel at batch 1, with and without
 
 For each weight shape [out, in] (SmolLM2, Llama-2-7B and Llama-3-8B linears) it times, at the given batch (tokens):
-- ``rotate``: ``HadamardRotation.apply`` on the activation [batch, in] (what ``QuantizedLinear.forward`` runs);
+- ``rotate``: ``HadamardRotation.apply`` on the activation [batch, in] (a launch of its own on CUDA);
 - ``matmul``: the W4 g128 dequant-matmul of the same layer through quantkit's dispatch (the Triton kernel on
-  CUDA, the PyTorch reference on CPU), with random packed weights;
-- ``both``: the rotation followed by the dequant-matmul, what the rotated layer's forward runs;
-and prints the times and the rotation's share of the matmul, ``(both - matmul) / matmul`` (``rotate / matmul`` on
-CPU, where the two run back to back with nothing to overlap). CPU times are the median of repeated wall-clock runs
-after a warm-up, single-process with torch's default threads. CUDA times are those of ``quantkit.kernels.bench``:
-each call captured in a CUDA graph (no Python launch overhead timed) and replayed by ``triton.testing.do_bench``
-with the L2 cache flushed, median.
+  CUDA, the PyTorch reference on CPU), with random packed weights, unrotated;
+- ``separate``: the rotation, then the dequant-matmul (two launches on CUDA);
+- ``forward``: what a rotated ``QuantizedLinear.forward`` runs, the dispatch given the rotation: on CUDA, for
+  power-of-two blocks (Llama's 4096 and 11008 = 43·256), the GEMV computes ``R x`` inside the same launch
+  (``kernels/triton_uniform.py``); other layouts (a 12/20/28 factor: SmolLM2's 576, Llama-3's 14336 = 28·512) run
+  as ``separate``;
+and prints the times and the rotation's share of the matmul, ``(forward - matmul) / matmul`` (on CPU, where
+nothing is fused or overlapped, ``rotate / matmul``). CPU times are the median of repeated wall-clock runs after a
+warm-up, single-process with torch's default threads. CUDA times are those of ``quantkit.kernels.bench``: each
+call captured in a CUDA graph (no Python launch overhead timed) and replayed by ``triton.testing.do_bench`` with
+the L2 cache flushed, median.
 """
 
 from __future__ import annotations
@@ -52,9 +56,14 @@ def _time_cuda(fn) -> float:
     return time_ms(fn, warmup=25, rep=100) / 1e3
 
 
-def _rotated_matmul(rot, x, qweight, scales, zeros):
-    """What ``QuantizedLinear.forward`` runs for an input-rotated W4 g128 layer: ``R x``, then the dequant-matmul."""
+def _separate(rot, x, qweight, scales, zeros):
+    """``R x`` by itself, then the dequant-matmul of the rotated activation."""
     return uniform_matmul(rot.apply(x), qweight, scales, zeros, None, None, bits=4, group_size=128)
+
+
+def _forward(rot, x, qweight, scales, zeros):
+    """What ``QuantizedLinear.forward`` runs for an input-rotated W4 g128 layer (the rotation fused where it can)."""
+    return uniform_matmul(x, qweight, scales, zeros, None, None, bits=4, group_size=128, rotation=rot)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     print(f"device {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, batch {args.batch}, "
           f"activations {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| model | layer | [out, in] | transform | rotate (µs) | W4 g128 matmul (µs) | rotate + matmul (µs) | "
-          "rotation's share of the matmul |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | layer | [out, in] | transform | rotate (µs) | W4 g128 matmul (µs) | rotate, then matmul (µs) | "
+          "forward (µs) | rotation's share of the matmul |")
+    print("|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for model in args.models.split(","):
         for name, N, K in SHAPES[model]:
@@ -83,12 +92,19 @@ def main(argv: list[str] | None = None) -> None:
 
             rotate = functools.partial(rot.apply, x)
             matmul = functools.partial(uniform_matmul, x, qweight, scales, zeros, None, None, bits=4, group_size=128)
-            both = functools.partial(_rotated_matmul, rot, x, qweight, scales, zeros)
+            separate = functools.partial(_separate, rot, x, qweight, scales, zeros)
+            forward = functools.partial(_forward, rot, x, qweight, scales, zeros)
+            if dev.type == "cuda":  # the fused path computes what the separate one does
+                a, b = separate().float(), forward().float()
+                err = ((a - b).abs().max() / a.abs().max()).item()
+                if err > 1e-2:
+                    raise SystemExit(f"{model} {name}: fused rotation disagrees with rotate-then-matmul ({err:.2e})")
             timer = _time_cuda if dev.type == "cuda" else lambda f: _time_cpu(f, args.reps)
-            t_rot, t_mm, t_both = timer(rotate), timer(matmul), timer(both)
-            share = (t_both - t_mm) / t_mm if dev.type == "cuda" else t_rot / t_mm
+            t_rot, t_mm, t_sep = timer(rotate), timer(matmul), timer(separate)
+            t_fwd = timer(forward) if dev.type == "cuda" else t_sep  # on CPU the forward is rotate, then matmul
+            share = (t_fwd - t_mm) / t_mm if dev.type == "cuda" else t_rot / t_mm
             print(f"| {model} | {name} | [{N}, {K}] | {hadamard_layout(K).describe()} | {t_rot * 1e6:.1f} | "
-                  f"{t_mm * 1e6:.1f} | {t_both * 1e6:.1f} | {share:.3f} |")
+                  f"{t_mm * 1e6:.1f} | {t_sep * 1e6:.1f} | {t_fwd * 1e6:.1f} | {share:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

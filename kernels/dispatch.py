@@ -44,18 +44,23 @@ def _load_builtin_kernels() -> None:
     if importlib.util.find_spec("triton") is None:
         logger.debug("triton is not installed: uniform_matmul uses the PyTorch reference")
         return
-    from quantkit.kernels.ops import triton_supports, uniform_matmul_triton
+    from quantkit.kernels.ops import triton_supports, uniform_matmul_cuda
 
-    register_kernel("triton-uniform", triton_supports, uniform_matmul_triton)
+    register_kernel("triton-uniform", triton_supports, uniform_matmul_cuda)
 
 
 def uniform_matmul(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int,
-                   levels: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for the scalar-grid format: ``levels`` set for non-uniform grids, else affine codes."""
+                   levels: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for the scalar-grid format: ``levels`` set for non-uniform grids, else affine codes.
+    With ``rotation`` (a ``HadamardRotation`` of the input, fused into the stored weight), ``(R x) @ W.T``: a
+    kernel may compute ``R x`` inside the matmul; the reference applies it first."""
     _load_builtin_kernels()
     for kernel in KERNELS:
         if kernel.supports(x, qweight, bits=bits, group_size=group_size):
-            return kernel.impl(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels)
+            return kernel.impl(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels,
+                               rotation=rotation)
+    if rotation is not None:
+        x = rotation.apply(x)
     return uniform_matmul_ref(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from quantkit.formats.packing import SUPPORTED_BITS, packed_words
 
-__all__ = ["triton_supports", "uniform_matmul_triton"]
+__all__ = ["triton_supports", "uniform_matmul_cuda", "uniform_matmul_triton"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -26,11 +26,15 @@ def uniform_matmul_triton(
     perm: torch.Tensor | None,
     bias: torch.Tensor | None,
     levels: torch.Tensor | None = None,
+    rot_signs: torch.Tensor | None = None,
     *,
     bits: int,
     group_size: int,
+    rot_block: int = 0,
 ) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for the scalar-grid format through the fused Triton kernels; ``[..., out]``, ``x.dtype``."""
+    """``x @ W.T (+ bias)`` for the scalar-grid format through the fused Triton kernels; ``[..., out]``, ``x.dtype``.
+    With ``rot_signs`` the weight is stored as ``W Rᵀ`` (``R = H D / √rot_block``, power-of-two Sylvester blocks)
+    and the result is ``(R x) @ W.T``, the rotation computed inside the GEMV for decode-sized inputs."""
     try:
         from quantkit.kernels.triton_uniform import triton_uniform_matmul
     except ImportError as e:
@@ -39,7 +43,7 @@ def uniform_matmul_triton(
             "quantkit.kernels.uniform_matmul_ref)"
         ) from e
     return triton_uniform_matmul(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size,
-                                 levels=levels)
+                                 levels=levels, rot_signs=rot_signs, rot_block=rot_block)
 
 
 @uniform_matmul_triton.register_fake
@@ -51,9 +55,11 @@ def _(
     perm: torch.Tensor | None,
     bias: torch.Tensor | None,
     levels: torch.Tensor | None = None,
+    rot_signs: torch.Tensor | None = None,
     *,
     bits: int,
     group_size: int,
+    rot_block: int = 0,
 ) -> torch.Tensor:
     torch._check(qweight.dim() == 2 and qweight.shape[1] == packed_words(x.shape[-1], bits),
                  lambda: f"qweight {tuple(qweight.shape)} does not hold {x.shape[-1]} {bits}-bit codes per row")
@@ -71,3 +77,16 @@ def triton_supports(x: torch.Tensor, qweight: torch.Tensor, *, bits: int, group_
         and (group_size == -1 or group_size > 0)
         and x.numel() > 0
     )
+
+
+def uniform_matmul_cuda(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int,
+                        levels: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
+    """The dispatch table's Triton entry: ``(R x) @ W.T`` for an input rotation ``R`` (a ``HadamardRotation``) or
+    ``x @ W.T``. A rotation of power-of-two blocks on a weight without act-order runs inside the kernel; any other
+    (a 12/20/28 factor, a permuted weight) is applied first, by ``rotation.apply``."""
+    if rotation is not None and (rotation.layout.small != 1 or perm is not None):
+        x, rotation = rotation.apply(x), None
+    if rotation is None:
+        return uniform_matmul_triton(x, qweight, scales, zeros, perm, bias, levels, bits=bits, group_size=group_size)
+    return uniform_matmul_triton(x, qweight, scales, zeros, perm, bias, levels, rotation.signs, bits=bits,
+                                 group_size=group_size, rot_block=rotation.layout.block)

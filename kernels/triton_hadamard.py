@@ -15,15 +15,30 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_fwht", "triton_rotate"]
+__all__ = ["fwht_rows", "triton_fwht", "triton_rotate"]
 
 # Elements one program holds: rows are batched until a program has this many (short transforms, long batches).
 _ELEMS_PER_PROGRAM = 4096
 
 
 @triton.jit
-def _fwht_kernel(x_ptr, out_ptr, signs_ptr, scale, n_rows, n_signs, N: tl.constexpr, LOG_N: tl.constexpr,
-                 ROWS: tl.constexpr, SIGNS: tl.constexpr):
+def fwht_rows(x, ROWS: tl.constexpr, N: tl.constexpr):
+    """The unnormalized Walsh–Hadamard transform of each row of ``x`` [ROWS, N] (N a power of two below 2**16;
+    fp32, in registers): ``log2 N`` butterfly stages pairing elements ``h`` apart as ``(a + b, a − b)``.
+    Shared with the fused dequant-matmul (``quantkit.kernels.triton_uniform``)."""
+    for s in tl.static_range(16):
+        h: tl.constexpr = 1 << s
+        if h < N:  # resolved at compile time: log2 N stages
+            y = tl.permute(tl.reshape(x, (ROWS, N // (2 * h), 2, h)), (0, 1, 3, 2))  # pairs h apart, last axis
+            a, b = tl.split(y)
+            y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+            x = tl.reshape(y, (ROWS, N))
+    return x
+
+
+@triton.jit
+def _fwht_kernel(x_ptr, out_ptr, signs_ptr, scale, n_rows, n_signs, N: tl.constexpr, ROWS: tl.constexpr,
+                 SIGNS: tl.constexpr):
     # SIGNS: 0 none; 1 multiply by the signs before the transform; 2 after it. A row is a block of N consecutive
     # elements of a vector of n_signs elements (the vectors are contiguous), so element e has sign e % n_signs.
     pid = tl.program_id(0)
@@ -35,21 +50,15 @@ def _fwht_kernel(x_ptr, out_ptr, signs_ptr, scale, n_rows, n_signs, N: tl.conste
         d = tl.load(signs_ptr + offs % n_signs, mask=mask, other=0).to(tl.float32)
     if SIGNS == 1:
         x = x * d
-    for s in tl.static_range(LOG_N):
-        h: tl.constexpr = 1 << s
-        y = tl.permute(tl.reshape(x, (ROWS, N // (2 * h), 2, h)), (0, 1, 3, 2))  # pairs h apart on the last axis
-        a, b = tl.split(y)
-        y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
-        x = tl.reshape(y, (ROWS, N))
-    x = x * scale
+    x = fwht_rows(x, ROWS, N) * scale
     if SIGNS == 2:
         x = x * d
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(x: torch.Tensor, N: int, signs: torch.Tensor | None, scale: float, where: int) -> torch.Tensor:
-    if N & (N - 1) or N == 0:
-        raise ValueError(f"the fast transform needs a power-of-two length, got {N}")
+    if N & (N - 1) or N == 0 or N >= 2**16:
+        raise ValueError(f"the fast transform needs a power-of-two length below 2**16, got {N}")
     x2 = x.contiguous()
     out = torch.empty_like(x2)
     n_rows = x2.numel() // N
@@ -60,7 +69,7 @@ def _launch(x: torch.Tensor, N: int, signs: torch.Tensor | None, scale: float, w
     n_signs = signs.numel() if signs is not None else 1
     _fwht_kernel[(triton.cdiv(n_rows, rows),)](
         x2, out, signs if signs is not None else x2, scale, n_rows, n_signs,
-        N=N, LOG_N=N.bit_length() - 1, ROWS=rows, SIGNS=where, num_warps=num_warps,
+        N=N, ROWS=rows, SIGNS=where, num_warps=num_warps,
     )
     return out
 

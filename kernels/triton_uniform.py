@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from quantkit.formats.packing import SUPPORTED_BITS, packed_words
+from quantkit.kernels.triton_hadamard import fwht_rows, triton_rotate
 
 __all__ = ["GEMV_MAX_M", "SUPPORTED_DTYPES", "is_interpreted", "triton_uniform_matmul"]
 
@@ -100,13 +101,57 @@ def _dequant_tile(
 
 
 @triton.jit
+def _rotated_x_tile(
+    x_ptr, signs_ptr, offs_m, k_tile, M, stride_xm, rot_scale,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROT_BLOCK: tl.constexpr,
+):
+    """Columns ``k_tile .. k_tile + BLOCK_K`` of ``R x`` for the rows ``offs_m`` of ``x``: [BLOCK_M, BLOCK_K] fp32,
+    with ``R = H D / √ROT_BLOCK`` block-diagonal Sylvester (blocks of ``ROT_BLOCK``, a power of two dividing K).
+
+    A block no wider than the tile is transformed inside the tile. A wider one is ``H = H_outer ⊗ H_tile``
+    (Sylvester: ``H[i, j] = (-1)^popcount(i & j)``, and the index splits into high and low bits), so tile ``j`` of
+    the block's transform is ``H_tile Σ_j' (-1)^popcount(j & j') (D x)_j'``: the block's other tiles of ``x``
+    (a few KB, cache-resident, read by every program) are mixed by signs, then transformed in registers.
+    """
+    m_mask = offs_m[:, None] < M
+    if ROT_BLOCK <= BLOCK_K:
+        offs_k = k_tile + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask & (offs_k[None, :] < K),
+                    other=0.0).to(tl.float32)
+        d = tl.load(signs_ptr + offs_k, mask=offs_k < K, other=0).to(tl.float32)
+        rows: tl.constexpr = BLOCK_M * (BLOCK_K // ROT_BLOCK)
+        x = tl.reshape(fwht_rows(tl.reshape(x * d[None, :], (rows, ROT_BLOCK)), rows, ROT_BLOCK), (BLOCK_M, BLOCK_K))
+    else:
+        OUTER: tl.constexpr = ROT_BLOCK // BLOCK_K
+        base = (k_tile // ROT_BLOCK) * ROT_BLOCK  # tiles past K (a split's overhang) load nothing but zeros
+        j = (k_tile - base) // BLOCK_K
+        x = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for jp in range(OUTER):
+            offs_k = base + jp * BLOCK_K + tl.arange(0, BLOCK_K)
+            v = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask & (offs_k[None, :] < K),
+                        other=0.0).to(tl.float32)
+            d = tl.load(signs_ptr + offs_k, mask=offs_k < K, other=0).to(tl.float32)
+            p = j & jp  # the parity of its set bits is the sign of H_outer[j, jp]
+            p = p ^ (p >> 16)
+            p = p ^ (p >> 8)
+            p = p ^ (p >> 4)
+            p = p ^ (p >> 2)
+            p = p ^ (p >> 1)
+            x += (1.0 - 2.0 * (p & 1).to(tl.float32)) * (v * d[None, :])
+        x = fwht_rows(x, BLOCK_M, BLOCK_K)
+    return x * rot_scale
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, bias_ptr, out_ptr,
-    M, N, stride_xm, stride_qn, stride_sn, stride_om,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, bias_ptr, out_ptr, signs_ptr,
+    M, N, stride_xm, stride_qn, stride_sn, stride_om, rot_scale,
     K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LEVELS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROT_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    # ROT_BLOCK > 0: the weight is stored rotated, W Rᵀ, and the kernel computes R x tile by tile on the fly
+    # (_rotated_x_tile) instead of reading a rotated copy of x written by a separate launch.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -116,9 +161,13 @@ def _gemv_kernel(
     # interpreter needs); a split whose last tile lies past K sees it fully masked.
     for k0 in range(0, K, BLOCK_K * SPLIT_K):
         k_tile = k0 + pid_k * BLOCK_K
-        offs_k = k_tile + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        if ROT_BLOCK == 0:
+            offs_k = k_tile + tl.arange(0, BLOCK_K)
+            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        else:  # rounded to the activation dtype, as the rotation the reference applies first returns it
+            x = _rotated_x_tile(x_ptr, signs_ptr, offs_m, k_tile, M, stride_xm, rot_scale, K, BLOCK_M, BLOCK_K,
+                                ROT_BLOCK).to(x_ptr.dtype.element_ty)
         w = _dequant_tile(
             qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, k_tile, offs_n, N, stride_qn, stride_sn,
             K, GROUP_SIZE, BITS, HAS_ZEROS, HAS_LEVELS, BLOCK_K,
@@ -240,7 +289,7 @@ def _tuned_gemv(allow_split_k: bool) -> Any:
     # Built on first use, not at import: the config list depends on interpreter mode and costs nothing until needed.
     return triton.autotune(
         configs=_gemv_configs(allow_split_k),
-        key=["N", "K", "GROUP_SIZE", "BITS", "HAS_ZEROS", "HAS_LEVELS", "BLOCK_M"],
+        key=["N", "K", "GROUP_SIZE", "BITS", "HAS_ZEROS", "HAS_LEVELS", "BLOCK_M", "ROT_BLOCK"],
         prune_configs_by={"early_config_prune": _prune_gemv},
     )(_gemv_kernel)
 
@@ -293,8 +342,12 @@ def triton_uniform_matmul(
     group_size: int,
     config: dict[str, int] | None = None,
     levels: torch.Tensor | None = None,  # [2**bits]: a non-uniform grid, W = scale * levels[code]
+    rot_signs: torch.Tensor | None = None,  # [in] ±1: the weight is stored as W Rᵀ, R = H D / √rot_block
+    rot_block: int = 0,  # the power-of-two Sylvester block of H (block-diagonal when smaller than in)
 ) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` in the activation dtype with fp32 accumulation; ``[..., out]``.
+    """``x @ W.T (+ bias)`` in the activation dtype with fp32 accumulation; ``[..., out]``. With ``rot_signs``,
+    ``(R x) @ W.T``: for M <= ``GEMV_MAX_M`` the GEMV computes ``R x`` tile by tile on the fly, in the same launch;
+    longer inputs are rotated first by ``triton_rotate`` (one more launch, small next to a GEMM).
 
     Runs on CUDA tensors, or on CPU tensors when Triton is in interpreter mode. ``config`` pins the block sizes
     (``BLOCK_N``, ``BLOCK_K`` and ``SPLIT_K`` for M <= ``GEMV_MAX_M``, else ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``)
@@ -304,19 +357,21 @@ def triton_uniform_matmul(
     if not (x.is_cuda or is_interpreted()):
         raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before Triton loads)")
     K, N = x.shape[-1], qweight.shape[0]
+    if rot_signs is not None:
+        _check_rotation(K, rot_signs, rot_block, perm)
     x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if rot_signs is not None and M > GEMV_MAX_M:
+        x2, rot_signs = triton_rotate(x2, rot_signs, rot_block), None
     if perm is not None:
         x2 = x2.index_select(1, perm.to(torch.int32))
     x2 = x2.contiguous()
-    M = x2.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out.reshape(*x.shape[:-1], N)
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
     levels = levels.float().contiguous() if levels is not None else None
-    args = (x2, qweight, scales, zeros, levels, bias, out, M, N, x2.stride(0), qweight.stride(0), scales.stride(0),
-            out.stride(0))
     # K and the group size are compile-time constants: a model has a handful of each, and constants give static
     # loop bounds and turn k // GROUP_SIZE into a shift. (Also, Triton 3.6's interpreter cannot take a runtime
     # loop bound under numpy >= 2.4: triton-lang/triton#9171.)
@@ -331,11 +386,14 @@ def triton_uniform_matmul(
             if not allow_split_k:
                 raise ValueError("split-K accumulates in the output dtype and is not used with bfloat16")
             out.zero_()  # what the autotuned configs' pre_hook does
+        signs = rot_signs.contiguous() if rot_signs is not None else None
 
         def grid(meta: dict[str, Any]) -> tuple[int, int]:
             return triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]
 
-        kernel[grid](*args, **flags, BLOCK_M=block_m, **(config or {}))
+        kernel[grid](x2, qweight, scales, zeros, levels, bias, out, signs, M, N, x2.stride(0), qweight.stride(0),
+                     scales.stride(0), out.stride(0), rot_block**-0.5 if signs is not None else 1.0, **flags,
+                     ROT_BLOCK=rot_block if signs is not None else 0, BLOCK_M=block_m, **(config or {}))
     else:
         m_bucket = min(triton.next_power_of_2(M), 256)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact as in torch's default matmul
@@ -344,5 +402,15 @@ def triton_uniform_matmul(
         def grid(meta: dict[str, Any]) -> tuple[int, int]:
             return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])
 
-        kernel[grid](*args, m_bucket, **flags, DOT_PRECISION=precision, **(config or {}))
+        kernel[grid](x2, qweight, scales, zeros, levels, bias, out, M, N, x2.stride(0), qweight.stride(0),
+                     scales.stride(0), out.stride(0), m_bucket, **flags, DOT_PRECISION=precision, **(config or {}))
     return out.reshape(*x.shape[:-1], N)
+
+
+def _check_rotation(K: int, signs: torch.Tensor, block: int, perm: torch.Tensor | None) -> None:
+    if tuple(signs.shape) != (K,):
+        raise ValueError(f"rot_signs has shape {tuple(signs.shape)}, expected {(K,)}")
+    if block < 1 or block & (block - 1) or K % block or block >= 2**16:
+        raise ValueError(f"rot_block must be a power of two below 2**16 dividing {K}, got {block}")
+    if perm is not None:
+        raise ValueError("a fused rotation needs the weight in rotated column order (no act-order permutation)")

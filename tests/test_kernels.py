@@ -206,3 +206,114 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     assert torch.equal(out, uniform_matmul_ref(x, **layer, bits=4, group_size=32))
     names = [k.name for k in dispatch.KERNELS]
     assert ("triton-uniform" in names) == (importlib.util.find_spec("triton") is not None)
+
+
+# --- the input rotation computed inside the GEMV -----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "K, block, config",
+    [
+        # Under the interpreter a 4096-wide block at the default 64-wide tile mixes 64 tiles per tile: minutes.
+        (4096, 4096, {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2}),
+        (11008, 256, None),
+        (352, 32, None),
+        (1024, 1024, None),
+    ],
+    ids=["llama-4096-full", "llama-11008-43x256", "block-below-tile", "full-1024"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_rotation_matches_rotate_then_matmul(tu, K, block, config, dtype):
+    """``(W Rᵀ)(R x)`` with ``R x`` computed tile by tile inside the GEMV (blocks wider than the tile by mixing the
+    block's other tiles, H = H_outer ⊗ H_tile) equals rotating first (HadamardRotation.apply, the CPU path) and
+    then the reference matmul. M = 12 takes the GEMM path, which rotates in a separate launch first."""
+    from quantkit.kernels.ops import uniform_matmul_cuda
+    from quantkit.rotations import HadamardRotation, hadamard_layout, random_signs
+
+    layout = hadamard_layout(K)
+    assert (layout.block, layout.small) == (block, 1)
+    rot = HadamardRotation(random_signs(K, 0, f"fused-{K}").to(DEVICE))
+    layer = make_layer(40, K, 4, 128, symmetric=False, act_order=False, bias=True, dtype=dtype, seed=K)
+    for M in (1, 5, 12):
+        x = activations(M, K, dtype=dtype, seed=M)
+        ref = uniform_matmul_ref(rot.apply(x.cpu()).to(DEVICE), **layer, bits=4, group_size=128)
+        if config is not None and M <= tu.GEMV_MAX_M:
+            out = tu.triton_uniform_matmul(x, **layer, bits=4, group_size=128, config=config, rot_signs=rot.signs,
+                                           rot_block=block)
+        else:  # the dispatch table's entry: the custom op, with the signs
+            out = uniform_matmul_cuda(x, **layer, bits=4, group_size=128, rotation=rot)
+        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        assert err < TOL[dtype], f"M={M}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "block, config",
+    [
+        (256, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3}),  # 8 tiles per block; splits straddle blocks
+        (256, {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1}),  # one tile per block
+        (256, {"BLOCK_N": 64, "BLOCK_K": 512, "SPLIT_K": 1}),  # two blocks per tile (and a last tile half past K)
+        (64, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2}),
+    ],
+    ids=["tile32-split3", "tile-equals-block", "tile-spans-blocks", "block64-tile128"],
+)
+@pytest.mark.parametrize("bits", [3, 4])
+def test_fused_rotation_tilings(tu, block, config, bits):
+    from quantkit.rotations.hadamard import hadamard_matrix
+
+    K = 768  # 3 blocks of 256, 12 of 64; 1.5 tiles of 512
+    g = torch.Generator().manual_seed(bits)
+    signs = (torch.randint(0, 2, (K,), generator=g) * 2 - 1).to(torch.int8)
+    layer = make_layer(72, K, bits, 64, symmetric=True, act_order=False, bias=False, seed=block)
+    x = torch.randn(3, K, generator=g)
+    # R x by the dense block-diagonal matrix, in float64: an independent reference for the in-kernel transform.
+    rx = ((x.double() * signs.double()).view(3, K // block, block) @ hadamard_matrix(block).T / block**0.5).view(3, K)
+    out = tu.triton_uniform_matmul(x.to(DEVICE), **layer, bits=bits, group_size=64, config=config,
+                                   rot_signs=signs.to(DEVICE), rot_block=block)
+    ref = uniform_matmul_ref(rx.float().to(DEVICE), **layer, bits=bits, group_size=64)
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < TOL[torch.float32], f"relative error {err:.2e}"
+
+
+def test_fused_rotation_rejects_what_it_cannot_do(tu):
+    layer = make_layer(8, 96, 4, 32, symmetric=False, act_order=True)
+    x, signs = activations(1, 96), torch.ones(96, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="act-order"):
+        tu.triton_uniform_matmul(x, **layer, bits=4, group_size=32, rot_signs=signs, rot_block=32)
+    layer["perm"] = None
+    for block in (3, 64, 12):  # not a power of two, not dividing 96
+        with pytest.raises(ValueError, match="rot_block"):
+            tu.triton_uniform_matmul(x, **layer, bits=4, group_size=32, rot_signs=signs, rot_block=block)
+    with pytest.raises(ValueError, match="rot_signs"):
+        tu.triton_uniform_matmul(x, **layer, bits=4, group_size=32, rot_signs=signs[:64], rot_block=32)
+
+
+def test_custom_op_opcheck_with_rotation(tu):
+    layer = make_layer(40, 128, 4, 32, symmetric=False, act_order=False, bias=True)
+    signs = (torch.randint(0, 2, (128,), generator=torch.Generator().manual_seed(0)) * 2 - 1).to(torch.int8)
+    args = (activations(2, 128), layer["qweight"], layer["scales"], layer["zeros"], None, layer["bias"], None,
+            signs.to(DEVICE))
+    torch.library.opcheck(uniform_matmul_triton, args, {"bits": 4, "group_size": 32, "rot_block": 128})
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["stored-order", "act-order"])
+def test_dispatch_fuses_a_power_of_two_rotation(act_order, monkeypatch):
+    """For CUDA activations and a power-of-two rotation, the dispatch makes one call of the quantkit op with the
+    signs (the rotation inside the kernel); with act-order it rotates first and calls the op without them."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install 'quantkit[triton]')")
+    from quantkit.rotations import HadamardRotation
+
+    calls = []
+    rotated = []
+    monkeypatch.setattr(HadamardRotation, "apply", lambda self, x: rotated.append(x.shape) or x)
+    N, K = 40, 256
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(3, K, dtype=torch.float16, device="cuda")
+        qweight = torch.empty(N, packed_words(K, 4), dtype=torch.int32, device="cuda")
+        scales = torch.empty(N, num_groups(32, K), dtype=torch.float16, device="cuda")
+        perm = torch.empty(K, dtype=torch.int16, device="cuda") if act_order else None
+        rot = HadamardRotation(torch.empty(K, dtype=torch.int8, device="cuda"))
+        with _OpLog() as log:
+            dispatch.uniform_matmul(x, qweight, scales, None, perm, None, bits=4, group_size=32, rotation=rot)
+        calls = [op for op in log.ops if op.namespace == "quantkit"]
+    assert calls == [torch.ops.quantkit.uniform_matmul.default]
+    assert rotated == ([(3, K)] if act_order else [])

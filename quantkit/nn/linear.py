@@ -1,7 +1,8 @@
 """``QuantizedLinear``: a linear layer whose weight stays packed; the forward goes through the kernel dispatch.
 
 With a Hadamard rotation (quantkit.rotations) the stored weight is ``S W Rᵀ``: the forward rotates the input by
-``R`` before the dequant-matmul and the output by ``Sᵀ`` after it, then adds the bias.
+``R`` (the dispatch's kernel may do that inside the dequant-matmul) and the output by ``Sᵀ`` after it, then adds
+the bias.
 """
 
 from __future__ import annotations
@@ -81,9 +82,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r_in, r_out = self.rotations
-        if r_in is not None:
-            x = r_in.online(x)
-        y = uniform_matmul(
+        y = uniform_matmul(  # applies r_in to x (a kernel may do it inside the matmul)
             x,
             self.qweight,
             self.scales,
@@ -93,6 +92,7 @@ class QuantizedLinear(nn.Module):
             bits=self.scheme.bits,
             group_size=self.scheme.group_size,
             levels=self.levels,
+            rotation=r_in,
         )
         if r_out is not None:
             y = r_out.online(y)
