@@ -3,6 +3,9 @@
 # (all documents, lm-eval, local task configs) for the unquantized SmolLM2 and each quantized folder given; then
 # lm-eval run on its own (`lm_eval --model hf`) on the unquantized folder with the same local task configs and the
 # same settings, a side-by-side comparison of the two, and `quantkit report` (Markdown table + Pareto plot).
+# Each model's perplexity and zero-shot runs are separate `quantkit eval` calls writing their own results file
+# (eval_ppl_NAME.json, eval_zeroshot_NAME.json; `quantkit report` merges a model's files into one row), and a step whose
+# file exists is skipped: an interrupted run resumes by running the same command again.
 # Runs one job at a time (parallel jobs oversubscribe a small machine's cores).
 #   usage: QUANTKIT_DATA_DIR=../shared/data bash benchmarks/eval.sh OUTDIR [QUANTIZED_FOLDER ...]
 #   env:   DEVICE (default cpu; use the same device for both sides of the comparison)
@@ -17,8 +20,10 @@ tasks=arc_easy,arc_challenge,piqa,winogrande,lambada_openai
 mkdir -p "$out"
 
 run() {  # NAME MODEL
-  [ -f "$out/eval_$1.json" ] || quantkit eval --model "$2" --ppl wikitext2 --tasks "$tasks" --device "$device" \
-      --batch-size "$batch" --out "$out/eval_$1.json" 2> "$out/eval_$1.log"
+  [ -f "$out/eval_ppl_$1.json" ] || quantkit eval --model "$2" --ppl wikitext2 --device "$device" \
+      --out "$out/eval_ppl_$1.json" 2> "$out/eval_ppl_$1.log"
+  [ -f "$out/eval_zeroshot_$1.json" ] || quantkit eval --model "$2" --ppl none --tasks "$tasks" --device "$device" \
+      --batch-size "$batch" --out "$out/eval_zeroshot_$1.json" 2> "$out/eval_zeroshot_$1.log"
 }
 run fp32 smollm2-135m
 for folder in "$@"; do run "$(basename "$folder")" "$folder"; done
@@ -34,7 +39,7 @@ fi
 python - "$out" <<'PY'
 import glob, json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-ours = json.loads((out / "eval_fp32.json").read_text())["tasks"]
+ours = json.loads((out / "eval_zeroshot_fp32.json").read_text())["tasks"]
 theirs = json.loads(pathlib.Path(sorted(glob.glob(str(out / "lm_eval_fp32" / "**" / "results_*.json"),
                                                   recursive=True))[-1]).read_text())["results"]
 print("| task | metric | quantkit eval | lm_eval --model hf | equal |")
@@ -46,4 +51,4 @@ for task, m in ours.items():
             print(f"| {task} | {metric} | {a:.6f} ± {m[metric + '_stderr']:.6f} | {b:.6f} ± "
                   f"{theirs[task + '_local'][metric + '_stderr,none']:.6f} | {'yes' if a == b else 'NO'} |")
 PY
-quantkit report "$out"/eval_*.json --out "$out/report.md" --plot "$out/pareto.png"
+quantkit report "$out"/eval_ppl_*.json "$out"/eval_zeroshot_*.json --out "$out/report.md" --plot "$out/pareto.png"

@@ -1,7 +1,8 @@
 """``quantkit report``: runs of ``quantkit eval`` side by side, as a Markdown table and a Pareto plot.
 
-The table has one row per results file: method, bits per weight, size on disk, perplexity per dataset, each
-zero-shot task (acc, and acc_norm where lm-eval defines it, in percent) and the average acc over the run's tasks.
+The table has one row per model (the results files of one model folder, from separate runs, are merged): method,
+bits per weight, size on disk, perplexity per dataset, each zero-shot task (acc, and acc_norm where lm-eval
+defines it, in percent) and the average acc over the run's tasks.
 The plot puts perplexity (log scale) and, when there are zero-shot results, the average accuracy against bits
 per weight (log2 scale, so 2-4 bits and 16-32 bits both stay readable), one labelled point per run, with the
 Pareto front (no other run is both smaller and better) drawn as a line.
@@ -41,11 +42,41 @@ def load_results(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
             raise QuantkitError(f"{path}: not a results file of `quantkit eval`")
         r["_path"] = str(path)
         runs.append(r)
+    runs = _merge_same_model(runs)
     labels = [run_label(r) for r in runs]
     for r, label in zip(runs, labels, strict=True):
         # Two runs of one method (e.g. two models): tell them apart by their model's name.
         r["_label"] = label if labels.count(label) == 1 else f"{label} [{Path(r['model']).name}]"
     return runs
+
+
+def _merge_same_model(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per model folder: results of the same model from separate ``quantkit eval`` calls (perplexity in one,
+    zero-shot in another, say) become one row. A dataset or task measured in two of them is an error (which
+    figure would the table show?), and so are files that disagree on what the model is."""
+    merged: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        key = str(r.get("model_folder", r["_path"]))
+        if key not in merged:
+            merged[key] = {**r, "perplexity": dict(r.get("perplexity", {})), "tasks": dict(r.get("tasks", {})),
+                           "_paths": [r["_path"]]}
+            continue
+        m = merged[key]
+        for field in ("method", "bits_per_weight", "size_on_disk_bytes"):
+            if m.get(field) != r.get(field):
+                raise QuantkitError(f"{r['_path']} and {m['_path']} are results of the same model folder but "
+                                    f"disagree on {field} ({r.get(field)!r} vs {m.get(field)!r})")
+        for section in ("perplexity", "tasks"):
+            both = sorted(set(m[section]) & set(r.get(section, {})))
+            if both:
+                raise QuantkitError(f"{r['_path']} and {', '.join(m['_paths'])} both have {section} results for "
+                                    f"{', '.join(both)} of {key}; give one of them")
+            m[section].update(r.get(section, {}))
+        if r.get("tasks"):
+            m["zeroshot_settings"] = r.get("zeroshot_settings")
+        m["_paths"].append(r["_path"])
+        m["_path"] = " + ".join(m["_paths"])
+    return list(merged.values())
 
 
 def run_label(r: dict[str, Any]) -> str:

@@ -84,3 +84,33 @@ def test_pareto_front_and_average():
     assert _pareto_front([(2, 0.3), (3, 0.5), (4, 0.4)], higher_is_better=True) == [(2, 0.3), (3, 0.5)]
     assert average_acc({"tasks": {"a": {"acc": 0.5}, "b": {"acc": 0.25}, "c": {"perplexity": 3.0}}}) == 0.375
     assert average_acc({"tasks": {}}) is None
+
+
+def _split(run: Path, tmp: Path) -> tuple[Path, Path]:
+    """The same run as two results files, perplexity in one and zero-shot in the other."""
+    r = json.loads(run.read_text())
+    ppl, zs = tmp / f"{run.stem}-ppl.json", tmp / f"{run.stem}-zs.json"
+    ppl.write_text(json.dumps({**r, "tasks": {}}))
+    zs.write_text(json.dumps({**r, "perplexity": {}}))
+    return ppl, zs
+
+
+def test_report_merges_results_of_one_model(two_runs, tmp_path, capsys):
+    """Perplexity and zero-shot of one model from separate `quantkit eval` runs make one row, equal to the row of
+    the run that measured both."""
+    assert main(["report", *map(str, two_runs)]) == 0
+    whole = _table(capsys.readouterr().out)
+    parts = [*_split(two_runs[0], tmp_path), *_split(two_runs[1], tmp_path)]
+    assert main(["report", *map(str, parts)]) == 0
+    assert _table(capsys.readouterr().out) == whole
+
+
+def test_report_refuses_two_figures_for_one_cell(two_runs, tmp_path, capsys):
+    ppl, _ = _split(two_runs[0], tmp_path)
+    assert main(["report", str(two_runs[0]), str(ppl)]) == 2
+    assert "both have perplexity results for wikitext2" in capsys.readouterr().err
+    other = json.loads(ppl.read_text())
+    other["perplexity"], other["bits_per_weight"] = {}, 4.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["report", str(two_runs[0]), str(tmp_path / "other.json")]) == 2
+    assert "disagree on bits_per_weight" in capsys.readouterr().err
