@@ -54,11 +54,10 @@ def uniform_matmul(x, qweight, scales, zeros, perm, bias, *, bits: int, group_si
     """``x @ W.T (+ bias)`` for the scalar-grid format: ``levels`` set for non-uniform grids, else affine codes.
     With ``rotation`` (a ``HadamardRotation`` of the input, fused into the stored weight), ``(R x) @ W.T``: a
     kernel may compute ``R x`` inside the matmul; the reference applies it first."""
-    _load_builtin_kernels()
-    for kernel in KERNELS:
-        if kernel.supports(x, qweight, bits=bits, group_size=group_size):
-            return kernel.impl(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels,
-                               rotation=rotation)
+    kernel = _select(x, qweight, bits, group_size)
+    if kernel is not None:
+        return kernel.impl(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels,
+                           rotation=rotation)
     if rotation is not None:
         x = rotation.apply(x)
     return uniform_matmul_ref(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels)
@@ -75,8 +74,12 @@ def kernel_for(model: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
         raise ValueError("the model has no QuantizedLinear")
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
-    _load_builtin_kernels()
     x = torch.empty(1, layer.in_features, device=layer.qweight.device, dtype=dtype)
-    s = layer.scheme
-    return next((k.name for k in KERNELS if k.supports(x, layer.qweight, bits=s.bits, group_size=s.group_size)),
-                "pytorch-reference")
+    kernel = _select(x, layer.qweight, layer.scheme.bits, layer.scheme.group_size)
+    return "pytorch-reference" if kernel is None else kernel.name
+
+
+def _select(x: torch.Tensor, qweight: torch.Tensor, bits: int, group_size: int) -> Kernel | None:
+    """The first registered kernel whose predicate accepts the call; None means the PyTorch reference."""
+    _load_builtin_kernels()
+    return next((k for k in KERNELS if k.supports(x, qweight, bits=bits, group_size=group_size)), None)
