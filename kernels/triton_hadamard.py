@@ -26,10 +26,11 @@ def fwht_rows(x, ROWS: tl.constexpr, N: tl.constexpr):
     """The unnormalized Walsh–Hadamard transform of each row of ``x`` [ROWS, N] (N a power of two below 2**16;
     fp32, in registers): ``log2 N`` butterfly stages pairing elements ``h`` apart as ``(a + b, a − b)``.
     Shared with the fused dequant-matmul (``quantkit.kernels.triton_uniform``)."""
+    # Stage s pairs elements h = 2**s apart. (The compiler refuses a constexpr assigned in each unrolled
+    # iteration, so h is spelled out as 1 << s.)
     for s in tl.static_range(16):
-        h: tl.constexpr = 1 << s
-        if h < N:  # resolved at compile time: log2 N stages
-            y = tl.permute(tl.reshape(x, (ROWS, N // (2 * h), 2, h)), (0, 1, 3, 2))  # pairs h apart, last axis
+        if (1 << s) < N:  # resolved at compile time: log2 N stages
+            y = tl.permute(tl.reshape(x, (ROWS, N // (2 << s), 2, 1 << s)), (0, 1, 3, 2))  # pairs h apart, last axis
             a, b = tl.split(y)
             y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
             x = tl.reshape(y, (ROWS, N))

@@ -38,23 +38,42 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Codes of columns ``k0 .. k0 + BLOCK_K`` (``k0`` a multiple of BLOCK_K) of rows ``offs_n``: [BLOCK_K, BLOCK_N]
-    uint32. Columns past K come out as finite garbage; callers zero them through the activation."""
+def _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                  RUN: tl.constexpr):
+    """Codes of columns ``k0 .. k0 + BLOCK_K`` (``k0`` a multiple of BLOCK_K) of rows ``offs_n``, as
+    [BLOCK_K // RUN, RUN, BLOCK_N] uint32: ``RUN`` consecutive codes unpacked from one load unit (a word of
+    ``32 // BITS`` codes; for 3 bits a run of 32 codes in three words, or single codes in tiles narrower than a run).
+    The run axis comes from shifting one loaded unit, so it stays in the registers of the thread that loaded it.
+    Columns past K come out as finite garbage; callers zero them through the scales and the activation."""
     row = qweight_ptr + offs_n[None, :] * stride_qn
     n_mask = offs_n[None, :] < N
+    n_words = (K * BITS + 31) // 32
     # Unsigned words: an arithmetic shift would smear the sign bit into a code at the top of a word.
     if 32 % BITS == 0:
         # 2, 4, 8 bits: whole words hold 32 // BITS codes each; load every word once and fan it out.
-        per_word: tl.constexpr = 32 // BITS
-        offs_w = k0 // per_word + tl.arange(0, BLOCK_K // per_word)
-        w_mask = (offs_w[:, None] < (K * BITS + 31) // 32) & n_mask
-        words = tl.load(row + offs_w[:, None], mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-        shifts = (tl.arange(0, per_word) * BITS).to(tl.uint32)
-        codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, offs_n.shape[0]))
+        offs_w = k0 // RUN + tl.arange(0, BLOCK_K // RUN)
+        words = tl.load(row + offs_w[:, None], mask=(offs_w[:, None] < n_words) & n_mask, other=0)
+        shifts = (tl.arange(0, RUN) * BITS).to(tl.uint32)
+        codes = words.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]
+    elif RUN == 32:
+        # 3 bits, whole runs: 32 codes fill 3 words. Load each run's three words once, as three [runs, BLOCK_N]
+        # slices, and fan them out: a code's low bit lies in word 3i // 32 of its run, and codes 10 and 21 take
+        # their high bits from the next word. (Selects on broadcast slices: no per-code loads or addresses.)
+        offs_w = (k0 // 32) * 3 + 3 * tl.arange(0, BLOCK_K // 32)
+        w0 = tl.load(row + offs_w[:, None], mask=(offs_w[:, None] < n_words) & n_mask, other=0)
+        w1 = tl.load(row + offs_w[:, None] + 1, mask=(offs_w[:, None] + 1 < n_words) & n_mask, other=0)
+        w2 = tl.load(row + offs_w[:, None] + 2, mask=(offs_w[:, None] + 2 < n_words) & n_mask, other=0)
+        w0 = w0.to(tl.uint32, bitcast=True)[:, None, :]
+        w1 = w1.to(tl.uint32, bitcast=True)[:, None, :]
+        w2 = w2.to(tl.uint32, bitcast=True)[:, None, :]
+        bit = tl.arange(0, 32) * 3
+        word = (bit // 32)[None, :, None]
+        shift = (bit % 32).to(tl.uint32)[None, :, None]
+        lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> shift
+        hi = tl.where(word == 0, w1, w2) << ((32 - shift) % 32)
+        codes = tl.where(shift + BITS > 32, lo | hi, lo)
     else:
-        # 3 bits: 32 codes fill 3 words and codes 10 and 21 of each run straddle two words, so each code reads
-        # its own word (and the next one when it straddles).
+        # 3 bits, tiles narrower than a run: each code reads its own word (and the next one when it straddles).
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = (offs_k[:, None] < K) & n_mask
         bit = offs_k * BITS
@@ -63,7 +82,7 @@ def _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K: tl.constexpr, BITS: 
         lo = tl.load(row + word[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
         straddles = shift + BITS > 32
         hi = tl.load(row + word[:, None] + 1, mask=mask & straddles[:, None], other=0).to(tl.uint32, bitcast=True)
-        codes = (lo >> shift[:, None]) | (hi << ((32 - shift) % 32)[:, None])
+        codes = ((lo >> shift[:, None]) | (hi << ((32 - shift) % 32)[:, None]))[:, None, :]
     return codes & ((1 << BITS) - 1)
 
 
@@ -71,10 +90,11 @@ def _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K: tl.constexpr, BITS: 
 def _dequant_tile(
     qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, k0, offs_n, N, stride_qn, stride_sn,
     K: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LEVELS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, RUN: tl.constexpr,
 ):
-    """The dequantized weight tile ``W[offs_n, k0 : k0 + BLOCK_K].T``: [BLOCK_K, BLOCK_N] fp32."""
-    codes = _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K, BITS, BLOCK_K)
+    """The dequantized weight tile ``W[offs_n, k0 : k0 + BLOCK_K].T`` as [BLOCK_K // RUN, RUN, BLOCK_N] fp32 (see
+    ``_unpack_codes``; reshaping to [BLOCK_K, BLOCK_N] gives columns in order)."""
+    codes = _unpack_codes(qweight_ptr, k0, offs_n, N, stride_qn, K, BITS, BLOCK_K, RUN)
     if HAS_LEVELS:
         # Non-uniform grid: the 2**BITS-entry level table is a gather from a few cached bytes (L1-resident).
         values = tl.load(levels_ptr + codes).to(tl.float32)
@@ -82,14 +102,19 @@ def _dequant_tile(
         values = codes.to(tl.float32)
     # Groups are contiguous runs of stored columns, so k // GROUP_SIZE is column k's group; that also gives the
     # shorter last group (K not a multiple of GROUP_SIZE) its own scale.
+    offs_u = k0 + RUN * tl.arange(0, BLOCK_K // RUN)  # first column of each load unit
     if GROUP_SIZE % BLOCK_K == 0 or GROUP_SIZE >= K:
         # The whole tile lies in one group: one scale (and zero) per row. (k0 < K: a split may overhang K.)
-        meta = (offs_n * stride_sn + k0 // GROUP_SIZE)[None, :]
-        mask = (offs_n[None, :] < N) & (k0 < K)
+        meta = (offs_n * stride_sn + k0 // GROUP_SIZE)[None, None, :]
+        mask = (offs_n[None, None, :] < N) & (k0 < K)
+    elif GROUP_SIZE % RUN == 0:
+        # Each load unit lies in one group: a scale per unit and row, broadcast over the unit's codes.
+        meta = offs_n[None, None, :] * stride_sn + (offs_u // GROUP_SIZE)[:, None, None]
+        mask = (offs_n[None, None, :] < N) & (offs_u[:, None, None] < K)
     else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        meta = offs_n[None, :] * stride_sn + (offs_k // GROUP_SIZE)[:, None]
-        mask = (offs_n[None, :] < N) & (offs_k[:, None] < K)
+        offs_k = offs_u[:, None] + tl.arange(0, RUN)[None, :]
+        meta = offs_n[None, None, :] * stride_sn + (offs_k // GROUP_SIZE)[:, :, None]
+        mask = (offs_n[None, None, :] < N) & (offs_k[:, :, None] < K)
     scale = tl.load(scales_ptr + meta, mask=mask, other=0.0).to(tl.float32)
     if HAS_LEVELS:
         return scale * values
@@ -156,6 +181,10 @@ def _gemv_kernel(
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Codes per load unit (see _unpack_codes). The accumulator keeps the unit axis: each iteration reduces only
+    # over the codes of a unit, which one thread holds, and the reduction across threads and warps happens once,
+    # after the loop, instead of once per tile.
+    RUN: tl.constexpr = 32 // BITS if 32 % BITS == 0 else (32 if BLOCK_K % 32 == 0 else 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Split pid_k takes K tiles pid_k, pid_k + SPLIT_K, ... (loop bounds independent of the program id, as the
     # interpreter needs); a split whose last tile lies past K sees it fully masked.
@@ -170,10 +199,10 @@ def _gemv_kernel(
                                 ROT_BLOCK).to(x_ptr.dtype.element_ty)
         w = _dequant_tile(
             qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, k_tile, offs_n, N, stride_qn, stride_sn,
-            K, GROUP_SIZE, BITS, HAS_ZEROS, HAS_LEVELS, BLOCK_K,
+            K, GROUP_SIZE, BITS, HAS_ZEROS, HAS_LEVELS, BLOCK_K, RUN,
         )
         # Round the weight to the activation dtype as the GEMM path and the reference do, so paths agree.
-        w = w.to(x.dtype).to(tl.float32)
+        w = tl.reshape(w, (BLOCK_K, BLOCK_N)).to(x.dtype).to(tl.float32)
         acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=(offs_n < N) & (pid_k == 0), other=0.0)
@@ -200,6 +229,7 @@ def _gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m.to(tl.int64)  # long prefills: M * K or M * N (an LM head) can pass 2**31
+    RUN: tl.constexpr = 32 // BITS if 32 % BITS == 0 else (32 if BLOCK_K % 32 == 0 else 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -207,8 +237,9 @@ def _gemm_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         w = _dequant_tile(
             qweight_ptr, scales_ptr, zeros_ptr, levels_ptr, k0, offs_n, N, stride_qn, stride_sn,
-            K, GROUP_SIZE, BITS, HAS_ZEROS, HAS_LEVELS, BLOCK_K,
+            K, GROUP_SIZE, BITS, HAS_ZEROS, HAS_LEVELS, BLOCK_K, RUN,
         )
+        w = tl.reshape(w, (BLOCK_K, BLOCK_N))
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)

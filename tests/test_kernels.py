@@ -88,6 +88,16 @@ def test_matches_reference(tu, bits, group_size, symmetric, act_order):
         assert_matches_reference(tu, activations(M, K), layer, bits, group_size)
 
 
+@pytest.mark.parametrize("bits, group_size", [(3, 48), (4, 20), (4, 48), (2, 24), (8, 6)])
+def test_groups_that_split_a_load_unit(tu, bits, group_size):
+    # The kernels read scales once per load unit (a word; for 3 bits a run of 32 codes in three words) when the
+    # group size is a multiple of the unit, and per code otherwise: 48 splits a 3-bit run, 20 a 4-bit word, 6 an
+    # 8-bit word; 48 and 24 are multiples of a 4-bit and 2-bit word but smaller than a tile.
+    layer = make_layer(40, 200, bits, group_size, symmetric=False, act_order=False, bias=True)
+    for M, config in ((1, None), (3, {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1}), (17, None)):
+        assert_matches_reference(tu, activations(M, 200), layer, bits, group_size, config=config)
+
+
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 @pytest.mark.parametrize(
     "lead, N, K, group_size",

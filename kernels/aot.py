@@ -1,0 +1,263 @@
+"""Compile the Triton kernels for an NVIDIA GPU that is not here, and report what each variant costs in registers.
+
+The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, but not that they compile: it accepts
+code the compiler rejects (a block shape that is not a power of two, a dtype mix ``tl.dot`` refuses) and says
+nothing about register pressure. This module builds every variant the dispatch can launch with Triton's own
+compiler and the ``ptxas`` bundled with Triton, for a named target (default ``sm_90``, H100/H200), on a machine
+with no GPU and no CUDA driver: a stand-in driver answers "current target" and nothing is launched. The arguments
+are specialized exactly as a launch would specialize them (Triton's binder sees mock tensors of the right dtypes
+and the real integer arguments), so the code compiled is the code a GPU would run.
+
+``python -m quantkit.kernels.aot`` prints registers, spills and shared memory per variant: every autotune config
+of the GEMV and the GEMM for the Llama shapes of ``kernels/bench.py``, and the Hadamard kernel. The test suite
+compiles a smaller grid (tests/test_kernel_aot.py).
+
+Triton fixes interpreter or compiler per ``@triton.jit`` at import, so this module needs ``TRITON_INTERPRET`` unset
+(or 0) when Triton is first imported; tests run it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+__all__ = ["Variant", "Compiled", "compile_variant", "gemv_variants", "gemm_variants", "fwht_variants", "main"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One launch of one kernel: its positional arguments (dtypes stand for tensors), constexprs and options."""
+
+    kernel: str  # "gemv", "gemm" or "fwht"
+    label: str
+    args: tuple[Any, ...]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass
+class Compiled:
+    variant: Variant
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    shared: int  # bytes of shared memory the launch needs
+    asm: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+class _OfflineDriver:
+    """Just enough of a Triton driver to compile: it names a target and never launches."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def parse_target(name: str) -> GPUTarget:
+    m = re.fullmatch(r"sm_(\d+)a?", name)
+    if m is None:
+        raise ValueError(f"target must look like sm_90 or sm_80, got {name!r}")
+    return GPUTarget("cuda", int(m.group(1)), 32)
+
+
+@contextlib.contextmanager
+def _offline(target: GPUTarget) -> Iterator[None]:
+    from triton.runtime.driver import driver
+
+    previous = driver._active
+    driver.set_active(_OfflineDriver(target))
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def _kernels() -> dict[str, Any]:
+    from quantkit.kernels import triton_hadamard, triton_uniform
+
+    if triton_uniform.is_interpreted():
+        raise RuntimeError(
+            "the kernels were loaded for the Triton interpreter (TRITON_INTERPRET=1 when Triton was imported); "
+            "ahead-of-time compilation needs a fresh process with TRITON_INTERPRET unset"
+        )
+    return {"gemv": triton_uniform._gemv_kernel, "gemm": triton_uniform._gemm_kernel,
+            "fwht": triton_hadamard._fwht_kernel}
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o",
+                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"could not read ptxas's resource report:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def compile_variant(variant: Variant, target: str = "sm_90") -> Compiled:
+    """Compile ``variant`` for ``target`` (no GPU needed) and read its resource use from ptxas."""
+    gpu = parse_target(target)
+    fn = _kernels()[variant.kernel]
+    with _offline(gpu):
+        kernel = fn.warmup(*variant.args, grid=(1,), num_warps=variant.num_warps, num_stages=variant.num_stages,
+                           **variant.constexprs)
+    regs, stores, loads = _ptxas_report(kernel.asm["ptx"], gpu.arch)
+    return Compiled(variant, regs, stores, loads, kernel.metadata.shared, dict(kernel.asm))
+
+
+# --- the variants a launch can produce ----------------------------------------------------------------------------
+# These mirror the argument lists of quantkit.kernels.triton_uniform.triton_uniform_matmul; a change there that is
+# not made here fails to compile (wrong arity or types), which the test suite catches.
+
+_META_DTYPE = torch.float16  # scales and zeros as the packed format stores them
+
+
+def _uniform_flags(K: int, group_size: int, bits: int, *, zeros: bool, levels: bool, bias: bool) -> dict[str, Any]:
+    return {"K": K, "GROUP_SIZE": K if group_size == -1 else group_size, "BITS": bits, "HAS_ZEROS": zeros,
+            "HAS_LEVELS": levels, "HAS_BIAS": bias}
+
+
+def _uniform_args(M: int, N: int, K: int, group_size: int, bits: int, dtype: torch.dtype, *, zeros: bool,
+                  levels: bool, bias: bool) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """``(x, qweight, scales, zeros, levels, bias, out)`` as dtypes (None where the launcher passes None) and
+    ``(M, N, stride_xm, stride_qn, stride_sn, stride_om)`` of contiguous tensors, as the launcher passes them."""
+    from quantkit.formats.packing import packed_words
+
+    ngroups = 1 if group_size == -1 else -(-K // group_size)
+    pointers = (dtype, torch.int32, _META_DTYPE, _META_DTYPE if zeros else None, torch.float32 if levels else None,
+                dtype if bias else None, dtype)
+    return pointers, (M, N, K, packed_words(K, bits), ngroups, N)
+
+
+def gemv_variants(M: int, N: int, K: int, *, bits: int, group_size: int, dtype: torch.dtype = torch.float16,
+                  zeros: bool = True, levels: bool = False, bias: bool = False, rot_block: int = 0,
+                  configs: list[triton.Config] | None = None) -> list[Variant]:
+    """The GEMV launches for an ``M x K`` input (M <= GEMV_MAX_M): one per autotune config the pruning keeps, or
+    per config given."""
+    from quantkit.kernels import triton_uniform as tu
+
+    if not 1 <= M <= tu.GEMV_MAX_M:
+        raise ValueError(f"the GEMV takes 1 to {tu.GEMV_MAX_M} rows, got {M}")
+    pointers, ints = _uniform_args(M, N, K, group_size, bits, dtype, zeros=zeros, levels=levels, bias=bias)
+    signs = dtype if rot_block else None
+    block_m = triton.next_power_of_2(M)
+    flags = _uniform_flags(K, group_size, bits, zeros=zeros, levels=levels, bias=bias)
+    if configs is None:
+        configs = tu._prune_gemv(tu._gemv_configs(dtype != torch.bfloat16), {}, BLOCK_M=block_m)
+    out_list = []
+    for c in configs:
+        args = (*pointers, signs, *ints, rot_block**-0.5 if rot_block else 1.0)
+        label = (f"gemv M={M} N={N} K={K} w{bits}g{group_size} {str(dtype)[6:]}"
+                 f"{' rot' + str(rot_block) if rot_block else ''} "
+                 f"BN={c.kwargs['BLOCK_N']} BK={c.kwargs['BLOCK_K']} SK={c.kwargs['SPLIT_K']} warps={c.num_warps}")
+        out_list.append(Variant("gemv", label, args, {**flags, "ROT_BLOCK": rot_block, "BLOCK_M": block_m,
+                                                      **c.kwargs}, c.num_warps, c.num_stages))
+    return out_list
+
+
+def gemm_variants(M: int, N: int, K: int, *, bits: int, group_size: int, dtype: torch.dtype = torch.float16,
+                  zeros: bool = True, levels: bool = False, bias: bool = False,
+                  configs: list[triton.Config] | None = None) -> list[Variant]:
+    """The GEMM launches for an ``M x K`` input (M > GEMV_MAX_M): one per autotune config the pruning keeps."""
+    from quantkit.kernels import triton_uniform as tu
+
+    pointers, ints = _uniform_args(M, N, K, group_size, bits, dtype, zeros=zeros, levels=levels, bias=bias)
+    m_bucket = min(triton.next_power_of_2(M), 256)
+    flags = _uniform_flags(K, group_size, bits, zeros=zeros, levels=levels, bias=bias)
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    if configs is None:
+        configs = tu._prune_gemm(tu._gemm_configs(), {"m_bucket": m_bucket})
+    variants = []
+    for c in configs:
+        args = (*pointers, *ints, m_bucket)
+        label = (f"gemm M={M} N={N} K={K} w{bits}g{group_size} {str(dtype)[6:]} BM={c.kwargs['BLOCK_M']} "
+                 f"BN={c.kwargs['BLOCK_N']} BK={c.kwargs['BLOCK_K']} warps={c.num_warps} stages={c.num_stages}")
+        variants.append(Variant("gemm", label, args, {**flags, "DOT_PRECISION": precision, **c.kwargs},
+                                c.num_warps, c.num_stages))
+    return variants
+
+
+def fwht_variants(n_rows: int, block: int, dtype: torch.dtype = torch.float16, *, where: int = 1) -> Variant:
+    """The Hadamard launch ``triton_rotate`` makes for ``n_rows`` rows of ``block`` (where: 0 none, 1 signs before,
+    2 after)."""
+    from quantkit.kernels import triton_hadamard as th
+
+    rows = max(1, min(th._ELEMS_PER_PROGRAM // block, triton.next_power_of_2(n_rows)))
+    num_warps = 4 if block * rows <= 2048 else 8
+    args = (dtype, dtype, dtype, block**-0.5, n_rows, block)  # without signs the launcher passes x as signs_ptr
+    return Variant("fwht", f"fwht rows={n_rows} N={block} {str(dtype)[6:]} signs={where}", args,
+                   {"N": block, "ROWS": rows, "SIGNS": where}, num_warps)
+
+
+# Llama-2-7B and Llama-3-8B linear shapes (out, in), as in kernels/bench.py.
+LLAMA_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (14336, 4096), (4096, 14336))
+FORMATS = ((4, 128), (3, 128), (2, 64), (8, -1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m quantkit.kernels.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default="sm_90", help="NVIDIA target (default sm_90: H100/H200)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 128],
+                   help="rows of the input: GEMV for <= 8, GEMM above (default 1 16 128)")
+    p.add_argument("--formats", nargs="+", default=[f"w{b}g{g}" for b, g in FORMATS],
+                   help="wBITSgGROUP (g-1: per channel); default w4g128 w3g128 w2g64 w8g-1")
+    p.add_argument("--shapes", default="all", choices=["all", "first"], help="every Llama shape, or 4096x4096 only")
+    args = p.parse_args(argv)
+    from quantkit.kernels.triton_uniform import GEMV_MAX_M
+
+    shapes = LLAMA_SHAPES if args.shapes == "all" else LLAMA_SHAPES[:1]
+    print("| variant | registers | spill stores (B) | spill loads (B) | shared (B) |\n|---|---|---|---|---|")
+    seen: set[tuple] = set()
+    for fmt in args.formats:
+        m = re.fullmatch(r"w(\d)g(-?\d+)", fmt)
+        if m is None:
+            p.error(f"bad format {fmt!r}: expected wBITSgGROUP, e.g. w4g128")
+        bits, group = int(m.group(1)), int(m.group(2))
+        for n, k in shapes:
+            for M in args.batch:
+                make = gemv_variants if M <= GEMV_MAX_M else gemm_variants
+                for v in make(M, n, k, bits=bits, group_size=group):
+                    key = (v.kernel, tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages)
+                    if key in seen:  # N only enters as a runtime argument: same code
+                        continue
+                    seen.add(key)
+                    c = compile_variant(v, args.target)
+                    print(f"| {v.label} | {c.registers} | {c.spill_stores} | {c.spill_loads} | {c.shared} |",
+                          flush=True)
+    for block in (64, 128, 4096):
+        c = compile_variant(fwht_variants(16, block), args.target)
+        print(f"| {c.variant.label} | {c.registers} | {c.spill_stores} | {c.spill_loads} | {c.shared} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

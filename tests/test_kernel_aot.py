@@ -1,0 +1,107 @@
+"""The Triton kernels compile for an H100/H200 (sm_90), on this CPU-only machine.
+
+The interpreter tests (tests/test_kernels.py) check what the kernels compute; this checks that the compiler accepts
+them, which the interpreter does not: it ran code the compiler rejects (a constexpr reassigned in an unrolled loop
+in the Hadamard transform). Every variant is compiled with Triton's compiler and ptxas through
+``quantkit.kernels.aot``, in a subprocess because the test session imported Triton in interpreter mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+# Each case: the variant builder and its arguments; the subprocess compiles them all and reports resources.
+_SCRIPT = r"""
+import json, sys, torch
+from quantkit.kernels import aot
+f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+cases = json.loads(sys.argv[1])
+out = []
+for name, kind, kw, which in cases:
+    kw = dict(kw)
+    if "dtype" in kw:
+        kw["dtype"] = {"f16": f16, "bf16": bf16, "f32": f32}[kw["dtype"]]
+    if kind == "fwht":
+        variants = [aot.fwht_variants(*kw.pop("shape"), **kw)]
+    else:
+        variants = getattr(aot, kind + "_variants")(*kw.pop("shape"), **kw)
+    if which == "first":
+        variants = variants[:1]
+    for v in variants:
+        c = aot.compile_variant(v, "sm_90")
+        ptx = c.asm["ptx"]
+        out.append({"case": name, "label": v.label, "registers": c.registers, "spills": c.spill_stores,
+                    "shared": c.shared, "mma": "mma.sync" in ptx or "wgmma" in ptx,
+                    "atomic": "atom.global" in ptx or "red.global" in ptx})
+print(json.dumps(out))
+"""
+
+LLAMA = (1, 4096, 4096)
+CASES = [
+    # every autotune config of the decode GEMV and the prefill GEMM, W4 g128 fp16 (the common serving format)
+    ("gemv-configs", "gemv", {"shape": LLAMA, "bits": 4, "group_size": 128}, "all"),
+    ("gemm-configs", "gemm", {"shape": (128, 4096, 4096), "bits": 4, "group_size": 128}, "all"),
+    # each bit width, the group sizes, symmetric, per channel, non-uniform levels, bias, dtypes, batch rows
+    *[(f"gemv-w{b}g{g}", "gemv", {"shape": (4, 4096, 11008), "bits": b, "group_size": g}, "first")
+      for b, g in ((2, 64), (3, 128), (8, -1), (4, 32))],
+    *[(f"gemm-w{b}g{g}", "gemm", {"shape": (64, 4096, 11008), "bits": b, "group_size": g}, "first")
+      for b, g in ((2, 64), (3, 128), (8, -1), (4, 32))],
+    ("gemv-sym-bias-bf16", "gemv", {"shape": (2, 1000, 576), "bits": 4, "group_size": 64, "zeros": False,
+                                    "bias": True, "dtype": "bf16"}, "first"),
+    ("gemv-levels-f32", "gemv", {"shape": (8, 1000, 576), "bits": 4, "group_size": 128, "zeros": False,
+                                 "levels": True, "dtype": "f32"}, "first"),
+    ("gemm-sym-bias-bf16", "gemm", {"shape": (33, 1000, 576), "bits": 3, "group_size": 64, "zeros": False,
+                                    "bias": True, "dtype": "bf16"}, "first"),
+    ("gemm-levels-f32", "gemm", {"shape": (300, 1000, 576), "bits": 4, "group_size": 128, "zeros": False,
+                                 "levels": True, "dtype": "f32"}, "first"),
+    # the fused rotation: a block wider than every tile (Llama-2's 4096), one narrower (32), per bit width
+    ("gemv-rot4096", "gemv", {"shape": LLAMA, "bits": 4, "group_size": 128, "rot_block": 4096}, "all"),
+    ("gemv-rot32-w3", "gemv", {"shape": (1, 4096, 352), "bits": 3, "group_size": 32, "rot_block": 32}, "first"),
+    ("gemv-rot256-w2", "gemv", {"shape": (8, 4096, 11008), "bits": 2, "group_size": 64, "rot_block": 256},
+     "first"),
+    # the standalone Hadamard transform, signs before and after, short and long blocks
+    *[(f"fwht-{n}-{w}", "fwht", {"shape": (rows, n), "where": w}, "first")
+      for rows, n, w in ((16, 4096, 1), (300, 64, 2), (3, 128, 0), (1, 16384, 1))],
+]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, f"compiling for sm_90 failed:\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout)
+
+
+def _rows(compiled: list[dict], case: str) -> list[dict]:
+    rows = [r for r in compiled if r["case"] == case]
+    assert rows, f"nothing compiled for {case}"
+    return rows
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_compiles_for_sm90(compiled, case):
+    for r in _rows(compiled, case):
+        assert 0 < r["registers"] <= 255, r
+
+
+def test_every_fp16_autotune_config_fits_in_registers(compiled):
+    # A config that spills reads and writes local memory in its inner loop: the autotuner would only time it and
+    # throw it away, so the lists should not offer one.
+    for case in ("gemv-configs", "gemm-configs", "gemv-rot4096"):
+        spilling = [r["label"] for r in _rows(compiled, case) if r["spills"]]
+        assert not spilling, spilling
+
+
+def test_gemm_runs_on_tensor_cores_and_gemv_split_k_on_atomics(compiled):
+    assert all(r["mma"] for r in _rows(compiled, "gemm-configs"))
+    for r in _rows(compiled, "gemv-configs"):  # split-K partial sums are added atomically, one split stores
+        assert r["atomic"] == ("SK=1 " not in r["label"]), r["label"]
