@@ -54,6 +54,7 @@ class Compiled:
     spill_stores: int  # bytes
     spill_loads: int  # bytes
     shared: int  # bytes of shared memory the launch needs
+    loop: dict[str, int] = field(default_factory=dict)  # the innermost K loop's PTX, see loop_stats
     asm: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -123,6 +124,27 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
+def loop_stats(ptx: str) -> dict[str, int]:
+    """What one iteration of the kernel's main loop costs, read off the PTX: the longest block between a label and
+    a branch back to it. ``instructions``, ``barriers`` (``bar.sync``: each layout change that goes through shared
+    memory costs two), ``global_loads`` and ``shared_loads``. A static proxy, not a timing: it is what can be
+    compared without a GPU."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", line))}
+    body: list[str] = []
+    for j, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), j) < j and j - labels[m.group(1)] > len(body):
+            body = lines[labels[m.group(1)]:j + 1]
+    instructions = [line for line in body if line.strip() and not line.strip().startswith(("$", "//", "{", "}"))]
+
+    def count(pattern: str) -> int:
+        return sum(1 for line in instructions if re.search(pattern, line))
+
+    return {"instructions": len(instructions), "barriers": count(r"\bbar\.sync\b"),
+            "global_loads": count(r"\bld\.global"), "shared_loads": count(r"\bld\.shared")}
+
+
 def compile_variant(variant: Variant, target: str = "sm_90") -> Compiled:
     """Compile ``variant`` for ``target`` (no GPU needed) and read its resource use from ptxas."""
     gpu = parse_target(target)
@@ -131,7 +153,8 @@ def compile_variant(variant: Variant, target: str = "sm_90") -> Compiled:
         kernel = fn.warmup(*variant.args, grid=(1,), num_warps=variant.num_warps, num_stages=variant.num_stages,
                            **variant.constexprs)
     regs, stores, loads = _ptxas_report(kernel.asm["ptx"], gpu.arch)
-    return Compiled(variant, regs, stores, loads, kernel.metadata.shared, dict(kernel.asm))
+    return Compiled(variant, regs, stores, loads, kernel.metadata.shared, loop_stats(kernel.asm["ptx"]),
+                    dict(kernel.asm))
 
 
 # --- the variants a launch can produce ----------------------------------------------------------------------------
@@ -235,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     from quantkit.kernels.triton_uniform import GEMV_MAX_M
 
     shapes = LLAMA_SHAPES if args.shapes == "all" else LLAMA_SHAPES[:1]
-    print("| variant | registers | spill stores (B) | spill loads (B) | shared (B) |\n|---|---|---|---|---|")
+    print("| variant | registers | spill stores (B) | spill loads (B) | shared (B) | loop: instructions | barriers |"
+          " global loads |\n|---|---|---|---|---|---|---|---|")
     seen: set[tuple] = set()
     for fmt in args.formats:
         m = re.fullmatch(r"w(\d)g(-?\d+)", fmt)
@@ -250,13 +274,16 @@ def main(argv: list[str] | None = None) -> int:
                     if key in seen:  # N only enters as a runtime argument: same code
                         continue
                     seen.add(key)
-                    c = compile_variant(v, args.target)
-                    print(f"| {v.label} | {c.registers} | {c.spill_stores} | {c.spill_loads} | {c.shared} |",
-                          flush=True)
+                    print(_row(compile_variant(v, args.target)), flush=True)
     for block in (64, 128, 4096):
-        c = compile_variant(fwht_variants(16, block), args.target)
-        print(f"| {c.variant.label} | {c.registers} | {c.spill_stores} | {c.spill_loads} | {c.shared} |")
+        print(_row(compile_variant(fwht_variants(16, block), args.target)))
     return 0
+
+
+def _row(c: Compiled) -> str:
+    loop = c.loop or {}
+    return (f"| {c.variant.label} | {c.registers} | {c.spill_stores} | {c.spill_loads} | {c.shared} | "
+            f"{loop.get('instructions', '-')} | {loop.get('barriers', '-')} | {loop.get('global_loads', '-')} |")
 
 
 if __name__ == "__main__":
