@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one command (device time is scarce and each start costs minutes):
+#   warm      compile the kernels bench and decode will autotune over (228 variants for Llama-2-7B's shapes) in
+#             parallel into Triton's cache; compiled one after another inside the autotuner they take minutes;
 #   bench     kernels/bench.py: dequant-matmul speed against fp16 cuBLAS and the memory-bandwidth bound;
 #   decode    kernels/decode_bench.py: end-to-end greedy decode tokens/s, Llama-2-7B shapes, fp16 vs W4/W3/W2;
 #   rotation  benchmarks/rotation_cost.py --device cuda: the online Hadamard transform against the W4 g128 kernel;
 #   tests     the kernel tests compiled for the GPU instead of interpreted (TRITON_INTERPRET=0);
 #   generate  benchmarks/kernel_vs_reference.py: a quantized SmolLM2 folder's greedy text, kernel path vs reference
 #             (only if $QK_FOLDER names such a folder on that machine; see that script for getting one there).
-# Steps run in the order given (default: bench decode rotation tests), each under its own time limit, so that
+# Steps run in the order given (default: warm bench decode rotation tests), each under its own time limit, so that
 # together they stay inside one 10-minute device call. Results go to $OUT (default ./gpu_out), one file per step,
 # ready for BENCHMARKS.md.
 #
@@ -17,7 +19,7 @@
 set -uo pipefail
 out=${OUT:-gpu_out}
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(bench decode rotation tests)
+[ ${#steps[@]} -gt 0 ] || steps=(warm bench decode rotation tests)
 mkdir -p "$out"
 if [ -d .wheels ]; then
   python3 -m pip install -q --no-index --find-links .wheels .wheels/*.whl > "$out/pip.log" 2>&1
@@ -31,9 +33,14 @@ cat "$out/versions.txt"
 cd /tmp  # import the installed package, not the source tree (kernels/ maps to quantkit.kernels only when installed)
 src=$OLDPWD
 export PYTHONUNBUFFERED=1
+export TRITON_CACHE_AUTOTUNING=1  # decode reuses bench's autotuning of the same shapes instead of redoing it
 for step in "${steps[@]}"; do
   echo "== $step $(date +%T)"
   case $step in
+    warm)  # batches: bench's 1, 16, 128 and the decode prefills (1 x 128 and 16 x 128 tokens)
+      timeout 60 python3 -m quantkit.kernels.aot --warm --target auto --models llama2-7b --batch 1 16 128 2048 \
+          --formats w4g128 w3g128 w2g64 > "$out/warm.txt" 2>&1
+      tail -n 3 "$out/warm.txt" ;;
     bench)
       timeout 200 python3 -m quantkit.kernels.bench --models llama2-7b --batches 1,16,128 \
           --formats w4g128,w3g128,w2g64 > "$out/bench.md" 2>&1
@@ -47,13 +54,13 @@ for step in "${steps[@]}"; do
           > "$out/rotation_cost.md" 2>&1
       cat "$out/rotation_cost.md" ;;
     tests)
-      TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider "$src/tests/test_kernels.py" \
+      TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -p no:cacheprovider "$src/tests/test_kernels.py" \
           "$src/tests/test_kernel_hadamard.py" > "$out/tests.txt" 2>&1
       echo "kernel tests (compiled): $(tail -n 1 "$out/tests.txt")" ;;
     generate)
       if [ -z "${QK_FOLDER:-}" ]; then echo "generate: set QK_FOLDER to a quantized folder"; continue; fi
       timeout 240 python3 "$src/benchmarks/kernel_vs_reference.py" "$QK_FOLDER" > "$out/generate.txt" 2>&1
       cat "$out/generate.txt" ;;
-    *) echo "unknown step $step (bench, decode, rotation, tests, generate)" ;;
+    *) echo "unknown step $step (warm, bench, decode, rotation, tests, generate)" ;;
   esac
 done

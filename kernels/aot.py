@@ -8,9 +8,11 @@ with no GPU and no CUDA driver: a stand-in driver answers "current target" and n
 are specialized exactly as a launch would specialize them (Triton's binder sees mock tensors of the right dtypes
 and the real integer arguments), so the code compiled is the code a GPU would run.
 
-``python -m quantkit.kernels.aot`` prints registers, spills and shared memory per variant: every autotune config
-of the GEMV and the GEMM for the Llama shapes of ``kernels/bench.py``, and the Hadamard kernel. The test suite
-compiles a smaller grid (tests/test_kernel_aot.py).
+``python -m quantkit.kernels.aot`` prints registers, spills, shared memory and the main loop's instruction counts
+per variant: every autotune config of the GEMV and the GEMM for the Llama shapes of ``kernels/bench.py``, and the
+Hadamard kernel. With ``--warm`` (on the GPU machine) it only compiles them, in parallel, into Triton's on-disk
+cache, so that the autotuner of a benchmark that follows finds each config compiled instead of compiling a few
+hundred of them one after another. The test suite compiles a smaller grid (tests/test_kernel_aot.py).
 
 Triton fixes interpreter or compiler per ``@triton.jit`` at import, so this module needs ``TRITON_INTERPRET`` unset
 (or 0) when Triton is first imported; tests run it in a subprocess.
@@ -32,7 +34,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-__all__ = ["Variant", "Compiled", "compile_variant", "gemv_variants", "gemm_variants", "fwht_variants", "main"]
+__all__ = ["Compiled", "Variant", "compile_variant", "fwht_variants", "gemm_variants", "gemv_variants",
+           "launch_variants", "loop_stats", "main"]
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ def gemv_variants(M: int, N: int, K: int, *, bits: int, group_size: int, dtype: 
     if not 1 <= M <= tu.GEMV_MAX_M:
         raise ValueError(f"the GEMV takes 1 to {tu.GEMV_MAX_M} rows, got {M}")
     pointers, ints = _uniform_args(M, N, K, group_size, bits, dtype, zeros=zeros, levels=levels, bias=bias)
-    signs = dtype if rot_block else None
+    signs = torch.int8 if rot_block else None  # HadamardRotation.signs
     block_m = triton.next_power_of_2(M)
     flags = _uniform_flags(K, group_size, bits, zeros=zeros, levels=levels, bias=bias)
     if configs is None:
@@ -241,42 +244,108 @@ def fwht_variants(n_rows: int, block: int, dtype: torch.dtype = torch.float16, *
                    {"N": block, "ROWS": rows, "SIGNS": where}, num_warps)
 
 
-# Llama-2-7B and Llama-3-8B linear shapes (out, in), as in kernels/bench.py.
-LLAMA_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (14336, 4096), (4096, 14336))
-FORMATS = ((4, 128), (3, 128), (2, 64), (8, -1))
+def launch_variants(models: list[str], batches: list[int], formats: list[tuple[int, int]],
+                    dtype: torch.dtype = torch.float16) -> list[Variant]:
+    """Every distinct compiled kernel that ``kernels/bench.py`` (and the decode benchmark: batch 1 and 16, their
+    prefills) would compile for these Llama models' shapes (``kernels.bench.SHAPES``), batches and formats: each
+    autotune config the pruning keeps. N is a runtime argument, so shapes differing only in N share a kernel."""
+    from quantkit.kernels.bench import SHAPES
+    from quantkit.kernels.triton_uniform import GEMV_MAX_M
+
+    seen: set[tuple] = set()
+    variants = []
+    for bits, group in formats:
+        for model in models:
+            for _, n, k in SHAPES[model]:
+                for M in batches:
+                    make = gemv_variants if M <= GEMV_MAX_M else gemm_variants
+                    for v in make(M, n, k, bits=bits, group_size=group, dtype=dtype):
+                        key = (v.kernel, tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages)
+                        if key not in seen:
+                            seen.add(key)
+                            variants.append(v)
+    return variants
+
+
+def _compile_quietly(variant: Variant, target: str) -> Compiled:
+    c = compile_variant(variant, target)
+    c.asm = {}  # the worker's result crosses a process boundary; the report needs only the figures
+    return c
+
+
+def _warm_one(variant: Variant, target: str) -> str:
+    gpu = parse_target(target)
+    with _offline(gpu):
+        _kernels()[variant.kernel].warmup(*variant.args, grid=(1,), num_warps=variant.num_warps,
+                                          num_stages=variant.num_stages, **variant.constexprs)
+    return variant.label
+
+
+def _pool_map(fn: Any, variants: list[Variant], target: str, jobs: int) -> Iterator[Any]:
+    if jobs <= 1:
+        yield from (fn(v, target) for v in variants)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the workers import Triton afresh (TRITON_INTERPRET is inherited) and never touch CUDA
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        yield from pool.map(fn, variants, [target] * len(variants))
+
+
+def _format(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"w([2348])g(-1|\d+)", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad format {text!r}: expected wBITSgGROUP, e.g. w4g128 or w8g-1")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _current_target() -> str:
+    if not torch.cuda.is_available():
+        raise SystemExit("--target auto needs a visible CUDA GPU; name one instead, e.g. --target sm_90")
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+    import time
+
+    from quantkit.kernels.bench import SHAPES
+
     p = argparse.ArgumentParser(prog="python -m quantkit.kernels.aot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", default="sm_90", help="NVIDIA target (default sm_90: H100/H200)")
+    p.add_argument("--target", default="sm_90", help="NVIDIA target, e.g. sm_90 (H100/H200, the default), sm_80; "
+                   "auto: the visible GPU's")
+    p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES),
+                   help="whose linear shapes (kernels/bench.py's); default all")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 128],
                    help="rows of the input: GEMV for <= 8, GEMM above (default 1 16 128)")
-    p.add_argument("--formats", nargs="+", default=[f"w{b}g{g}" for b, g in FORMATS],
+    p.add_argument("--formats", nargs="+", type=_format, default=[(4, 128), (3, 128), (2, 64), (8, -1)],
                    help="wBITSgGROUP (g-1: per channel); default w4g128 w3g128 w2g64 w8g-1")
-    p.add_argument("--shapes", default="all", choices=["all", "first"], help="every Llama shape, or 4096x4096 only")
+    p.add_argument("--warm", action="store_true",
+                   help="only compile, in parallel, into Triton's cache (on a GPU machine before benchmarking: "
+                        "the autotuner then finds every config compiled); no report")
+    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count)")
     args = p.parse_args(argv)
-    from quantkit.kernels.triton_uniform import GEMV_MAX_M
-
-    shapes = LLAMA_SHAPES if args.shapes == "all" else LLAMA_SHAPES[:1]
+    if min(args.batch) < 1:
+        p.error("--batch sizes must be positive")
+    target = _current_target() if args.target == "auto" else args.target
+    parse_target(target)
+    jobs = args.jobs or os.cpu_count() or 1
+    variants = launch_variants(args.models, args.batch, args.formats)
+    if args.warm:
+        t0 = time.perf_counter()
+        for _ in _pool_map(_warm_one, variants, target, jobs):
+            pass
+        cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
+        print(f"compiled {len(variants)} kernel variants for {target} into {cache} in "
+              f"{time.perf_counter() - t0:.1f} s with {jobs} processes")
+        return 0
     print("| variant | registers | spill stores (B) | spill loads (B) | shared (B) | loop: instructions | barriers |"
           " global loads |\n|---|---|---|---|---|---|---|---|")
-    seen: set[tuple] = set()
-    for fmt in args.formats:
-        m = re.fullmatch(r"w(\d)g(-?\d+)", fmt)
-        if m is None:
-            p.error(f"bad format {fmt!r}: expected wBITSgGROUP, e.g. w4g128")
-        bits, group = int(m.group(1)), int(m.group(2))
-        for n, k in shapes:
-            for M in args.batch:
-                make = gemv_variants if M <= GEMV_MAX_M else gemm_variants
-                for v in make(M, n, k, bits=bits, group_size=group):
-                    key = (v.kernel, tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages)
-                    if key in seen:  # N only enters as a runtime argument: same code
-                        continue
-                    seen.add(key)
-                    print(_row(compile_variant(v, args.target)), flush=True)
-    for block in (64, 128, 4096):
-        print(_row(compile_variant(fwht_variants(16, block), args.target)))
+    variants += [fwht_variants(16, block) for block in (64, 128, 4096)]
+    for c in _pool_map(_compile_quietly, variants, target, jobs):
+        print(_row(c), flush=True)
     return 0
 
 

@@ -105,3 +105,19 @@ def test_gemm_runs_on_tensor_cores_and_gemv_split_k_on_atomics(compiled):
     assert all(r["mma"] for r in _rows(compiled, "gemm-configs"))
     for r in _rows(compiled, "gemv-configs"):  # split-K partial sums are added atomically, one split stores
         assert r["atomic"] == ("SK=1 " not in r["label"]), r["label"]
+
+
+def test_warm_fills_the_cache_a_launch_reads(tmp_path):
+    # `--warm` (gpu_session.sh's first step) compiles into Triton's on-disk cache; a second run must find every
+    # variant there. Batch 16 on Llama-2-7B's shapes: the GEMM's two 16-row configs for K = 4096 and K = 11008.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "quantkit.kernels.aot", "--warm", "--models", "llama2-7b", "--batch", "16",
+           "--formats", "w4g128", "--jobs", "1"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "compiled 4 kernel variants for sm_90" in first.stdout
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert len(entries) == 4
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == entries  # all hits: nothing compiled again
