@@ -54,7 +54,10 @@ for step in "${steps[@]}"; do
           > "$out/rotation_cost.md" 2>&1
       cat "$out/rotation_cost.md" ;;
     tests)
-      TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -p no:cacheprovider "$src/tests/test_kernels.py" \
+      # pytest-xdist, when carried in .wheels (pip download --no-deps -d .wheels pytest-xdist execnet), compiles
+      # the suite's kernels on several cores at once
+      par=(); python3 -c "import xdist" 2> /dev/null && par=(-n 8)
+      TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -p no:cacheprovider "${par[@]}" "$src/tests/test_kernels.py" \
           "$src/tests/test_kernel_hadamard.py" > "$out/tests.txt" 2>&1
       echo "kernel tests (compiled): $(tail -n 1 "$out/tests.txt")" ;;
     generate)

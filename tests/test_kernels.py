@@ -44,7 +44,22 @@ def tu():
     if mod.is_interpreted() != INTERPRET:  # imported earlier in this process under the other mode
         mod = importlib.reload(mod)
     assert mod.is_interpreted() == INTERPRET
-    return mod
+    if INTERPRET:
+        yield mod
+        return
+    # Compiled on a GPU, the autotuner would compile and time every config of the full lists for each of this
+    # suite's few hundred shapes, which takes many minutes. Correctness needs a few tilings (a split-K one among
+    # them); tests/test_kernel_aot.py compiles the full lists.
+    saved = mod._gemv_configs, mod._gemm_configs
+    mod._gemv_configs = lambda allow_split_k: [mod._gemv_config(32, 128, 1),
+                                               mod._gemv_config(64, 64, 4 if allow_split_k else 1)]
+    mod._gemm_configs = lambda: [mod._gemm_config(32, 64, 64, 4, 3)]
+    mod._tuned_gemv.cache_clear()
+    mod._tuned_gemm.cache_clear()
+    yield mod
+    mod._gemv_configs, mod._gemm_configs = saved
+    mod._tuned_gemv.cache_clear()
+    mod._tuned_gemm.cache_clear()
 
 
 def make_layer(N, K, bits, group_size, *, symmetric, act_order, bias=False, dtype=torch.float32, seed=0):
