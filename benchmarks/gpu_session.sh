@@ -42,14 +42,17 @@ for step in "${steps[@]}"; do
           --formats w4g128 w3g128 w2g64 > "$out/warm.txt" 2>&1
       tail -n 3 "$out/warm.txt" ;;
     bench)
-      timeout 200 python3 -m quantkit.kernels.bench --models llama2-7b --batches 1,16,128 \
+      timeout 150 python3 -m quantkit.kernels.bench --models llama2-7b --batches 1,16,128 \
           --formats w4g128,w3g128,w2g64 > "$out/bench.md" 2>&1
       tail -n 30 "$out/bench.md" ;;
     decode)
       timeout 150 python3 -m quantkit.kernels.decode_bench --config llama2-7b --batches 1,16 \
           --formats fp16,w4g128,w3g128,w2g64 > "$out/decode.md" 2>&1
       cat "$out/decode.md" ;;
-    rotation)
+    rotation)  # its shapes' W4 g128 batch-1 kernels, plain and with the rotation fused, compiled in parallel first
+      timeout 30 python3 -m quantkit.kernels.aot --warm --target auto --models llama2-7b llama3-8b \
+          --shapes 576x576 192x576 1536x576 576x1536 --batch 1 --formats w4g128 --rotated > "$out/warm_rotation.txt" 2>&1
+      tail -n 1 "$out/warm_rotation.txt"
       timeout 60 python3 "$src/benchmarks/rotation_cost.py" --device cuda --models smollm2-135m,llama2-7b,llama3-8b \
           > "$out/rotation_cost.md" 2>&1
       cat "$out/rotation_cost.md" ;;

@@ -244,27 +244,43 @@ def fwht_variants(n_rows: int, block: int, dtype: torch.dtype = torch.float16, *
                    {"N": block, "ROWS": rows, "SIGNS": where}, num_warps)
 
 
-def launch_variants(models: list[str], batches: list[int], formats: list[tuple[int, int]],
-                    dtype: torch.dtype = torch.float16) -> list[Variant]:
-    """Every distinct compiled kernel that ``kernels/bench.py`` (and the decode benchmark: batch 1 and 16, their
-    prefills) would compile for these Llama models' shapes (``kernels.bench.SHAPES``), batches and formats: each
-    autotune config the pruning keeps. N is a runtime argument, so shapes differing only in N share a kernel."""
-    from quantkit.kernels.bench import SHAPES
+def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: list[tuple[int, int]],
+                    dtype: torch.dtype = torch.float16, *, rotated: bool = False) -> list[Variant]:
+    """Every distinct compiled kernel that a launch on these weight shapes ``(out, in)``, batches and formats
+    compiles: each autotune config the pruning keeps. N is a runtime argument, so shapes differing only in N share
+    a kernel. With ``rotated``, also the GEMV with the input rotation fused, where the dispatch fuses it (inputs
+    whose Hadamard layout is power-of-two blocks, decode batches)."""
     from quantkit.kernels.triton_uniform import GEMV_MAX_M
+    from quantkit.rotations import hadamard_layout
 
     seen: set[tuple] = set()
     variants = []
+
+    def add(vs: list[Variant]) -> None:
+        for v in vs:
+            key = (v.kernel, tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages)
+            if key not in seen:
+                seen.add(key)
+                variants.append(v)
+
     for bits, group in formats:
-        for model in models:
-            for _, n, k in SHAPES[model]:
-                for M in batches:
-                    make = gemv_variants if M <= GEMV_MAX_M else gemm_variants
-                    for v in make(M, n, k, bits=bits, group_size=group, dtype=dtype):
-                        key = (v.kernel, tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages)
-                        if key not in seen:
-                            seen.add(key)
-                            variants.append(v)
+        for n, k in shapes:
+            for M in batches:
+                if M > GEMV_MAX_M:
+                    add(gemm_variants(M, n, k, bits=bits, group_size=group, dtype=dtype))
+                    continue
+                add(gemv_variants(M, n, k, bits=bits, group_size=group, dtype=dtype))
+                layout = hadamard_layout(k)
+                if rotated and layout.small == 1:
+                    add(gemv_variants(M, n, k, bits=bits, group_size=group, dtype=dtype, rot_block=layout.block))
     return variants
+
+
+def _shape(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected OUTxIN, e.g. 4096x11008")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _compile_quietly(variant: Variant, target: str) -> Compiled:
@@ -316,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m quantkit.kernels.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="sm_90", help="NVIDIA target, e.g. sm_90 (H100/H200, the default), sm_80; "
                    "auto: the visible GPU's")
-    p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES),
-                   help="whose linear shapes (kernels/bench.py's); default all")
+    p.add_argument("--models", nargs="*", choices=sorted(SHAPES), default=None,
+                   help="whose linear shapes (kernels/bench.py's); default all, unless --shapes are given")
+    p.add_argument("--shapes", nargs="+", type=_shape, default=[], help="more weight shapes, OUTxIN")
+    p.add_argument("--rotated", action="store_true",
+                   help="also the GEMV with the input rotation fused, where the dispatch fuses it")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 128],
                    help="rows of the input: GEMV for <= 8, GEMM above (default 1 16 128)")
     p.add_argument("--formats", nargs="+", type=_format, default=[(4, 128), (3, 128), (2, 64), (8, -1)],
@@ -332,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     target = _current_target() if args.target == "auto" else args.target
     parse_target(target)
     jobs = args.jobs or os.cpu_count() or 1
-    variants = launch_variants(args.models, args.batch, args.formats)
+    models = args.models if args.models is not None else ([] if args.shapes else sorted(SHAPES))
+    shapes = [(n, k) for m in models for _, n, k in SHAPES[m]] + args.shapes
+    if not shapes:
+        p.error("no shapes: give --models and/or --shapes")
+    variants = launch_variants(shapes, args.batch, args.formats, rotated=args.rotated)
     if args.warm:
         t0 = time.perf_counter()
         for _ in _pool_map(_warm_one, variants, target, jobs):
