@@ -52,6 +52,8 @@ class Variant:
 
 @dataclass
 class Compiled:
+    """A compiled variant's resources, as ptxas and the PTX report them."""
+
     variant: Variant
     registers: int
     spill_stores: int  # bytes
@@ -148,13 +150,17 @@ def loop_stats(ptx: str) -> dict[str, int]:
             "global_loads": count(r"\bld\.global"), "shared_loads": count(r"\bld\.shared")}
 
 
+def _build(variant: Variant, gpu: GPUTarget) -> Any:
+    """Triton's compiled kernel for ``variant``, from its on-disk cache when an identical launch compiled it."""
+    with _offline(gpu):
+        return _kernels()[variant.kernel].warmup(*variant.args, grid=(1,), num_warps=variant.num_warps,
+                                                 num_stages=variant.num_stages, **variant.constexprs)
+
+
 def compile_variant(variant: Variant, target: str = "sm_90") -> Compiled:
     """Compile ``variant`` for ``target`` (no GPU needed) and read its resource use from ptxas."""
     gpu = parse_target(target)
-    fn = _kernels()[variant.kernel]
-    with _offline(gpu):
-        kernel = fn.warmup(*variant.args, grid=(1,), num_warps=variant.num_warps, num_stages=variant.num_stages,
-                           **variant.constexprs)
+    kernel = _build(variant, gpu)
     regs, stores, loads = _ptxas_report(kernel.asm["ptx"], gpu.arch)
     return Compiled(variant, regs, stores, loads, kernel.metadata.shared, loop_stats(kernel.asm["ptx"]),
                     dict(kernel.asm))
@@ -290,10 +296,7 @@ def _compile_quietly(variant: Variant, target: str) -> Compiled:
 
 
 def _warm_one(variant: Variant, target: str) -> str:
-    gpu = parse_target(target)
-    with _offline(gpu):
-        _kernels()[variant.kernel].warmup(*variant.args, grid=(1,), num_warps=variant.num_warps,
-                                          num_stages=variant.num_stages, **variant.constexprs)
+    _build(variant, parse_target(target))
     return variant.label
 
 
