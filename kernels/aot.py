@@ -8,11 +8,12 @@ with no GPU and no CUDA driver: a stand-in driver answers "current target" and n
 are specialized exactly as a launch would specialize them (Triton's binder sees mock tensors of the right dtypes
 and the real integer arguments), so the code compiled is the code a GPU would run.
 
-``python -m quantkit.kernels.aot`` prints registers, spills, shared memory and the main loop's instruction counts
-per variant: every autotune config of the GEMV and the GEMM for the Llama shapes of ``kernels/bench.py``, and the
-Hadamard kernel. With ``--warm`` (on the GPU machine) it only compiles them, in parallel, into Triton's on-disk
-cache, so that the autotuner of a benchmark that follows finds each config compiled instead of compiling a few
-hundred of them one after another. The test suite compiles a smaller grid (tests/test_kernel_aot.py).
+``python -m quantkit.kernels.aot`` prints, per variant, registers, spills, shared memory and the main loop's
+machine instructions (also per weight: over each thread's share of the tile): every autotune config of the GEMV
+and the GEMM for the Llama shapes of ``kernels/bench.py``, and the Hadamard kernel. With ``--warm`` (on the GPU
+machine) it only compiles them, in parallel, into Triton's on-disk cache, so that the autotuner of a benchmark
+that follows finds each config compiled instead of compiling a few hundred of them one after another. The test
+suite compiles a smaller grid (tests/test_kernel_aot.py).
 
 Triton fixes interpreter or compiler per ``@triton.jit`` at import, so this module needs ``TRITON_INTERPRET`` unset
 (or 0) when Triton is first imported; tests run it in a subprocess.
@@ -59,7 +60,7 @@ class Compiled:
     spill_stores: int  # bytes
     spill_loads: int  # bytes
     shared: int  # bytes of shared memory the launch needs
-    loop: dict[str, int] = field(default_factory=dict)  # the innermost K loop's PTX, see loop_stats
+    loop: dict[str, int] = field(default_factory=dict)  # the main K loop in machine code, see loop_stats
     asm: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -129,25 +130,37 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
-def loop_stats(ptx: str) -> dict[str, int]:
-    """What one iteration of the kernel's main loop costs, read off the PTX: the longest block between a label and
-    a branch back to it. ``instructions``, ``barriers`` (``bar.sync``: each layout change that goes through shared
-    memory costs two), ``global_loads`` and ``shared_loads``. A static proxy, not a timing: it is what can be
-    compared without a GPU."""
-    lines = ptx.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", line))}
+# an instruction line of nvdisasm's listing: /*0a30*/  [@P0 | @!P1 | @UP0 ...]  OPCODE[.modifiers] operands
+_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def loop_stats(cubin: bytes, arch: int) -> dict[str, int]:
+    """What one iteration of the kernel's main loop costs in machine instructions (SASS, disassembled by the
+    ``nvdisasm`` bundled with Triton): the longest block between a label and a branch back to it.
+    ``instructions``, ``shared_stores`` (STS: layout changes through shared memory), ``barriers`` (BAR),
+    ``global_loads`` (LDG, LDGSTS). Counted in SASS rather than PTX because ptxas fuses bit operations into LOP3
+    and pairs fp16 arithmetic (HADD2, HMUL2). A static proxy, not a timing: what can be compared without a GPU."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = Path(get_ptxas(arch).path).with_name("nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     body: list[str] = []
     for j, line in enumerate(lines):
-        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        m = re.search(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), j) < j and j - labels[m.group(1)] > len(body):
             body = lines[labels[m.group(1)]:j + 1]
-    instructions = [line for line in body if line.strip() and not line.strip().startswith(("$", "//", "{", "}"))]
+    ops = [m.group(1) for line in body if (m := _SASS_OPCODE.search(line))]
 
-    def count(pattern: str) -> int:
-        return sum(1 for line in instructions if re.search(pattern, line))
+    def count(*names: str) -> int:
+        return sum(1 for op in ops if op in names)
 
-    return {"instructions": len(instructions), "barriers": count(r"\bbar\.sync\b"),
-            "global_loads": count(r"\bld\.global"), "shared_loads": count(r"\bld\.shared")}
+    return {"instructions": len(ops), "shared_stores": count("STS"), "barriers": count("BAR"),
+            "global_loads": count("LDG", "LDGSTS")}
 
 
 def _build(variant: Variant, gpu: GPUTarget) -> Any:
@@ -162,8 +175,8 @@ def compile_variant(variant: Variant, target: str = "sm_90") -> Compiled:
     gpu = parse_target(target)
     kernel = _build(variant, gpu)
     regs, stores, loads = _ptxas_report(kernel.asm["ptx"], gpu.arch)
-    return Compiled(variant, regs, stores, loads, kernel.metadata.shared, loop_stats(kernel.asm["ptx"]),
-                    dict(kernel.asm))
+    loop = loop_stats(kernel.asm["cubin"], gpu.arch)
+    return Compiled(variant, regs, stores, loads, kernel.metadata.shared, loop, dict(kernel.asm))
 
 
 # --- the variants a launch can produce ----------------------------------------------------------------------------
@@ -367,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compiled {len(variants)} kernel variants for {target} into {cache} in "
               f"{time.perf_counter() - t0:.1f} s with {jobs} processes")
         return 0
-    print("| variant | registers | spill stores (B) | spill loads (B) | shared (B) | loop: instructions | barriers |"
-          " global loads |\n|---|---|---|---|---|---|---|---|")
+    print("| variant | registers | spill stores (B) | shared memory (B) | loop: SASS instructions | per weight | STS "
+          "| BAR |\n|---|---|---|---|---|---|---|---|")
     variants += [fwht_variants(16, block) for block in (64, 128, 4096)]
     for c in _pool_map(_compile_quietly, variants, target, jobs):
         print(_row(c), flush=True)
@@ -377,8 +390,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row(c: Compiled) -> str:
     loop = c.loop or {}
-    return (f"| {c.variant.label} | {c.registers} | {c.spill_stores} | {c.spill_loads} | {c.shared} | "
-            f"{loop.get('instructions', '-')} | {loop.get('barriers', '-')} | {loop.get('global_loads', '-')} |")
+    per_weight = "-"
+    if c.variant.kernel != "fwht" and loop.get("instructions"):
+        # each thread's share of the tile's weights per iteration (one split's tile for split-K)
+        weights = c.variant.constexprs["BLOCK_N"] * c.variant.constexprs["BLOCK_K"] / (32 * c.variant.num_warps)
+        per_weight = f"{loop['instructions'] / weights:.2f}"
+    return (f"| {c.variant.label} | {c.registers} | {c.spill_stores} | {c.shared} | {loop.get('instructions', '-')} | "
+            f"{per_weight} | {loop.get('shared_stores', '-')} | {loop.get('barriers', '-')} |")
 
 
 if __name__ == "__main__":

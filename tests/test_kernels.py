@@ -141,13 +141,15 @@ def test_level_grids_match_reference(tu, grid, bits, group_size, act_order):
         assert_matches_reference(tu, activations(M, 200), layer, bits, group_size)
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("M", [2, 24], ids=["gemv", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_activation_dtypes(tu, dtype, M):
+def test_activation_dtypes(tu, dtype, M, symmetric):
+    # fp16 activations decode in fp16 (the kernels' own path, for both symmetries), the others in fp32.
     if INTERPRET and dtype == torch.bfloat16 and M > tu.GEMV_MAX_M:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tl.dot operands as their raw uint16 storage; "
                     "run with TRITON_INTERPRET=0 on a GPU to check bf16 GEMM")
-    layer = make_layer(72, 200, 4, 32, symmetric=False, act_order=True, bias=True, dtype=dtype)
+    layer = make_layer(72, 200, 4, 32, symmetric=symmetric, act_order=True, bias=True, dtype=dtype)
     assert_matches_reference(tu, activations(M, 200, dtype=dtype), layer, 4, 32)
 
 
