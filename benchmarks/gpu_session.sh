@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one command (device time is scarce and each start costs minutes):
-#   warm      compile the kernels bench and decode will autotune over (228 variants for Llama-2-7B's shapes) in
+#   warm      compile the kernels bench and decode will autotune over (240 variants for Llama-2-7B's shapes) in
 #             parallel into Triton's cache; compiled one after another inside the autotuner they take minutes;
 #   bench     kernels/bench.py: dequant-matmul speed against fp16 cuBLAS and the memory-bandwidth bound;
 #   decode    kernels/decode_bench.py: end-to-end greedy decode tokens/s, Llama-2-7B shapes, fp16 vs W4/W3/W2;
@@ -39,7 +39,7 @@ for step in "${steps[@]}"; do
   case $step in
     warm)  # batches: bench's 1, 16, 128 and the decode prefills (1 x 128 and 16 x 128 tokens)
       timeout 60 python3 -m quantkit.kernels.aot --warm --target auto --models llama2-7b --batch 1 16 128 2048 \
-          --formats w4g128 w3g128 w2g64 > "$out/warm.txt" 2>&1
+          --formats w4g128 w3g128 w2g64 --gemm-decode > "$out/warm.txt" 2>&1
       tail -n 3 "$out/warm.txt" ;;
     bench)
       timeout 150 python3 -m quantkit.kernels.bench --models llama2-7b --batches 1,16,128 \

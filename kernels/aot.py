@@ -264,11 +264,13 @@ def fwht_variants(n_rows: int, block: int, dtype: torch.dtype = torch.float16, *
 
 
 def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: list[tuple[int, int]],
-                    dtype: torch.dtype = torch.float16, *, rotated: bool = False) -> list[Variant]:
+                    dtype: torch.dtype = torch.float16, *, rotated: bool = False,
+                    gemm_decode: bool = False) -> list[Variant]:
     """Every distinct compiled kernel that a launch on these weight shapes ``(out, in)``, batches and formats
     compiles: each autotune config the pruning keeps. N is a runtime argument, so shapes differing only in N share
     a kernel. With ``rotated``, also the GEMV with the input rotation fused, where the dispatch fuses it (inputs
-    whose Hadamard layout is power-of-two blocks, decode batches)."""
+    whose Hadamard layout is power-of-two blocks, decode batches). With ``gemm_decode``, decode batches on the
+    GEMM path too (``kernels/bench.py`` times both)."""
     from quantkit.kernels.triton_uniform import GEMV_MAX_M
     from quantkit.rotations import hadamard_layout
 
@@ -277,7 +279,7 @@ def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: 
 
     def add(vs: list[Variant]) -> None:
         for v in vs:
-            key = (v.kernel, tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages)
+            key = (v.kernel, tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages, _specialization(v))
             if key not in seen:
                 seen.add(key)
                 variants.append(v)
@@ -289,10 +291,18 @@ def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: 
                     add(gemm_variants(M, n, k, bits=bits, group_size=group, dtype=dtype))
                     continue
                 add(gemv_variants(M, n, k, bits=bits, group_size=group, dtype=dtype))
+                if gemm_decode:
+                    add(gemm_variants(M, n, k, bits=bits, group_size=group, dtype=dtype))
                 layout = hadamard_layout(k)
                 if rotated and layout.small == 1:
                     add(gemv_variants(M, n, k, bits=bits, group_size=group, dtype=dtype, rot_block=layout.block))
     return variants
+
+
+def _specialization(v: Variant) -> tuple:
+    """What Triton's launcher specializes integer arguments on (a value of 1, divisibility by 16): variants that
+    differ only in other integer values share one compiled kernel."""
+    return tuple((a == 1, a % 16 == 0) if isinstance(a, int) and not isinstance(a, bool) else None for a in v.args)
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -353,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", type=_shape, default=[], help="more weight shapes, OUTxIN")
     p.add_argument("--rotated", action="store_true",
                    help="also the GEMV with the input rotation fused, where the dispatch fuses it")
+    p.add_argument("--gemm-decode", action="store_true",
+                   help="decode batches (<= 8 rows) on the GEMM path too, as kernels/bench.py times them")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 128],
                    help="rows of the input: GEMV for <= 8, GEMM above (default 1 16 128)")
     p.add_argument("--formats", nargs="+", type=_format, default=[(4, 128), (3, 128), (2, 64), (8, -1)],
@@ -371,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(n, k) for m in models for _, n, k in SHAPES[m]] + args.shapes
     if not shapes:
         p.error("no shapes: give --models and/or --shapes")
-    variants = launch_variants(shapes, args.batch, args.formats, rotated=args.rotated)
+    variants = launch_variants(shapes, args.batch, args.formats, rotated=args.rotated, gemm_decode=args.gemm_decode)
     if args.warm:
         t0 = time.perf_counter()
         for _ in _pool_map(_warm_one, variants, target, jobs):

@@ -7,7 +7,8 @@ For every weight shape ``[out, in]`` (Llama-2-7B: 4096x4096, 11008x4096, 4096x11
 14336x4096, 4096x14336), batch size and format it prints the time of ``torch.ops.quantkit.uniform_matmul`` (the op
 ``QuantizedLinear`` runs on CUDA) and of ``torch.matmul(x, W.T)`` with an fp16 ``W``, the speedup, and the bandwidth
 each achieves (bytes of packed weights, scales, zeros, permutation, activations and output, divided by the time)
-as a fraction of the card's peak.
+as a fraction of the card's peak. For decode batches (the GEMV path) a last column times the same product on the
+tensor-core GEMM path instead, which decides where the switch between the two belongs.
 
 Timing: each call is captured once in a CUDA graph (so Python and dispatcher overhead are not timed) and replayed
 by ``triton.testing.do_bench``, which clears the L2 cache before every replay; without that a 4096x4096 4-bit
@@ -133,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {name}, peak {peak:.0f} GB/s; torch {torch.__version__}, triton {triton.__version__}; "
           f"activations {args.dtype}; times are medians of CUDA-graph replays with L2 cleared")
     dense = "fp16" if dtype == torch.float16 else "bf16"
+    from quantkit.kernels.triton_uniform import GEMV_MAX_M, triton_uniform_matmul
+
     header = (f"{'model':<10} {'layer':<8} {'out x in':>12} {'batch':>5} {'format':<10} {dense + ' us':>9} "
-              f"{'quant us':>9} {'speedup':>7} {'quant GB/s':>10} {'of peak':>7} {dense + ' GB/s':>9} {'of peak':>7}")
+              f"{'quant us':>9} {'speedup':>7} {'quant GB/s':>10} {'of peak':>7} {dense + ' GB/s':>9} {'of peak':>7} "
+              f"{'GEMM us':>8}")
     print(header)
     torch.manual_seed(0)
     for model in args.models:
@@ -145,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
                 # A sanity check that what we time computes the right thing, on the GEMV and the GEMM path.
                 for M in {min(args.batches), max(args.batches)}:
                     x = torch.randn(M, K, device=device, dtype=dtype)
-                    out = torch.ops.quantkit.uniform_matmul(x, **q, bias=None, bits=fmt.bits, group_size=fmt.group_size)
                     ref = uniform_matmul_ref(x, **q, bias=None, bits=fmt.bits, group_size=fmt.group_size)
-                    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                    if err > 2e-2:
-                        print(f"{model} {layer} {fmt} batch {M}: kernel disagrees with the reference ({err:.2e})")
-                        return 1
+                    outs = {"kernel": torch.ops.quantkit.uniform_matmul(x, **q, bias=None, bits=fmt.bits,
+                                                                        group_size=fmt.group_size),
+                            "GEMM path": triton_uniform_matmul(x, **q, bias=None, bits=fmt.bits,
+                                                               group_size=fmt.group_size, gemv_max_m=0)}
+                    for what, out in outs.items():
+                        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                        if err > 2e-2:
+                            print(f"{model} {layer} {fmt} batch {M}: the {what} disagrees with the reference "
+                                  f"({err:.2e})")
+                            return 1
                 for M in args.batches:
                     x = torch.randn(M, K, device=device, dtype=dtype)
                     t_q = time_ms(
@@ -160,12 +169,21 @@ def main(argv: list[str] | None = None) -> int:
                         args.warmup, args.rep,
                     )
                     t_16 = time_ms(lambda x=x, W=W: torch.matmul(x, W.t()), args.warmup, args.rep)
+                    # Decode batches also on the tensor-core GEMM (rows padded to its 16-row tiles), to place the
+                    # switch between the paths (triton_uniform.GEMV_MAX_M) on measurements.
+                    t_gemm = None if M > GEMV_MAX_M else time_ms(
+                        lambda x=x, q=q, fmt=fmt: triton_uniform_matmul(
+                            x, **q, bias=None, bits=fmt.bits, group_size=fmt.group_size, gemv_max_m=0
+                        ),
+                        args.warmup, args.rep,
+                    )
                     io = nbytes(x) + nbytes(x) * N // K  # activations in, output [M, N] out (same dtype)
                     gbps_q = (nbytes(*q.values()) + io) / t_q / 1e6
                     gbps_16 = (nbytes(W) + io) / t_16 / 1e6
                     print(f"{model:<10} {layer:<8} {f'{N}x{K}':>12} {M:>5} {str(fmt):<10} {t_16 * 1e3:>9.1f} "
                           f"{t_q * 1e3:>9.1f} {t_16 / t_q:>7.2f} {gbps_q:>10.0f} {gbps_q / peak:>7.1%} "
-                          f"{gbps_16:>9.0f} {gbps_16 / peak:>7.1%}", flush=True)
+                          f"{gbps_16:>9.0f} {gbps_16 / peak:>7.1%} "
+                          f"{'-' if t_gemm is None else f'{t_gemm * 1e3:.1f}':>8}", flush=True)
             del W
     return 0
 

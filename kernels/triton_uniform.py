@@ -385,15 +385,19 @@ def triton_uniform_matmul(
     levels: torch.Tensor | None = None,  # [2**bits]: a non-uniform grid, W = scale * levels[code]
     rot_signs: torch.Tensor | None = None,  # [in] ±1: the weight is stored as W Rᵀ, R = H D / √rot_block
     rot_block: int = 0,  # the power-of-two Sylvester block of H (block-diagonal when smaller than in)
+    gemv_max_m: int = GEMV_MAX_M,  # inputs of at most this many rows take the GEMV, longer ones the GEMM
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` in the activation dtype with fp32 accumulation; ``[..., out]``. With ``rot_signs``,
-    ``(R x) @ W.T``: for M <= ``GEMV_MAX_M`` the GEMV computes ``R x`` tile by tile on the fly, in the same launch;
+    ``(R x) @ W.T``: for M <= ``gemv_max_m`` the GEMV computes ``R x`` tile by tile on the fly, in the same launch;
     longer inputs are rotated first by ``triton_rotate`` (one more launch, small next to a GEMM).
 
     Runs on CUDA tensors, or on CPU tensors when Triton is in interpreter mode. ``config`` pins the block sizes
-    (``BLOCK_N``, ``BLOCK_K`` and ``SPLIT_K`` for M <= ``GEMV_MAX_M``, else ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``)
-    instead of autotuning; tests use it to cover several tilings.
+    (``BLOCK_N``, ``BLOCK_K`` and ``SPLIT_K`` for the GEMV, else ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``) instead of
+    autotuning; tests use it to cover several tilings. ``gemv_max_m`` moves the switch between the two paths
+    (``kernels/bench.py`` times decode batches on the tensor-core GEMM too, with 0); at most ``GEMV_MAX_M``.
     """
+    if not 0 <= gemv_max_m <= GEMV_MAX_M:
+        raise ValueError(f"gemv_max_m must be between 0 and {GEMV_MAX_M}, got {gemv_max_m}")
     _check(x, qweight, scales, zeros, perm, bias, bits, group_size, levels)
     if not (x.is_cuda or is_interpreted()):
         raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before Triton loads)")
@@ -402,7 +406,7 @@ def triton_uniform_matmul(
         _check_rotation(K, rot_signs, rot_block, perm)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if rot_signs is not None and M > GEMV_MAX_M:
+    if rot_signs is not None and M > gemv_max_m:
         x2, rot_signs = triton_rotate(x2, rot_signs, rot_block), None
     if perm is not None:
         x2 = x2.index_select(1, perm.to(torch.int32))
@@ -418,7 +422,7 @@ def triton_uniform_matmul(
     # loop bound under numpy >= 2.4: triton-lang/triton#9171.)
     flags = {"K": K, "GROUP_SIZE": K if group_size == -1 else group_size, "BITS": bits,
              "HAS_ZEROS": zeros is not None, "HAS_LEVELS": levels is not None, "HAS_BIAS": bias is not None}
-    if M <= GEMV_MAX_M:
+    if M <= gemv_max_m:
         block_m = triton.next_power_of_2(M)
         # No split-K in bf16: each partial sum would be rounded to 8 mantissa bits (and bf16 atomics need sm_90).
         allow_split_k = x.dtype != torch.bfloat16

@@ -153,6 +153,18 @@ def test_activation_dtypes(tu, dtype, M, symmetric):
     assert_matches_reference(tu, activations(M, 200, dtype=dtype), layer, 4, 32)
 
 
+def test_decode_batches_on_the_gemm_path(tu):
+    # gemv_max_m=0 sends decode-sized inputs to the tensor-core GEMM (kernels/bench.py times both paths).
+    layer = make_layer(72, 200, 4, 32, symmetric=False, act_order=True, bias=True, dtype=torch.float16)
+    for M in (1, 5):
+        x = activations(M, 200, dtype=torch.float16)
+        out = tu.triton_uniform_matmul(x, **layer, bits=4, group_size=32, gemv_max_m=0)
+        ref = uniform_matmul_ref(x, **layer, bits=4, group_size=32)
+        assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < TOL[torch.float16]
+    with pytest.raises(ValueError, match="gemv_max_m"):
+        tu.triton_uniform_matmul(x, **layer, bits=4, group_size=32, gemv_max_m=9)
+
+
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize(
     "M, config",
