@@ -191,9 +191,7 @@ def _gemv_kernel(
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Codes per load unit (see _unpack_codes). The accumulator keeps the unit axis: each iteration reduces only
-    # over the codes of a unit, which one thread holds, and the reduction across threads and warps happens once,
-    # after the loop, instead of once per tile.
+    # Codes per load unit of _unpack_codes (the GEMM computes the same).
     RUN: tl.constexpr = 32 // BITS if 32 % BITS == 0 else (32 if BLOCK_K % 32 == 0 else 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Split pid_k takes K tiles pid_k, pid_k + SPLIT_K, ... (loop bounds independent of the program id, as the
