@@ -35,6 +35,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+from quantkit.kernels.bench import SHAPES, Format
+
 __all__ = ["Compiled", "Variant", "compile_variant", "fwht_variants", "gemm_variants", "gemv_variants",
            "launch_variants", "loop_stats", "main"]
 
@@ -184,11 +186,7 @@ def compile_variant(variant: Variant, target: str = "sm_90") -> Compiled:
 # not made here fails to compile (wrong arity or types), which the test suite catches.
 
 _META_DTYPE = torch.float16  # scales and zeros as the packed format stores them
-
-
-def _uniform_flags(K: int, group_size: int, bits: int, *, zeros: bool, levels: bool, bias: bool) -> dict[str, Any]:
-    return {"K": K, "GROUP_SIZE": K if group_size == -1 else group_size, "BITS": bits, "HAS_ZEROS": zeros,
-            "HAS_LEVELS": levels, "HAS_BIAS": bias}
+DEFAULT_FORMATS = ("w4g128", "w3g128", "w2g64", "w8g-1")
 
 
 def _uniform_args(M: int, N: int, K: int, group_size: int, bits: int, dtype: torch.dtype, *, zeros: bool,
@@ -215,7 +213,7 @@ def gemv_variants(M: int, N: int, K: int, *, bits: int, group_size: int, dtype: 
     pointers, ints = _uniform_args(M, N, K, group_size, bits, dtype, zeros=zeros, levels=levels, bias=bias)
     signs = torch.int8 if rot_block else None  # HadamardRotation.signs
     block_m = triton.next_power_of_2(M)
-    flags = _uniform_flags(K, group_size, bits, zeros=zeros, levels=levels, bias=bias)
+    flags = tu.launch_flags(K, group_size, bits, zeros=zeros, levels=levels, bias=bias)
     if configs is None:
         configs = tu._prune_gemv(tu._gemv_configs(dtype != torch.bfloat16), {}, BLOCK_M=block_m)
     out_list = []
@@ -236,9 +234,8 @@ def gemm_variants(M: int, N: int, K: int, *, bits: int, group_size: int, dtype: 
     from quantkit.kernels import triton_uniform as tu
 
     pointers, ints = _uniform_args(M, N, K, group_size, bits, dtype, zeros=zeros, levels=levels, bias=bias)
-    m_bucket = min(triton.next_power_of_2(M), 256)
-    flags = _uniform_flags(K, group_size, bits, zeros=zeros, levels=levels, bias=bias)
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+    m_bucket, precision = tu.gemm_bucket(M), tu.dot_precision(dtype)
+    flags = tu.launch_flags(K, group_size, bits, zeros=zeros, levels=levels, bias=bias)
     if configs is None:
         configs = tu._prune_gemm(tu._gemm_configs(), {"m_bucket": m_bucket})
     variants = []
@@ -256,14 +253,13 @@ def fwht_variants(n_rows: int, block: int, dtype: torch.dtype = torch.float16, *
     2 after)."""
     from quantkit.kernels import triton_hadamard as th
 
-    rows = max(1, min(th._ELEMS_PER_PROGRAM // block, triton.next_power_of_2(n_rows)))
-    num_warps = 4 if block * rows <= 2048 else 8
+    rows, num_warps = th.launch_shape(n_rows, block)
     args = (dtype, dtype, dtype, block**-0.5, n_rows, block)  # without signs the launcher passes x as signs_ptr
     return Variant("fwht", f"fwht rows={n_rows} N={block} {str(dtype)[6:]} signs={where}", args,
                    {"N": block, "ROWS": rows, "SIGNS": where}, num_warps)
 
 
-def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: list[tuple[int, int]],
+def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: list[Format],
                     dtype: torch.dtype = torch.float16, *, rotated: bool = False,
                     gemm_decode: bool = False) -> list[Variant]:
     """Every distinct compiled kernel that a launch on these weight shapes ``(out, in)``, batches and formats
@@ -284,18 +280,19 @@ def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: 
                 seen.add(key)
                 variants.append(v)
 
-    for bits, group in formats:
+    for fmt in formats:
+        kw = {"bits": fmt.bits, "group_size": fmt.group_size, "dtype": dtype, "zeros": not fmt.symmetric}
         for n, k in shapes:
             for M in batches:
                 if M > GEMV_MAX_M:
-                    add(gemm_variants(M, n, k, bits=bits, group_size=group, dtype=dtype))
+                    add(gemm_variants(M, n, k, **kw))
                     continue
-                add(gemv_variants(M, n, k, bits=bits, group_size=group, dtype=dtype))
+                add(gemv_variants(M, n, k, **kw))
                 if gemm_decode:
-                    add(gemm_variants(M, n, k, bits=bits, group_size=group, dtype=dtype))
+                    add(gemm_variants(M, n, k, **kw))
                 layout = hadamard_layout(k)
                 if rotated and layout.small == 1:
-                    add(gemv_variants(M, n, k, bits=bits, group_size=group, dtype=dtype, rot_block=layout.block))
+                    add(gemv_variants(M, n, k, **kw, rot_block=layout.block))
     return variants
 
 
@@ -335,13 +332,6 @@ def _pool_map(fn: Any, variants: list[Variant], target: str, jobs: int) -> Itera
         yield from pool.map(fn, variants, [target] * len(variants))
 
 
-def _format(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"w([2348])g(-1|\d+)", text)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"bad format {text!r}: expected wBITSgGROUP, e.g. w4g128 or w8g-1")
-    return int(m.group(1)), int(m.group(2))
-
-
 def _current_target() -> str:
     if not torch.cuda.is_available():
         raise SystemExit("--target auto needs a visible CUDA GPU; name one instead, e.g. --target sm_90")
@@ -352,8 +342,6 @@ def _current_target() -> str:
 def main(argv: list[str] | None = None) -> int:
     import os
     import time
-
-    from quantkit.kernels.bench import SHAPES
 
     p = argparse.ArgumentParser(prog="python -m quantkit.kernels.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="sm_90", help="NVIDIA target, e.g. sm_90 (H100/H200, the default), sm_80; "
@@ -367,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode batches (<= 8 rows) on the GEMM path too, as kernels/bench.py times them")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 128],
                    help="rows of the input: GEMV for <= 8, GEMM above (default 1 16 128)")
-    p.add_argument("--formats", nargs="+", type=_format, default=[(4, 128), (3, 128), (2, 64), (8, -1)],
-                   help="wBITSgGROUP (g-1: per channel); default w4g128 w3g128 w2g64 w8g-1")
+    p.add_argument("--formats", nargs="+", type=Format.parse, default=[Format.parse(f) for f in DEFAULT_FORMATS],
+                   help="as kernels/bench.py takes them, e.g. w4g128, w3g-1 (per channel), w4g128-sym; "
+                        f"default {' '.join(DEFAULT_FORMATS)}")
     p.add_argument("--warm", action="store_true",
                    help="only compile, in parallel, into Triton's cache (on a GPU machine before benchmarking: "
                         "the autotuner then finds every config compiled); no report")

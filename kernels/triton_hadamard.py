@@ -57,6 +57,13 @@ def _fwht_kernel(x_ptr, out_ptr, signs_ptr, scale, n_rows, n_signs, N: tl.conste
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def launch_shape(n_rows: int, N: int) -> tuple[int, int]:
+    """Rows per program and warps for ``n_rows`` transforms of length ``N`` (``quantkit.kernels.aot`` builds the
+    same launches)."""
+    rows = max(1, min(_ELEMS_PER_PROGRAM // N, triton.next_power_of_2(n_rows)))
+    return rows, 4 if N * rows <= 2048 else 8
+
+
 def _launch(x: torch.Tensor, N: int, signs: torch.Tensor | None, scale: float, where: int) -> torch.Tensor:
     if N & (N - 1) or N == 0 or N >= 2**16:
         raise ValueError(f"the fast transform needs a power-of-two length below 2**16, got {N}")
@@ -65,8 +72,7 @@ def _launch(x: torch.Tensor, N: int, signs: torch.Tensor | None, scale: float, w
     n_rows = x2.numel() // N
     if n_rows == 0:
         return out
-    rows = max(1, min(_ELEMS_PER_PROGRAM // N, triton.next_power_of_2(n_rows)))
-    num_warps = 4 if N * rows <= 2048 else 8
+    rows, num_warps = launch_shape(n_rows, N)
     n_signs = signs.numel() if signs is not None else 1
     _fwht_kernel[(triton.cdiv(n_rows, rows),)](
         x2, out, signs if signs is not None else x2, scale, n_rows, n_signs,

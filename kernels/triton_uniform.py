@@ -369,6 +369,21 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
         raise ValueError(f"levels must be a table of {2**bits} values, without zeros; got {tuple(levels.shape)}")
 
 
+def launch_flags(K: int, group_size: int, bits: int, *, zeros: bool, levels: bool, bias: bool) -> dict[str, Any]:
+    """The constexprs both kernels take for a layer (``quantkit.kernels.aot`` builds the same launches)."""
+    return {"K": K, "GROUP_SIZE": K if group_size == -1 else group_size, "BITS": bits, "HAS_ZEROS": zeros,
+            "HAS_LEVELS": levels, "HAS_BIAS": bias}
+
+
+def gemm_bucket(M: int) -> int:
+    """The GEMM's autotune key for M rows: prefill lengths vary call to call; tuning per power of two is enough."""
+    return min(triton.next_power_of_2(M), 256)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact, as in torch's default matmul
+
+
 def triton_uniform_matmul(
     x: torch.Tensor,  # [..., in] fp16 / bf16 / fp32
     qweight: torch.Tensor,  # [out, ceil(in * bits / 32)] int32
@@ -418,8 +433,8 @@ def triton_uniform_matmul(
     # K and the group size are compile-time constants: a model has a handful of each, and constants give static
     # loop bounds and turn k // GROUP_SIZE into a shift. (Also, Triton 3.6's interpreter cannot take a runtime
     # loop bound under numpy >= 2.4: triton-lang/triton#9171.)
-    flags = {"K": K, "GROUP_SIZE": K if group_size == -1 else group_size, "BITS": bits,
-             "HAS_ZEROS": zeros is not None, "HAS_LEVELS": levels is not None, "HAS_BIAS": bias is not None}
+    flags = launch_flags(K, group_size, bits, zeros=zeros is not None, levels=levels is not None,
+                         bias=bias is not None)
     if M <= gemv_max_m:
         block_m = triton.next_power_of_2(M)
         # No split-K in bf16: each partial sum would be rounded to 8 mantissa bits (and bf16 atomics need sm_90).
@@ -438,8 +453,7 @@ def triton_uniform_matmul(
                      scales.stride(0), out.stride(0), rot_block**-0.5 if signs is not None else 1.0, **flags,
                      ROT_BLOCK=rot_block if signs is not None else 0, BLOCK_M=block_m, **(config or {}))
     else:
-        m_bucket = min(triton.next_power_of_2(M), 256)
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact as in torch's default matmul
+        m_bucket, precision = gemm_bucket(M), dot_precision(x.dtype)
         kernel = _gemm_kernel if config is not None else _tuned_gemm()
 
         def grid(meta: dict[str, Any]) -> tuple[int, int]:
