@@ -11,6 +11,7 @@
 #   env:   DEVICE (default cpu; use the same device for both sides of the comparison)
 #          BATCH (default 16): lm-eval's batch size, the same on both sides. A quantized model's CPU forward
 #          dequantizes every weight on each call, so larger batches spread that cost over more requests.
+#          COMPARE (default 1): 0 skips the `lm_eval --model hf` run and its comparison (table and plot only).
 set -euo pipefail
 out=${1:?usage: eval.sh OUTDIR [QUANTIZED_FOLDER ...]}; shift
 : "${QUANTKIT_DATA_DIR:?set QUANTKIT_DATA_DIR to the data folder (offline task configs read it)}"
@@ -28,15 +29,16 @@ run() {  # NAME MODEL
 run fp32 smollm2-135m
 for folder in "$@"; do run "$(basename "$folder")" "$folder"; done
 
-folder=$(python -c 'from quantkit.loading import resolve_model; print(resolve_model("smollm2-135m").folder)')
-include=$(python -c 'from quantkit.eval.zeroshot import LOCAL_TASKS_DIR; print(LOCAL_TASKS_DIR)')
-if [ ! -d "$out/lm_eval_fp32" ]; then
-  lm_eval --model hf --model_args "pretrained=$folder" --include_path "$include" \
-      --tasks "$(echo "$tasks" | sed 's/,/_local,/g')_local" --device "$device" --batch_size "$batch" \
-      --metadata "{\"data_dir\": \"$QUANTKIT_DATA_DIR\"}" --output_path "$out/lm_eval_fp32" > "$out/lm_eval_fp32.log" 2>&1
-fi
+if [ "${COMPARE:-1}" != 0 ]; then
+  folder=$(python -c 'from quantkit.loading import resolve_model; print(resolve_model("smollm2-135m").folder)')
+  include=$(python -c 'from quantkit.eval.zeroshot import LOCAL_TASKS_DIR; print(LOCAL_TASKS_DIR)')
+  if [ ! -d "$out/lm_eval_fp32" ]; then
+    lm_eval --model hf --model_args "pretrained=$folder" --include_path "$include" \
+        --tasks "$(echo "$tasks" | sed 's/,/_local,/g')_local" --device "$device" --batch_size "$batch" \
+        --metadata "{\"data_dir\": \"$QUANTKIT_DATA_DIR\"}" --output_path "$out/lm_eval_fp32" > "$out/lm_eval_fp32.log" 2>&1
+  fi
 
-python - "$out" <<'PY'
+  python - "$out" <<'PY'
 import glob, json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 ours = json.loads((out / "eval_zeroshot_fp32.json").read_text())["tasks"]
@@ -51,4 +53,5 @@ for task, m in ours.items():
             print(f"| {task} | {metric} | {a:.6f} ± {m[metric + '_stderr']:.6f} | {b:.6f} ± "
                   f"{theirs[task + '_local'][metric + '_stderr,none']:.6f} | {'yes' if a == b else 'NO'} |")
 PY
+fi
 quantkit report "$out"/eval_ppl_*.json "$out"/eval_zeroshot_*.json --out "$out/report.md" --plot "$out/pareto.png"
