@@ -6,6 +6,7 @@
 # Each model's perplexity and zero-shot runs are separate `quantkit eval` calls writing their own results file
 # (eval_ppl_NAME.json, eval_zeroshot_NAME.json; `quantkit report` merges a model's files into one row), and a step whose
 # file exists is skipped: an interrupted run resumes by running the same command again.
+# Each step's wall time and peak memory go to OUTDIR/time_eval_*.txt (`/usr/bin/time -v`).
 # Runs one job at a time (parallel jobs oversubscribe a small machine's cores).
 #   usage: QUANTKIT_DATA_DIR=../shared/data bash benchmarks/eval.sh OUTDIR [QUANTIZED_FOLDER ...]
 #   env:   DEVICE (default cpu; use the same device for both sides of the comparison)
@@ -21,9 +22,11 @@ tasks=arc_easy,arc_challenge,piqa,winogrande,lambada_openai
 mkdir -p "$out"
 
 run() {  # NAME MODEL
-  [ -f "$out/eval_ppl_$1.json" ] || quantkit eval --model "$2" --ppl wikitext2 --device "$device" \
+  [ -f "$out/eval_ppl_$1.json" ] || /usr/bin/time -v -o "$out/time_eval_ppl_$1.txt" \
+      quantkit eval --model "$2" --ppl wikitext2 --device "$device" \
       --out "$out/eval_ppl_$1.json" 2> "$out/eval_ppl_$1.log"
-  [ -f "$out/eval_zeroshot_$1.json" ] || quantkit eval --model "$2" --ppl none --tasks "$tasks" --device "$device" \
+  [ -f "$out/eval_zeroshot_$1.json" ] || /usr/bin/time -v -o "$out/time_eval_zeroshot_$1.txt" \
+      quantkit eval --model "$2" --ppl none --tasks "$tasks" --device "$device" \
       --batch-size "$batch" --out "$out/eval_zeroshot_$1.json" 2> "$out/eval_zeroshot_$1.log"
 }
 run fp32 smollm2-135m
