@@ -7,6 +7,8 @@
 # Seed OUTDIR/E with eval_*_fp32.json (e.g. from benchmarks/results/smollm2/) to skip the fp32 row.
 #   usage: QUANTKIT_DATA_DIR=../shared/data bash benchmarks/full_table.sh OUTDIR [recipe ...]
 #   progress: OUTDIR/progress.txt (one line per step started and finished)
+# On 2 cores, two instances with OMP_NUM_THREADS=1 on disjoint recipes (same OUTDIR) get more done than one with
+# both cores: GPTQ calibration ran 1.24x the layers per minute that way (BENCHMARKS.md, "Quantization time").
 set -euo pipefail
 out=${1:?usage: full_table.sh OUTDIR [recipe ...]}; shift
 : "${QUANTKIT_DATA_DIR:?set QUANTKIT_DATA_DIR to the data folder}"
