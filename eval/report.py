@@ -252,6 +252,11 @@ def pareto_plot(runs: list[dict[str, Any]], out: str | os.PathLike) -> Path:
         _place_labels(ax, pts, renderer)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # keeps the suffix savefig reads the format from
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)  # a reader never sees a half-written plot
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path

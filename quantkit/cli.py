@@ -50,6 +50,7 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _report(a: argparse.Namespace) -> int:
+    from quantkit.checkpoint import atomic_write_text
     from quantkit.eval.report import load_results, markdown_table, pareto_plot
 
     runs = load_results(a.results)
@@ -64,7 +65,7 @@ def _report(a: argparse.Namespace) -> int:
             text += f"\n![perplexity and zero-shot accuracy against bits per weight]({rel.as_posix()})\n"
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+        atomic_write_text(Path(a.out), text)
         print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""))
     else:
         print(text, end="")

@@ -114,3 +114,23 @@ def test_report_refuses_two_figures_for_one_cell(two_runs, tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(other))
     assert main(["report", str(two_runs[0]), str(tmp_path / "other.json")]) == 2
     assert "disagree on bits_per_weight" in capsys.readouterr().err
+
+
+def test_a_failed_plot_keeps_the_previous_one(two_runs, tmp_path, monkeypatch):
+    """The plot is written beside its path and renamed into place: a failure mid-write leaves the old file whole
+    and no temporary behind."""
+    import matplotlib.figure
+
+    png = tmp_path / "pareto.png"
+    assert main(["report", *map(str, two_runs), "--plot", str(png)]) == 0
+    before = png.read_bytes()
+
+    def broken(self, fname, **kw):
+        Path(fname).write_bytes(PNG_MAGIC)  # a partial file, then the failure
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(OSError, match="No space left"):
+        main(["report", *map(str, two_runs), "--plot", str(png)])
+    assert png.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.png"]
