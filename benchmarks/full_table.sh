@@ -9,6 +9,7 @@
 #   progress: OUTDIR/progress.txt (one line per step started and finished)
 # On 2 cores, two instances with OMP_NUM_THREADS=1 on disjoint recipes (same OUTDIR) get more done than one with
 # both cores: GPTQ calibration ran 1.24x the layers per minute that way (BENCHMARKS.md, "Quantization time").
+# Evaluation does not gain: two one-thread perplexity runs side by side took 2.1x one two-thread run ("the full table").
 set -euo pipefail
 out=${1:?usage: full_table.sh OUTDIR [recipe ...]}; shift
 : "${QUANTKIT_DATA_DIR:?set QUANTKIT_DATA_DIR to the data folder}"
