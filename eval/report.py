@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from quantkit.checkpoint import atomic_path
 from quantkit.errors import QuantkitError
 
 __all__ = ["load_results", "run_label", "average_acc", "markdown_table", "pareto_plot"]
@@ -252,11 +253,9 @@ def pareto_plot(runs: list[dict[str, Any]], out: str | os.PathLike) -> Path:
         _place_labels(ax, pts, renderer)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # keeps the suffix savefig reads the format from
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)  # a reader never sees a half-written plot
+        with atomic_path(path) as tmp:  # a reader never sees a half-written plot
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

@@ -5,32 +5,43 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["write_shards", "atomic_write_text", "publish", "folder_size", "REPORT_NAME"]
+__all__ = ["write_shards", "atomic_path", "atomic_write_text", "publish", "folder_size", "REPORT_NAME"]
 
 REPORT_NAME = "quantkit_report.json"
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to: on success it is fsynced and renamed onto `path`, on failure
+    removed, so a reader sees the old file or the whole new one, never a torn one. The temporary keeps `path`'s
+    suffix (`x.tmp.png`) for writers that read the format from it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def write_shards(tensors: dict[str, torch.Tensor], folder: Path, *, max_shard_bytes: int = 4 * 2**30) -> None:

@@ -161,3 +161,34 @@ def test_existing_output_of_another_model_needs_overwrite(tiny_model_factory, tm
 def test_cli_entry_point_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "quantkit.cli", "recipes"], capture_output=True, text=True)
     assert r.returncode == 0 and "gptq-w4g128" in r.stdout
+
+
+def test_atomic_writes_keep_the_old_file_and_leave_no_temporary(tmp_path, monkeypatch):
+    """atomic_write_text and atomic_save_file write beside their path and rename: a failure mid-write (disk full)
+    leaves the previous file byte for byte and nothing else in the folder."""
+    import safetensors.torch
+
+    from quantkit import checkpoint
+
+    state, weights = tmp_path / "state.json", tmp_path / "layer.safetensors"
+    checkpoint.atomic_write_text(state, '{"next_layer": 3}')
+    checkpoint.atomic_save_file({"w": torch.arange(4.0)}, weights)
+    before = state.read_bytes(), weights.read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.atomic_save_file({"w": torch.zeros(4)}, weights)
+    def torn_write(self, text):
+        self.write_bytes(text[:1].encode())
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn_write)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.atomic_write_text(state, '{"next_layer": 4}')
+    assert (state.read_bytes(), weights.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer.safetensors", "state.json"]
+    assert safetensors.torch.load_file(weights)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
