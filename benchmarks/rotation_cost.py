@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from quantkit.algos.groups import num_groups
+from quantkit.quantizers.groups import num_groups
 from quantkit.formats.packing import pack_codes
 from quantkit.kernels.dispatch import uniform_matmul
 from quantkit.rotations import HadamardRotation, hadamard_layout, random_signs

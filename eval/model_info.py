@@ -21,6 +21,7 @@ from torch import nn
 from quantkit.checkpoint import REPORT_NAME, folder_size
 from quantkit.hf.config import QUANT_METHOD
 from quantkit.loading import CheckpointReader, ModelSource
+from quantkit.model import decoder_layers
 from quantkit.nn import QuantizedLinear
 
 __all__ = ["ModelInfo", "describe_model", "quantized_bits"]
@@ -51,20 +52,18 @@ def _quantization_config(model) -> dict[str, Any] | None:
 
 
 def quantized_bits(model: nn.Module) -> tuple[int, int]:
-    """(stored bits, weights) over the model's ``QuantizedLinear`` modules: packed tensors and bias."""
+    """(stored bits, weights) over the model's ``QuantizedLinear`` modules, each counted by its format
+    (``Format.stored_bits``: the format's tensors, rotation signs and bias), as ``quantkit quantize`` counts them."""
     bits = weights = 0
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            tensors = [t for t in (m.qweight, m.scales, m.zeros, m.perm, m.bias) if t is not None]
-            bits += sum(t.numel() * t.element_size() * 8 for t in tensors)
+            bits += m.stored_bits()
             weights += m.in_features * m.out_features
     return bits, weights
 
 
 def _decoder_linear_bits(source: ModelSource, model: nn.Module) -> tuple[float | None, str | None]:
     """Mean stored width of the decoder layers' linear weights, read from the safetensors headers."""
-    from quantkit.pipeline import decoder_layers
-
     try:
         prefix, layers = decoder_layers(model)
         names = [f"{prefix}.{i}.{n}.weight" for i, layer in enumerate(layers)
@@ -94,6 +93,14 @@ def _decoder_linear_bits(source: ModelSource, model: nn.Module) -> tuple[float |
     return bits / weights, "/".join(sorted(dtypes))
 
 
+def _formats(qcfg: dict[str, Any]) -> str:
+    """The checkpoint's formats with their versions, e.g. ``quantkit-uniform v2``."""
+    if qcfg.get("version", 0) < 3:
+        return f"{qcfg.get('format')} v{qcfg.get('version')}"
+    found = {(m["format"]["name"], m["format"]["version"]) for m in qcfg.get("modules", {}).values()}
+    return ", ".join(f"{name} v{version}" for name, version in sorted(found))
+
+
 def describe_model(source: ModelSource, model: nn.Module) -> ModelInfo:
     qcfg = _quantization_config(model)
     if qcfg is not None and qcfg.get("quant_method") == QUANT_METHOD:
@@ -105,7 +112,7 @@ def describe_model(source: ModelSource, model: nn.Module) -> ModelInfo:
             bits, weights = quantized_bits(model)
             bpw, size = (bits / weights if weights else None), folder_size(source.folder)
         return ModelInfo(method=qcfg.get("recipe") or "quantkit", quantized=True, bits_per_weight=bpw,
-                         size_on_disk_bytes=size, format=f"{qcfg.get('format')} v{qcfg.get('version')}")
+                         size_on_disk_bytes=size, format=_formats(qcfg))
     size = folder_size(source.folder)
     if qcfg is not None:  # another tool's checkpoint: name it, without guessing its bit count
         return ModelInfo(method=str(qcfg.get("quant_method")), quantized=True, bits_per_weight=None,

@@ -1,12 +1,13 @@
-"""Dequant-matmul kernels for quantkit's packed formats and their PyTorch references.
+"""Dequant-matmul kernels for quantkit's packed formats.
 
-Importable as ``quantkit.kernels``. The reference (dequantize, then an ordinary matmul) is always available and
-is the fallback of :func:`quantkit.kernels.dispatch.uniform_matmul`; fused Triton kernels register in the same table.
+Importable as ``quantkit.kernels``. :mod:`quantkit.kernels.dispatch` picks, per call, the first registered kernel
+that accepts it; each format's PyTorch reference (quantkit.formats) serves everything else. The fused Triton
+kernels (``triton_uniform``, ``triton_hadamard``, as the custom op of ``ops``) register there when Triton is
+installed.
 """
 
 from __future__ import annotations
 
-from quantkit.kernels.dispatch import KERNELS, register_kernel, uniform_matmul
-from quantkit.kernels.reference import dequantize_uniform, uniform_matmul_ref
+from quantkit.kernels.dispatch import KERNELS, linear, register_hadamard_kernel, register_kernel
 
-__all__ = ["KERNELS", "register_kernel", "uniform_matmul", "dequantize_uniform", "uniform_matmul_ref"]
+__all__ = ["KERNELS", "linear", "register_hadamard_kernel", "register_kernel"]

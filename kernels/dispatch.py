@@ -1,5 +1,14 @@
-"""One dispatch point for dequant-matmul: the first registered kernel whose predicate accepts the call wins;
-the PyTorch reference serves everything else (CPU, odd shapes, no Triton)."""
+"""One dispatch point per operation: the first registered kernel whose predicate accepts the call wins; the
+PyTorch reference serves everything else (CPU, odd shapes, no Triton).
+
+- ``linear(x, module, ...)``: a quantized linear's forward. Kernels register per format name and receive the
+  module (its ``format``, ``scheme`` and packed ``tensors``); the reference is the format's own ``linear``
+  (dequantize, then matmul), so a new format works everywhere before it has a kernel.
+- ``hadamard_kernel(x, fused=...)``: the backend of a Hadamard rotation (quantkit.rotations asks, and falls back to
+  its PyTorch transform when none applies): the Triton fast Walsh–Hadamard transform on CUDA.
+
+The Triton kernels register lazily, on first use, and only when Triton is installed.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.kernels.reference import uniform_matmul_ref
-
-__all__ = ["KERNELS", "Kernel", "kernel_for", "register_kernel", "uniform_matmul"]
+__all__ = ["KERNELS", "HADAMARD_KERNELS", "Kernel", "hadamard_kernel", "linear", "register_hadamard_kernel",
+           "register_kernel", "select"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,66 +28,70 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    supports: Callable[..., bool]
+    format: str  # the format it computes with
+    supports: Callable[..., bool]  # (x, module) -> bool
+    impl: Callable[..., torch.Tensor]  # (x, module, *, bias, rotation) -> y
+
+
+@dataclass(frozen=True)
+class HadamardKernel:
+    name: str
+    fused: bool  # True: ``impl(x, signs, block, transpose=False)`` (signs and scale inside); False: ``impl(x)``
+    supports: Callable[..., bool]  # (x, layout) -> bool
     impl: Callable[..., torch.Tensor]
 
 
 KERNELS: list[Kernel] = []
+HADAMARD_KERNELS: list[HadamardKernel] = []
 _builtins_loaded = False
 
 
-def register_kernel(name: str, supports: Callable[..., bool], impl: Callable[..., torch.Tensor]) -> None:
-    KERNELS.append(Kernel(name, supports, impl))
+def register_kernel(name: str, format: str, supports: Callable[..., bool], impl: Callable[..., torch.Tensor]) -> None:
+    KERNELS.append(Kernel(name, format, supports, impl))
+
+
+def register_hadamard_kernel(name: str, *, fused: bool, supports: Callable[..., bool],
+                             impl: Callable[..., torch.Tensor]) -> None:
+    HADAMARD_KERNELS.append(HadamardKernel(name, fused, supports, impl))
 
 
 def _load_builtin_kernels() -> None:
     """Register the kernels quantkit ships, once, on first use (not at ``import quantkit``: CPU users pay nothing).
 
-    The Triton kernels register only when Triton is installed; their predicate then accepts CUDA tensors only.
+    The Triton kernels register only when Triton is installed; their predicates then accept CUDA tensors only.
     """
     global _builtins_loaded
     if _builtins_loaded:
         return
     _builtins_loaded = True
     if importlib.util.find_spec("triton") is None:
-        logger.debug("triton is not installed: uniform_matmul uses the PyTorch reference")
+        logger.debug("triton is not installed: quantized linears and rotations use the PyTorch reference")
         return
-    from quantkit.kernels.ops import triton_supports, uniform_matmul_cuda
+    from quantkit.kernels.ops import register_triton_kernels
 
-    register_kernel("triton-uniform", triton_supports, uniform_matmul_cuda)
+    register_triton_kernels()
 
 
-def uniform_matmul(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int,
-                   levels: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for the scalar-grid format: ``levels`` set for non-uniform grids, else affine codes.
-    With ``rotation`` (a ``HadamardRotation`` of the input, fused into the stored weight), ``(R x) @ W.T``: a
-    kernel may compute ``R x`` inside the matmul; the reference applies it first."""
-    kernel = _select(x, qweight, bits, group_size)
+def select(x: torch.Tensor, module) -> Kernel | None:
+    """The first registered kernel for ``module``'s format that accepts the call; None means the reference."""
+    _load_builtin_kernels()
+    name = module.format.name
+    return next((k for k in KERNELS if k.format == name and k.supports(x, module)), None)
+
+
+def linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for a quantized linear ``module`` (``format``, ``scheme``, ``tensors``). With
+    ``rotation`` (a ``HadamardRotation`` of the input, fused into the stored weight), ``(R x) @ W.T``: a kernel
+    may compute ``R x`` inside the matmul; the reference applies it first."""
+    kernel = select(x, module)
     if kernel is not None:
-        return kernel.impl(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels,
-                           rotation=rotation)
+        return kernel.impl(x, module, bias=bias, rotation=rotation)
     if rotation is not None:
         x = rotation.apply(x)
-    return uniform_matmul_ref(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, levels=levels)
+    return module.format.linear(x, module.tensors, module.scheme, bias)
 
 
-def kernel_for(model: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
-    """The name of the kernel that the first ``QuantizedLinear`` in ``model`` dispatches to, for activations of
-    ``dtype`` (default: the dtype of the model's first floating-point parameter) on that layer's device;
-    ``"pytorch-reference"`` when no registered kernel applies."""
-    from quantkit.nn import QuantizedLinear
-
-    layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
-    if layer is None:
-        raise ValueError("the model has no QuantizedLinear")
-    if dtype is None:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
-    x = torch.empty(1, layer.in_features, device=layer.qweight.device, dtype=dtype)
-    kernel = _select(x, layer.qweight, layer.scheme.bits, layer.scheme.group_size)
-    return "pytorch-reference" if kernel is None else kernel.name
-
-
-def _select(x: torch.Tensor, qweight: torch.Tensor, bits: int, group_size: int) -> Kernel | None:
-    """The first registered kernel whose predicate accepts the call; None means the PyTorch reference."""
+def hadamard_kernel(x: torch.Tensor, layout, *, fused: bool) -> Callable[..., torch.Tensor] | None:
+    """A registered Hadamard transform for ``x`` and ``layout`` (a ``HadamardLayout``), or None."""
     _load_builtin_kernels()
-    return next((k for k in KERNELS if k.supports(x, qweight, bits=bits, group_size=group_size)), None)
+    return next((k.impl for k in HADAMARD_KERNELS if k.fused == fused and k.supports(x, layout)), None)

@@ -12,7 +12,7 @@ import torch
 
 from quantkit.formats.packing import SUPPORTED_BITS, packed_words
 
-__all__ = ["triton_supports", "uniform_matmul_cuda", "uniform_matmul_triton"]
+__all__ = ["register_triton_kernels", "triton_supports", "uniform_matmul_cuda", "uniform_matmul_triton"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -40,7 +40,7 @@ def uniform_matmul_triton(
     except ImportError as e:
         raise ImportError(
             "quantkit's fused kernels need Triton: pip install 'quantkit[triton]' (or use the PyTorch reference, "
-            "quantkit.kernels.uniform_matmul_ref)"
+            "quantkit.formats.uniform.uniform_matmul_ref)"
         ) from e
     return triton_uniform_matmul(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size,
                                  levels=levels, rot_signs=rot_signs, rot_block=rot_block)
@@ -90,3 +90,27 @@ def uniform_matmul_cuda(x, qweight, scales, zeros, perm, bias, *, bits: int, gro
         return uniform_matmul_triton(x, qweight, scales, zeros, perm, bias, levels, bits=bits, group_size=group_size)
     return uniform_matmul_triton(x, qweight, scales, zeros, perm, bias, levels, rotation.signs, bits=bits,
                                  group_size=group_size, rot_block=rotation.layout.block)
+
+
+def _uniform_supports(x: torch.Tensor, module) -> bool:
+    t, q = module.tensors, module.scheme.quantizer
+    return triton_supports(x, t["qweight"], bits=q.bits, group_size=q.group_size)
+
+
+def _uniform_linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
+    t, q = module.tensors, module.scheme.quantizer
+    return uniform_matmul_cuda(x, t["qweight"], t["scales"], t.get("zeros"), t.get("perm"), bias, bits=q.bits,
+                               group_size=q.group_size, levels=t.get("levels"), rotation=rotation)
+
+
+def register_triton_kernels() -> None:
+    """The dispatch table's Triton entries (quantkit.kernels.dispatch calls this once, when Triton is installed):
+    the dequant-matmul of ``quantkit-uniform`` and the Hadamard transforms, for CUDA tensors."""
+    from quantkit.kernels import dispatch
+    from quantkit.kernels.triton_hadamard import triton_fwht, triton_rotate
+
+    dispatch.register_kernel("triton-uniform", "quantkit-uniform", _uniform_supports, _uniform_linear)
+    dispatch.register_hadamard_kernel("triton-rotate", fused=True, impl=triton_rotate,
+                                      supports=lambda x, layout: x.is_cuda and layout.small == 1)
+    dispatch.register_hadamard_kernel("triton-fwht", fused=False, impl=triton_fwht,
+                                      supports=lambda x, layout: x.is_cuda)

@@ -84,7 +84,7 @@ def _batch_size(v: str) -> int | str:
 
 
 def _recipes(a: argparse.Namespace) -> int:
-    from quantkit.recipe import list_presets, load_recipe
+    from quantkit.config.recipe import list_presets, load_recipe
 
     for name in list_presets():
         print(f"{name:16s} {load_recipe(name).description}")

@@ -8,10 +8,14 @@ from quantkit.algos.gptq import gptq, inverse_hessian_factor
 from quantkit.algos.hessian import HessianAccumulator, output_error
 from quantkit.algos.rtn import rtn
 from quantkit.errors import QuantkitError
-from quantkit.formats import UniformFormat
+from quantkit.config import LayerScheme
+from quantkit.formats import get_format
 from quantkit.grids import UniformGrid
-from quantkit.kernels.reference import dequantize_uniform
-from quantkit.scheme import LayerScheme
+from quantkit.quantizers.scalar import ScalarQuantizer
+
+
+def Q(grid, group_size):
+    return ScalarQuantizer(grid, group_size)
 
 
 def _layer(out=48, n=160, tokens=2048, seed=0):
@@ -27,9 +31,8 @@ def _layer(out=48, n=160, tokens=2048, seed=0):
 
 
 def _packed_weight(result, scheme, n):
-    t = UniformFormat.pack(result, scheme)
-    return dequantize_uniform(t["qweight"], t["scales"], t.get("zeros"), t.get("perm"), bits=scheme.bits,
-                              group_size=scheme.group_size, in_features=n)
+    fmt = get_format(scheme.format)
+    return fmt.dequantize(fmt.pack(result, scheme), scheme, n)
 
 
 def test_hessian_accumulator_matches_definition():
@@ -49,9 +52,10 @@ def test_hessian_accumulator_matches_definition():
 def test_gptq_beats_rtn_and_packs_exactly(bits, group_size, act_order, static_groups, symmetric):
     W, X, H = _layer()
     n = W.shape[1]  # 160: with groups of 64 or 128 the last group is shorter
-    scheme = LayerScheme("gptq", bits, group_size, symmetric, act_order, static_groups)
+    scheme = LayerScheme.from_dict(dict(method="gptq", bits=bits, group_size=group_size, symmetric=symmetric,
+                                        act_order=act_order, static_groups=static_groups))
     r = get_method("gptq").fn(W, H, scheme)
-    base = rtn(W, UniformGrid(bits, symmetric), group_size=group_size)
+    base = rtn(W, Q(UniformGrid(bits, symmetric), group_size))
     assert r.codes.shape == W.shape and torch.isfinite(r.W_hat).all()
     assert int(r.codes.max()) < 2**bits
     # The objective GPTQ minimizes, measured directly on the activations.
@@ -60,12 +64,12 @@ def test_gptq_beats_rtn_and_packs_exactly(bits, group_size, act_order, static_gr
     assert err_gptq < err_rtn
     # What is stored decodes to exactly the weight GPTQ computed with.
     assert torch.equal(_packed_weight(r, scheme, n), r.W_hat)
-    assert (r.perm is not None) == scheme.stores_perm
+    assert (r.perm is not None) == (act_order and not static_groups)
 
 
 def test_rtn_packs_exactly_and_is_nearest():
     W, _, _ = _layer()
-    scheme = LayerScheme("rtn", 3, 64)
+    scheme = LayerScheme.from_dict(dict(method="rtn", bits=3, group_size=64))
     r = get_method("rtn").fn(W, None, scheme)
     assert torch.equal(_packed_weight(r, scheme, W.shape[1]), r.W_hat)
     # Nearest: no other code of the same group grid is closer to any weight.
@@ -78,7 +82,7 @@ def test_rtn_packs_exactly_and_is_nearest():
 
 def test_gptq_loss_estimate_tracks_output_error():
     W, X, H = _layer()
-    r = gptq(W, H, UniformGrid(3), group_size=64)
+    r = gptq(W, H, Q(UniformGrid(3), 64))
     assert r.loss > 0
     # With light damping, the OBS loss sum is close to half the true objective tr(ΔW H ΔWᵀ) / 2.
     assert r.loss == pytest.approx(output_error(W, r.W_hat, H) / 2, rel=0.25)
@@ -89,9 +93,9 @@ def test_gptq_dead_columns_and_singular_hessian():
     X[:, 5] = 0  # a dead input channel
     X = X[:16]  # fewer tokens than dimensions: H is singular, damping makes it definite
     H = 2 * X.T @ X / 16
-    r = gptq(W, H, UniformGrid(4), group_size=32, act_order=True)
+    r = gptq(W, H, Q(UniformGrid(4), 32), act_order=True)
     assert torch.isfinite(r.W_hat).all()
-    assert torch.all(r.W_hat[:, 5].abs() <= r.scales.max())
+    assert torch.all(r.W_hat[:, 5].abs() <= r.params["scales"].max())
 
 
 def test_cholesky_retry_with_more_damping():
@@ -106,7 +110,7 @@ def test_non_finite_hessian_is_a_clear_error():
     W, _, H = _layer(n=32)
     H[3, 3] = float("nan")
     with pytest.raises(QuantkitError, match="non-finite"):
-        gptq(W, H, UniformGrid(4), group_size=32)
+        gptq(W, H, Q(UniformGrid(4), 32))
 
 
 def test_grid_params_are_fp16_exact():

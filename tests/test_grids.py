@@ -8,12 +8,17 @@ from quantkit.algos import get_method
 from quantkit.algos.gptq import gptq
 from quantkit.algos.hessian import output_error
 from quantkit.algos.rtn import rtn
+from quantkit.config import LayerScheme
 from quantkit.errors import RecipeError
-from quantkit.formats import UniformFormat
+from quantkit.formats import get_format
 from quantkit.grids import FP4_LEVELS, NF4_LEVELS, gaussian_levels, make_grid
 from quantkit.grids.lloyd_max import lloyd_max_gaussian
 from quantkit.nn import QuantizedLinear
-from quantkit.scheme import LayerScheme
+from quantkit.quantizers.scalar import ScalarQuantizer
+
+
+def S(**flat):
+    return LayerScheme.from_dict(flat)
 
 # Max (1960), "Quantizing for minimum distortion": MSE of the optimal quantizer of N(0, 1).
 MAX_1960_MSE = {2: 0.1175, 3: 0.03454, 4: 0.009497}
@@ -68,8 +73,8 @@ def test_level_grid_rounds_to_the_nearest_level(name):
 def test_gaussian_grid_beats_uniform_on_gaussian_weights_at_equal_bits():
     """At 4 bits, no zero points either way (symmetric uniform): same bits per weight, lower error."""
     W = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
-    gauss = rtn(W, make_grid("gaussian", 4), group_size=128).W_hat
-    uniform = rtn(W, make_grid("uniform", 4, symmetric=True), group_size=128).W_hat
+    gauss = rtn(W, ScalarQuantizer(make_grid("gaussian", 4), 128)).W_hat
+    uniform = rtn(W, ScalarQuantizer(make_grid("uniform", 4, symmetric=True), 128)).W_hat
     assert (W - gauss).pow(2).mean() < 0.9 * (W - uniform).pow(2).mean()
 
 
@@ -81,23 +86,23 @@ def test_gptq_with_a_level_grid_beats_rtn_on_its_objective(name):
     H = 2 * X @ X.T / X.shape[1]
     W = torch.randn(32, 128, generator=g)
     grid = make_grid(name, 4)
-    q_gptq = gptq(W, H, grid, group_size=64, act_order=True)
-    q_rtn = rtn(W, grid, group_size=64)
+    q_gptq = gptq(W, H, ScalarQuantizer(grid, 64), act_order=True)
+    q_rtn = rtn(W, ScalarQuantizer(grid, 64))
     assert output_error(W, q_gptq.W_hat, H) < 0.8 * output_error(W, q_rtn.W_hat, H)
     # The codes and scales decode to the weight GPTQ reports (columns stored in act-order).
     stored = q_gptq.W_hat[:, q_gptq.perm]
-    assert torch.equal(q_gptq.scales.repeat_interleave(64, 1) * grid.table[q_gptq.codes.long()], stored)
+    assert torch.equal(q_gptq.params["scales"].repeat_interleave(64, 1) * grid.table[q_gptq.codes.long()], stored)
 
 
 @pytest.mark.parametrize("name,bits", [("gaussian", 2), ("gaussian", 3), ("gaussian", 8), ("nf4", 4), ("fp4", 4)])
 def test_level_grid_pack_round_trip_is_exact(name, bits):
     W = torch.randn(24, 200, generator=torch.Generator().manual_seed(3))
-    scheme = LayerScheme(method="rtn", bits=bits, group_size=64, grid=name)
-    res = rtn(W, make_grid(name, bits), group_size=64)
-    packed = UniformFormat.pack(res, scheme)
+    scheme = S(method="rtn", bits=bits, group_size=64, grid=name)
+    res = rtn(W, ScalarQuantizer(make_grid(name, bits), 64))
+    packed = get_format(scheme.format).pack(res, scheme)
     assert set(packed) == {"qweight", "scales", "levels"}
     assert packed["levels"].dtype == torch.float16 and packed["levels"].numel() == 2**bits
-    q = QuantizedLinear.from_packed(packed, scheme, 200)
+    q = QuantizedLinear.from_packed(packed, scheme, 200, 24)
     assert torch.equal(q.dequantize(), res.W_hat)
     x = torch.randn(3, 200)
     assert torch.allclose(q(x), x @ res.W_hat.T, atol=1e-5)
@@ -105,21 +110,22 @@ def test_level_grid_pack_round_trip_is_exact(name, bits):
 
 def test_scheme_rejects_bad_grid_and_rotation_fields():
     with pytest.raises(RecipeError, match="field 'grid'"):
-        LayerScheme(method="rtn", bits=4, grid="lattice")
+        S(method="rtn", bits=4, grid="lattice")
     with pytest.raises(RecipeError, match="field 'bits'.*nf4"):
-        LayerScheme(method="rtn", bits=3, grid="nf4")
+        S(method="rtn", bits=3, grid="nf4")
     with pytest.raises(RecipeError, match="field 'rotation'"):
-        LayerScheme(method="rtn", bits=4, rotation="givens")
+        S(method="rtn", bits=4, rotation="givens")
     with pytest.raises(RecipeError, match="field 'rotate_output'"):
-        LayerScheme(method="rtn", bits=4, rotate_output=True)
+        S(method="rtn", bits=4, rotate_output=True)
     with pytest.raises(RecipeError, match="field 'mse_clip'.*uniform grid"):
-        LayerScheme(method="rtn", bits=4, grid="gaussian", mse_clip=True)
+        S(method="rtn", bits=4, grid="gaussian", mse_clip=True)
     with pytest.raises(RecipeError, match="field 'mse_clip'"):
-        LayerScheme(method="rtn", bits=4, mse_clip="yes")
+        S(method="rtn", bits=4, mse_clip="yes")
     with pytest.raises(RecipeError, match="field 'rotation_seed'"):
-        LayerScheme(method="rtn", bits=4, rotation="hadamard", rotation_seed=-1)
-    assert LayerScheme(method="rtn", bits=4, grid="nf4").stores_levels
-    assert not LayerScheme(method="rtn", bits=4, grid="gaussian").stores_zeros
+        S(method="rtn", bits=4, rotation="hadamard", rotation_seed=-1)
+    fmt = get_format("quantkit-uniform")
+    assert "levels" in fmt.tensor_specs(S(method="rtn", bits=4, grid="nf4"), 64, 8)
+    assert "zeros" not in fmt.tensor_specs(S(method="rtn", bits=4, grid="gaussian"), 64, 8)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -150,6 +156,6 @@ def test_mse_clip_reaches_rtn_and_gptq_through_the_scheme():
     for method in ("rtn", "gptq"):
         errs = {}
         for clip in (False, True):
-            scheme = LayerScheme(method=method, bits=3, group_size=128, mse_clip=clip)
+            scheme = S(method=method, bits=3, group_size=128, mse_clip=clip)
             errs[clip] = output_error(W, get_method(method).fn(W, H, scheme).W_hat, H)
         assert errs[True] < errs[False], (method, errs)

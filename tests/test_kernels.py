@@ -18,7 +18,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from quantkit.algos.groups import num_groups
+from quantkit.quantizers.groups import num_groups
 from quantkit.formats.packing import SUPPORTED_BITS, pack_codes, packed_words
 from quantkit.kernels import dispatch
 from quantkit.kernels.ops import uniform_matmul_triton

@@ -5,33 +5,25 @@ from __future__ import annotations
 import torch
 
 from quantkit.algos import QuantResult, register_method
-from quantkit.algos.groups import group_size_of
-from quantkit.grids import Grid, grid_for
+from quantkit.quantizers import Quantizer
+from quantkit.quantizers.groups import group_size_of
 
 __all__ = ["rtn"]
 
 
-def rtn(W: torch.Tensor, grid: Grid, *, group_size: int) -> QuantResult:
-    """W: [out, in]. Each group of columns gets its own per-row grid parameters."""
+def rtn(W: torch.Tensor, quantizer: Quantizer) -> QuantResult:
+    """W: [out, in]. Each group of columns (``quantizer.group_size``) is fitted and rounded in one call."""
     W = W.float()
-    g = group_size_of(group_size, W.shape[1])
-    codes, scales, zeros, W_hat = [], [], [], []
+    quantizer.prepare(W, None, None)
+    g = group_size_of(quantizer.group_size, W.shape[1])
+    codes, W_hat = [], []
     for c in range(0, W.shape[1], g):
-        params = grid.fit(W[:, c : c + g])
-        q, k = grid.quantize(W[:, c : c + g], params)
+        q, k = quantizer.quantize(W[:, c : c + g], c, lambda n, c=c: W[:, c : c + n])
         codes.append(k)
         W_hat.append(q)
-        scales.append(params.scale)
-        zeros.append(params.zero)
-    return QuantResult(
-        codes=torch.cat(codes, 1),
-        scales=torch.stack(scales, 1),
-        zeros=torch.stack(zeros, 1),
-        perm=None,
-        W_hat=torch.cat(W_hat, 1),
-    )
+    return QuantResult(codes=torch.cat(codes, 1), W_hat=torch.cat(W_hat, 1), params=quantizer.params())
 
 
 @register_method("rtn", needs_hessian=False)
 def _rtn_method(W: torch.Tensor, H: torch.Tensor | None, scheme) -> QuantResult:
-    return rtn(W, grid_for(scheme), group_size=scheme.group_size)
+    return rtn(W, scheme.quantizer.build())

@@ -1,7 +1,8 @@
 """Grids: the scalar value sets that rounding methods snap weights onto, registered by name.
 
 A grid fits per-row parameters to a group of columns (``fit``), rounds onto itself (``quantize`` returning
-``(x_hat, codes)``) and decodes codes (``decode``); RTN and GPTQ take any of them.
+``(x_hat, codes)``) and decodes codes (``decode``); the scalar quantizer (quantkit.quantizers.scalar) drives any
+of them for RTN and GPTQ.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from quantkit.grids.levels import FP4_LEVELS, NF4_LEVELS, LevelGrid, gaussian_levels
 from quantkit.grids.uniform import GridParams, UniformGrid
 
-__all__ = ["GRIDS", "Grid", "GridParams", "LevelGrid", "UniformGrid", "grid_for", "make_grid", "register_grid"]
+__all__ = ["GRIDS", "Grid", "GridParams", "LevelGrid", "UniformGrid", "make_grid", "register_grid"]
 
 Grid = UniformGrid | LevelGrid
 
@@ -32,11 +33,6 @@ def make_grid(name: str, bits: int, symmetric: bool = False, mse_clip: bool = Fa
     if bits not in supported:
         raise ValueError(f"grid {name!r} supports {', '.join(map(str, supported))} bits, not {bits}")
     return factory(bits, symmetric, mse_clip)
-
-
-def grid_for(scheme) -> Grid:
-    """The grid a ``LayerScheme`` asks for."""
-    return make_grid(scheme.grid, scheme.bits, scheme.symmetric, scheme.mse_clip)
 
 
 @register_grid("uniform", (2, 3, 4, 8))

@@ -1,4 +1,13 @@
-"""``config.json["quantization_config"]`` of a quantkit checkpoint."""
+"""``config.json["quantization_config"]`` of a quantkit checkpoint.
+
+Layout version 3 (written since the format registry)::
+
+    {"quant_method": "quantkit", "version": 3, "recipe": NAME,
+     "modules": {MODULE: {"scheme": LayerScheme.to_dict(), "format": {"name": ..., "version": ...}}}}
+
+Versions 1 and 2 (one format for the whole checkpoint, ``quantkit-uniform``, with the flat scheme of each module)
+are read as version 3 with that format at that version for every module.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +15,84 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from quantkit.errors import QuantkitError
-from quantkit.formats import FORMAT_NAME, FORMAT_VERSION
-from quantkit.scheme import LayerScheme
+from quantkit.config.scheme import LayerScheme
+from quantkit.errors import QuantkitError, RecipeError
+from quantkit.registry import FORMATS
 
-__all__ = ["QuantkitConfig", "QUANT_METHOD"]
+__all__ = ["CONFIG_VERSION", "QuantkitConfig", "QUANT_METHOD"]
 
 QUANT_METHOD = "quantkit"
+CONFIG_VERSION = 3
+_LEGACY_FORMAT = "quantkit-uniform"  # the one format of layout versions 1 and 2
 
 
 class QuantkitConfig(QuantizationConfigMixin):
-    """The format, its version and the resolved scheme of every quantized linear, keyed by module name."""
+    """The recipe name and, for every quantized linear (keyed by module name), its scheme and the name and version
+    of the format its tensors are stored in."""
 
     def __init__(
         self,
         modules: dict[str, dict[str, Any]] | None = None,
-        format: str = FORMAT_NAME,
-        version: int = FORMAT_VERSION,
+        version: int = CONFIG_VERSION,
         recipe: str | None = None,
         quant_method: str = QUANT_METHOD,
+        format: str | None = None,
         **kwargs: Any,
     ):
         if quant_method != QUANT_METHOD:
             raise QuantkitError(f"not a quantkit config: quant_method={quant_method!r}")
         self.quant_method = QUANT_METHOD
-        self.format = format
         self.version = version
         self.recipe = recipe
+        self.format = format  # layout versions 1–2 only
         self.modules = dict(modules or {})
         self.post_init()
 
+    @classmethod
+    def for_schemes(cls, schemes: dict[str, LayerScheme], recipe: str | None = None) -> QuantkitConfig:
+        modules = {name: {"scheme": s.to_dict(),
+                          "format": {"name": s.format, "version": FORMATS.get(s.format).version}}
+                   for name, s in schemes.items()}
+        return cls(modules=modules, recipe=recipe)
+
     def post_init(self) -> None:
-        if self.format != FORMAT_NAME:
-            raise QuantkitError(f"unknown quantkit format {self.format!r}; this quantkit reads {FORMAT_NAME!r}")
-        if not isinstance(self.version, int) or self.version > FORMAT_VERSION:
+        if not isinstance(self.version, int) or self.version > CONFIG_VERSION:
             raise QuantkitError(
                 f"checkpoint format version {self.version} is newer than this quantkit supports "
-                f"({FORMAT_VERSION}); upgrade quantkit"
+                f"({CONFIG_VERSION}); upgrade quantkit"
             )
+        if self.version < 3 and self.format != _LEGACY_FORMAT:
+            raise QuantkitError(f"unknown quantkit format {self.format!r}; version {self.version} checkpoints are "
+                                f"{_LEGACY_FORMAT!r}")
         self.schemes()  # validate every entry now, not at first forward
 
+    def _entry(self, name: str, entry: Any) -> tuple[LayerScheme, int]:
+        if self.version < 3:
+            return LayerScheme.from_dict({**entry, "format": _LEGACY_FORMAT}), self.version
+        if not isinstance(entry, dict) or set(entry) != {"scheme", "format"}:
+            raise QuantkitError(f"quantization_config: module {name!r}: expected 'scheme' and 'format'")
+        fmt = entry["format"]
+        scheme = LayerScheme.from_dict({**entry["scheme"], "format": fmt.get("name")})
+        return scheme, fmt.get("version")
+
     def schemes(self) -> dict[str, LayerScheme]:
-        return {name: LayerScheme.from_dict(d) for name, d in self.modules.items()}
+        out = {}
+        for name, entry in self.modules.items():
+            try:
+                scheme, version = self._entry(name, entry)
+            except RecipeError as e:
+                raise QuantkitError(f"quantization_config: module {name!r}: {e}") from None
+            FORMATS.get(scheme.format).check_version(version)
+            out[name] = scheme
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "quant_method": self.quant_method,
-            "format": self.format,
             "version": self.version,
             "recipe": self.recipe,
             "modules": {k: dict(v) for k, v in self.modules.items()},
         }
+        if self.format is not None:
+            d["format"] = self.format
+        return d

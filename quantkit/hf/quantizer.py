@@ -7,10 +7,10 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
+from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError
 from quantkit.hf.config import QUANT_METHOD, QuantkitConfig
 from quantkit.nn import QuantizedLinear
-from quantkit.scheme import LayerScheme
 
 __all__ = ["QuantkitHfQuantizer", "register", "replace_linears"]
 

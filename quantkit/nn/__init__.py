@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from quantkit.nn.linear import QuantizedLinear
+from quantkit.nn.linear import QuantizedLinear, kernel_for
 
-__all__ = ["QuantizedLinear"]
+__all__ = ["QuantizedLinear", "kernel_for"]

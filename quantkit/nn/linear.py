@@ -1,4 +1,5 @@
-"""``QuantizedLinear``: a linear layer whose weight stays packed; the forward goes through the kernel dispatch.
+"""``QuantizedLinear``: a linear layer whose weight stays packed in its format's tensors; the forward goes through
+the kernel dispatch (quantkit.kernels.dispatch), which falls back to the format's PyTorch reference.
 
 With a Hadamard rotation (quantkit.rotations) the stored weight is ``S W Rᵀ``: the forward rotates the input by
 ``R`` (the dispatch's kernel may do that inside the dequant-matmul) and the output by ``Sᵀ`` after it, then adds
@@ -10,17 +11,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.formats import UniformFormat
-from quantkit.kernels.dispatch import uniform_matmul
-from quantkit.kernels.reference import dequantize_uniform
+from quantkit.config.scheme import LayerScheme
+from quantkit.formats import Format, get_format
+from quantkit.kernels import dispatch
 from quantkit.rotations import HadamardRotation
-from quantkit.scheme import LayerScheme
 
-__all__ = ["QuantizedLinear"]
+__all__ = ["QuantizedLinear", "kernel_for"]
 
 
 class QuantizedLinear(nn.Module):
-    """Drop-in for ``nn.Linear`` holding the packed format's tensors as buffers (they are not trainable)."""
+    """Drop-in for ``nn.Linear`` holding its format's tensors as buffers (they are not trainable)."""
 
     def __init__(
         self,
@@ -36,45 +36,46 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
-        specs = UniformFormat.tensor_specs(scheme, in_features, out_features)
-        # Absent ones are None (symmetric or level grid, no act-order, no rotation).
-        for name in ("qweight", "scales", "zeros", "levels", "perm", "rot_in_signs", "rot_out_signs"):
-            shape_dtype = specs.get(name)
-            empty = torch.empty(shape_dtype[0], dtype=shape_dtype[1], device=device) if shape_dtype else None
-            self.register_buffer(name, empty)
+        self.format: Format = get_format(scheme.format)
+        specs = self.format.layer_specs(scheme, in_features, out_features)
+        for name, (shape, tensor_dtype) in specs.items():
+            self.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device=device))
+        self._tensor_names = tuple(specs)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
     def from_packed(
-        cls, tensors: dict[str, torch.Tensor], scheme: LayerScheme, in_features: int, bias: torch.Tensor | None = None
+        cls, tensors: dict[str, torch.Tensor], scheme: LayerScheme, in_features: int, out_features: int,
+        bias: torch.Tensor | None = None,
     ) -> QuantizedLinear:
-        out_features = tensors["qweight"].shape[0]
         m = cls(in_features, out_features, scheme, bias=bias is not None, device="meta")
-        for name in UniformFormat.tensor_specs(scheme, in_features, out_features):
+        for name in m._tensor_names:
             setattr(m, name, tensors[name].clone())
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return m
 
     @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (the format's and the rotation signs; not the bias)."""
+        return {name: getattr(self, name) for name in self._tensor_names}
+
+    @property
     def rotations(self) -> tuple[HadamardRotation | None, HadamardRotation | None]:
         """The input-side and output-side rotations fused into the stored weight (None where there is none)."""
-        r_in = HadamardRotation(self.rot_in_signs, "input") if self.rot_in_signs is not None else None
-        r_out = HadamardRotation(self.rot_out_signs, "output") if self.rot_out_signs is not None else None
+        t = self.tensors
+        r_in = HadamardRotation(t["rot_in_signs"], "input") if "rot_in_signs" in t else None
+        r_out = HadamardRotation(t["rot_out_signs"], "output") if "rot_out_signs" in t else None
         return r_in, r_out
+
+    def stored_bits(self) -> int:
+        """Every stored bit of this layer (quantkit.formats.Format.stored_bits)."""
+        bias_dtype = self.bias.dtype if self.bias is not None else None
+        return self.format.stored_bits(self.scheme, self.in_features, self.out_features, bias_dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight [out, in] in the original basis (for inspection and tests; the forward never builds it)."""
-        W = dequantize_uniform(
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.perm,
-            bits=self.scheme.bits,
-            group_size=self.scheme.group_size,
-            in_features=self.in_features,
-            levels=self.levels,
-        )
+        W = self.format.dequantize(self.tensors, self.scheme, self.in_features)
         for rot in self.rotations:
             if rot is not None:
                 W = rot.unfuse(W)
@@ -82,18 +83,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r_in, r_out = self.rotations
-        y = uniform_matmul(  # applies r_in to x (a kernel may do it inside the matmul)
-            x,
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.perm,
-            self.bias if r_out is None else None,
-            bits=self.scheme.bits,
-            group_size=self.scheme.group_size,
-            levels=self.levels,
-            rotation=r_in,
-        )
+        # applies r_in to x (a kernel may do it inside the matmul)
+        y = dispatch.linear(x, self, bias=self.bias if r_out is None else None, rotation=r_in)
         if r_out is not None:
             y = r_out.online(y)
             if self.bias is not None:
@@ -102,8 +93,22 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.scheme
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"method={s.method}, bits={s.bits}, group_size={s.group_size}, symmetric={s.symmetric}, "
-            f"act_order={s.act_order}, grid={s.grid}, rotation={s.rotation}{'+output' if s.rotate_output else ''}"
-        )
+        q = ", ".join(f"{k}={v}" for k, v in s.quantizer.to_dict().items())
+        rot = s.rotation.kind.value + ("+output" if s.rotation.output else "")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={s.format}, method={s.method.name}, act_order={s.method.act_order}, quantizer=({q}), "
+                f"rotation={rot}")
+
+
+def kernel_for(model: nn.Module, dtype: torch.dtype | None = None) -> str:
+    """The name of the kernel that the first ``QuantizedLinear`` in ``model`` dispatches to, for activations of
+    ``dtype`` (default: the dtype of the model's first floating-point parameter) on that layer's device;
+    ``"pytorch-reference"`` when no registered kernel applies."""
+    layer = next((m for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+    if layer is None:
+        raise ValueError("the model has no QuantizedLinear")
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
+    device = next(iter(layer.tensors.values())).device
+    kernel = dispatch.select(torch.empty(1, layer.in_features, device=device, dtype=dtype), layer)
+    return "pytorch-reference" if kernel is None else kernel.name

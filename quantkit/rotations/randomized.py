@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from quantkit.kernels.dispatch import hadamard_kernel
 from quantkit.rotations.hadamard import HadamardLayout, hadamard_layout, hadamard_matrix, small_hadamard
 
 __all__ = ["HadamardRotation", "random_signs", "hadamard_transform"]
@@ -38,7 +39,8 @@ def hadamard_transform(x: torch.Tensor, layout: HadamardLayout, *, transpose: bo
     """``x (H/√b)ᵀ`` over the last dimension (``x H/√b`` with ``transpose``), in ``x``'s dtype.
 
     Each block of ``b = small · pow2`` is viewed as ``[small, pow2]``: the small factor goes through a dense
-    ``small × small`` matmul. The power-of-two factor goes through the fast transform (Triton) on CUDA; elsewhere it
+    ``small × small`` matmul. The power-of-two factor goes through a registered kernel where one applies (quantkit.kernels.dispatch: the
+    fast transform in Triton, on CUDA); elsewhere it
     is split into Sylvester factors of order at most 64 (``H₂ₐ₊ᵦ = H₂ₐ ⊗ H₂ᵦ``) and each factor is one matmul
     along its own axis. That is O(n · Σ factors) work instead of O(n log n), but every step is one GEMM rather
     than an elementwise pass with its own allocation; on CPU that is faster than the butterfly at Llama's widths
@@ -47,8 +49,9 @@ def hadamard_transform(x: torch.Tensor, layout: HadamardLayout, *, transpose: bo
     lead, n = x.shape[:-1], x.shape[-1]
     if n != layout.n:
         raise ValueError(f"expected last dimension {layout.n}, got {n}")
-    if x.is_cuda and _triton_fwht() is not None:
-        y = _triton_fwht()(x.reshape(-1, layout.small, layout.pow2))  # Sylvester: symmetric, transpose or not
+    fwht = hadamard_kernel(x, layout, fused=False)
+    if fwht is not None:
+        y = fwht(x.reshape(-1, layout.small, layout.pow2))  # Sylvester: symmetric, transpose or not
         if layout.small > 1:
             S = _small_on(layout.small, y.device, y.dtype)
             y = (S.T if transpose else S) @ y  # rows of the [small, pow2] view mix by S (x Hᵀ: S on the left)
@@ -92,26 +95,6 @@ def _sylvester_on(m: int, device: torch.device, dtype: torch.dtype) -> torch.Ten
     return hadamard_matrix(m).to(device=device, dtype=dtype)
 
 
-@functools.cache
-def _triton_fwht():
-    try:
-        from quantkit.kernels.triton_hadamard import triton_fwht
-    except ImportError:
-        return None
-    return triton_fwht
-
-
-def _fused_kernel(x: torch.Tensor, layout: HadamardLayout):
-    """The one-launch Triton rotation, for CUDA tensors and power-of-two blocks (Llama's 4096, 11008 = 43·256)."""
-    if not x.is_cuda or layout.small != 1:
-        return None
-    try:
-        from quantkit.kernels.triton_hadamard import triton_rotate
-    except ImportError:
-        return None
-    return triton_rotate
-
-
 @dataclass(frozen=True)
 class HadamardRotation:
     """``R = H D / √b`` on one side of a linear; ``signs`` [n] are the diagonal of D."""
@@ -125,7 +108,7 @@ class HadamardRotation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``R x`` for each vector along the last dimension, computed in fp32 and returned in ``x``'s dtype."""
-        fused = _fused_kernel(x, self.layout)
+        fused = hadamard_kernel(x, self.layout, fused=True)
         if fused is not None:
             return fused(x, self.signs, self.layout.block)
         s = self.signs.to(device=x.device, dtype=torch.float32)
@@ -133,7 +116,7 @@ class HadamardRotation:
 
     def invert(self, x: torch.Tensor) -> torch.Tensor:
         """``Rᵀ x`` along the last dimension: undoes :meth:`apply`."""
-        fused = _fused_kernel(x, self.layout)
+        fused = hadamard_kernel(x, self.layout, fused=True)
         if fused is not None:
             return fused(x, self.signs, self.layout.block, transpose=True)
         s = self.signs.to(device=x.device, dtype=torch.float32)

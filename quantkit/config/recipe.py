@@ -4,13 +4,18 @@
 
     name: gptq-w4g128
     description: GPTQ, 4-bit asymmetric, groups of 128, act-order
+    version: 1
     ignore: []                 # module names or "re:<regex>"; lm_head and embeddings are never quantized here
     schemes:                   # the first scheme whose targets match a linear wins
       - targets: ["re:.*"]     # exact name, a suffix after a dot ("q_proj"), or "re:<regex>" (full match)
-        method: gptq
+        method: gptq           # the flat shorthand; LayerScheme's canonical parts are accepted as well
         bits: 4
         group_size: 128
         act_order: true
+    kv_cache: null             # reserved for KV-cache quantization (not implemented yet)
+
+A recipe round-trips through ``to_dict``/``from_dict`` and YAML (``to_yaml``, ``save_recipe``), so tools that
+choose schemes (bit allocation) write ordinary recipes.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from typing import Any
 
 import yaml
 
+from quantkit.config.scheme import LayerScheme
 from quantkit.errors import RecipeError
-from quantkit.scheme import LayerScheme
 
-__all__ = ["Recipe", "SchemeRule", "load_recipe", "list_presets", "matches"]
+__all__ = ["RECIPE_VERSION", "Recipe", "SchemeRule", "load_recipe", "list_presets", "matches", "save_recipe"]
 
-_TOP_FIELDS = ("name", "description", "ignore", "schemes")
+RECIPE_VERSION = 1
+_TOP_FIELDS = ("name", "description", "version", "ignore", "schemes", "kv_cache")
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -56,9 +62,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        from quantkit.algos import get_method
-
-        return any(get_method(r.scheme.method).needs_hessian for r in self.schemes)
+        return any(r.scheme.method.needs_hessian for r in self.schemes)
 
     def resolve(self, linear_names: list[str]) -> dict[str, LayerScheme]:
         """Scheme of each linear that the recipe quantizes; linears it does not match stay full precision."""
@@ -84,9 +88,13 @@ class Recipe:
         return {
             "name": self.name,
             "description": self.description,
+            "version": RECIPE_VERSION,
             "ignore": list(self.ignore),
             "schemes": [r.to_dict() for r in self.schemes],
         }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=120)
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str = "") -> Recipe:
@@ -96,6 +104,12 @@ class Recipe:
         unknown = sorted(set(d) - set(_TOP_FIELDS))
         if unknown:
             raise RecipeError(f"{where}: unknown field '{unknown[0]}'; known fields: {', '.join(_TOP_FIELDS)}")
+        version = d.get("version", RECIPE_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= RECIPE_VERSION:
+            raise RecipeError(f"{where}: field 'version': this quantkit reads recipe version {RECIPE_VERSION} "
+                              f"(got {version!r})")
+        if d.get("kv_cache") is not None:
+            raise NotImplementedError(f"{where}: field 'kv_cache': KV-cache quantization is not implemented yet")
         rules = d.get("schemes")
         if not isinstance(rules, list) or not rules:
             raise RecipeError(f"{where}: field 'schemes' must be a non-empty list")
@@ -117,8 +131,6 @@ class Recipe:
             try:
                 scheme = LayerScheme.from_dict(r)
             except RecipeError as e:
-                raise RecipeError(f"{where}: schemes[{i}]: {e}") from None
-            except TypeError as e:
                 raise RecipeError(f"{where}: schemes[{i}]: {e}") from None
             parsed.append(SchemeRule(tuple(targets), scheme))
         for p in ignore:
@@ -162,3 +174,10 @@ def load_recipe(spec: str | Path) -> Recipe:
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {source!r} is not valid YAML: {e}") from None
     return Recipe.from_dict(data, source=source)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write ``recipe`` as YAML (atomically) so that ``load_recipe(path)`` gives it back."""
+    from quantkit.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), recipe.to_yaml())

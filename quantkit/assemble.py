@@ -1,0 +1,119 @@
+"""Output of a quantization run: its fingerprint, the checks on the output folder, and the assembly of the
+finished layers into a checkpoint folder (safetensors, config with ``quantization_config``, tokenizer files and
+``quantkit_report.json``), published in one rename."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.checkpoint import REPORT_NAME, copy_side_files, folder_size, publish, write_shards
+from quantkit.config.recipe import Recipe
+from quantkit.config.scheme import LayerScheme
+from quantkit.errors import QuantkitError
+from quantkit.formats import get_format
+from quantkit.hf.config import QuantkitConfig
+from quantkit.loading import CheckpointReader, ModelSource
+from quantkit.resume import Progress
+
+__all__ = ["assemble", "check_out", "fingerprint", "stored_bits"]
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(source: ModelSource, recipe: Recipe, calib: dict[str, Any], device: str, steps: Any) -> str:
+    """What decides the output: a finished folder or partial progress with another fingerprint is not this run's."""
+    cfg = json.loads((source.folder / "config.json").read_text())
+    formats = sorted({(s.scheme.format, get_format(s.scheme.format).version) for s in recipe.schemes})
+    blob = json.dumps({"model": str(source.name), "config": cfg, "recipe": recipe.to_dict(), "calibration": calib,
+                       "device": device, "formats": formats, "steps": steps}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
+    """True when ``out`` already holds exactly this result. Raises if it holds something else."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise QuantkitError(f"output path exists and is not a folder: {out}")
+    if not any(out.iterdir()):
+        return False
+    report = out / REPORT_NAME
+    if report.is_file():
+        try:
+            if json.loads(report.read_text()).get("fingerprint") == fingerprint:
+                return True
+        except json.JSONDecodeError:
+            pass
+    if not overwrite:
+        raise QuantkitError(f"output folder {out} already holds a different model; pass --overwrite to replace it")
+    return False
+
+
+def stored_bits(schemes: dict[str, LayerScheme], shapes: dict[str, list[int]],
+                tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(stored bits, weights) of the quantized linears, each counted by its format (``Format.stored_bits``).
+    Each module's tensors are checked against its format's specs first: what is counted is what is written."""
+    bits = weights = 0
+    for name, scheme in schemes.items():
+        out_features, in_features = shapes[name]
+        fmt = get_format(scheme.format)
+        for key, (shape, dtype) in fmt.layer_specs(scheme, in_features, out_features).items():
+            t = tensors.get(f"{name}.{key}")
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                raise QuantkitError(f"{name}.{key}: missing or not {dtype} {list(shape)}; refusing to publish")
+        bias = tensors.get(f"{name}.bias")
+        bits += fmt.stored_bits(scheme, in_features, out_features, bias.dtype if bias is not None else None)
+        weights += in_features * out_features
+    return bits, weights
+
+
+def assemble(out: Path, source: ModelSource, reader: CheckpointReader, recipe: Recipe,
+             schemes: dict[str, LayerScheme], progress: Progress, nlayers: int, records: dict[str, Any],
+             info: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Write the checkpoint beside ``out`` and rename it into place; returns the report."""
+    tmp = out.with_name(out.name + ".quantkit-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = reader.load([k for k in reader.keys() if k not in {f"{n}.weight" for n in schemes}])
+        for i in range(nlayers):
+            tensors.update(progress.load_layer(i)[0])
+        layers = {n: s for per_layer in records["quantize"].values() for n, s in per_layer.items()}
+        bits, weights = stored_bits(schemes, {n: layers[n]["shape"] for n in schemes}, tensors)
+        write_shards(tensors, tmp)
+        config = json.loads((source.folder / "config.json").read_text())
+        config["quantization_config"] = QuantkitConfig.for_schemes(schemes, recipe.name).to_dict()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_side_files(source.folder, tmp)
+        report = {
+            **info,
+            "model": str(source.name),
+            "recipe": recipe.to_dict(),
+            "formats": {s.format: get_format(s.format).version for s in schemes.values()},
+            "bits_per_weight": bits / weights,
+            "quantized_weights": weights,
+            "quantized_bits": bits,
+            "size_on_disk_bytes": folder_size(tmp),
+            "seconds": time.time() - t0,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "layers": layers,
+            "steps": {k: v for k, v in records.items() if k != "quantize"},
+        }
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        publish(tmp, out, overwrite=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s: %.3f bits per weight, %.1f MB, %.0f s", out, report["bits_per_weight"],
+                report["size_on_disk_bytes"] / 1e6, report["seconds"])
+    return report

@@ -1,0 +1,116 @@
+"""The layer walk: the driver of calibration (DESIGN.md, "The pipeline").
+
+Layer *i* is materialized from the checkpoint, the calibration batch runs through it once while the statistics
+collectors its steps asked for accumulate, the steps run (quantize; measure; calibrate a KV cache), and the
+layer runs again, as the steps left it, to produce the inputs of layer *i+1* (the sequential scheme of GPTQ).
+Each finished layer is saved with :class:`quantkit.resume.Progress` and taken off the device, so memory holds
+one layer plus the calibration activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantkit.calibration.capture import Calibration, run_layer
+from quantkit.calibration.steps import LayerContext, LayerStep
+from quantkit.loading import CheckpointReader
+from quantkit.model import load_into
+from quantkit.registry import COLLECTORS
+from quantkit.resume import Progress
+
+__all__ = ["LayerWalk"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerWalk:
+    model: nn.Module  # skeleton: everything outside the decoder layers loaded, layers on the meta device
+    layers_name: str
+    layers: nn.ModuleList
+    reader: CheckpointReader
+    steps: list[LayerStep]
+    progress: Progress
+    device: torch.device
+    calib: Calibration | None = None  # None: data-free steps only
+    keep_model: bool = False  # keep finished layers in memory (the quantized model is returned)
+
+    def run(self, *, desc: str = "quantize", show: bool = True) -> dict[str, dict[str, Any]]:
+        """Walk every layer; returns each step's records by layer prefix: ``{step: {prefix: record}}``."""
+        records: dict[str, dict[str, Any]] = {s.name: {} for s in self.steps}
+        start = self.progress.next_layer
+        if start > 0:
+            logger.info("resuming at layer %d of %d from %s", start, len(self.layers), self.progress.dir)
+            if self.calib is not None:
+                self.calib.hidden = self.progress.load_inputs(start, self.device)
+        bar = tqdm(range(len(self.layers)), desc=desc, disable=not show)
+        for i in bar:
+            ctx = self._context(i)
+            bar.set_postfix_str(ctx.prefix)
+            done = self._restore(ctx) if i < start else self._process(ctx)
+            for name, rec in done.items():
+                records[name][ctx.prefix] = rec
+            if not self.keep_model:
+                self.layers[i] = self.layers[i].to("meta")
+        bar.close()
+        return records
+
+    def _context(self, i: int) -> LayerContext:
+        return LayerContext(i, f"{self.layers_name}.{i}", self.layers[i], self.model, self.device,
+                            calibrated=self.calib is not None)
+
+    def _materialize(self, ctx: LayerContext) -> None:
+        load_into(ctx.layer, self.reader.load_prefix(ctx.prefix + "."), self.device, ctx.prefix)
+
+    def _restore(self, ctx: LayerContext) -> dict[str, Any]:
+        tensors, records = self.progress.load_layer(ctx.index)
+        if self.keep_model:
+            self._materialize(ctx)
+            ctx.tensors = tensors
+            for step in self.steps:
+                step.restore(ctx, records[step.name])
+        return records
+
+    def _process(self, ctx: LayerContext) -> dict[str, Any]:
+        self._materialize(ctx)
+        stats = self._collect(ctx)
+        records = {step.name: step.run(ctx, stats) for step in self.steps}
+        del stats
+        last = ctx.index == len(self.layers) - 1
+        if self.calib is not None and not last:
+            run_layer(self.layers[ctx.index], self.calib, keep_outputs=True)
+        next_inputs = self.calib.hidden if self.calib is not None and not last else None
+        self.progress.save_layer(ctx.index, ctx.tensors, records, next_inputs)
+        return records
+
+    def _collect(self, ctx: LayerContext) -> dict[str, dict[str, Any]]:
+        """One forward of the calibration batch through the layer with every requested collector attached."""
+        wanted: dict[str, set[str]] = {}
+        for step in self.steps:
+            for name, linears in step.needs(ctx).items():
+                wanted.setdefault(name, set()).update(linears)
+        wanted = {k: v for k, v in wanted.items() if v}
+        if self.calib is None or not wanted:
+            return {}
+        modules = dict(ctx.layer.named_modules())
+        collectors = [COLLECTORS.get(name)(ctx.layer, {n: modules[n] for n in sorted(linears, key=_order(modules))},
+                                           self.device) for name, linears in wanted.items()]
+        with contextlib.ExitStack() as stack:
+            for c in collectors:
+                stack.enter_context(c.collecting())
+            run_layer(ctx.layer, self.calib, keep_outputs=False,
+                      after_chunk=lambda: [c.end_chunk() for c in collectors])
+        return {c.name: c.results() for c in collectors}
+
+
+def _order(modules: dict[str, nn.Module]):
+    """Sort key: the layer's module order (hooks attach in the order the forward runs them)."""
+    position = {n: i for i, n in enumerate(modules)}
+    return lambda n: position[n]

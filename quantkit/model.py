@@ -1,0 +1,60 @@
+"""Model structure for the layer walk: find the decoder layers, build the model without weights, load a
+checkpoint's tensors into one part of it, and name and swap its linears."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.loading import ModelSource
+
+__all__ = ["build_skeleton", "decoder_layers", "linears", "load_into", "set_module"]
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: the one with ``num_hidden_layers`` entries."""
+    n = model.config.get_text_config().num_hidden_layers
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n and name.endswith("layers"):
+            return name, m
+    raise QuantkitError(f"cannot find the decoder layers of {type(model).__name__} (a ModuleList of {n} layers)")
+
+
+def build_skeleton(source: ModelSource, device: torch.device) -> nn.Module:
+    """The model on the meta device (buffers real), in eval mode, without a KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    config = source.config
+    config.use_cache = False
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    for b in model.buffers():
+        if b.is_meta:
+            raise QuantkitError("model has buffers that cannot be built without weights; unsupported architecture")
+    return model.to(device) if device.type != "cpu" else model
+
+
+def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, what: str,
+              *, complete: bool = True) -> None:
+    """Assign checkpoint tensors (floats as fp32) to a meta-initialized module; ``complete``: all must be there."""
+    tensors = {k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
+               for k, v in tensors.items()}
+    _, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise QuantkitError(f"{what}: checkpoint has tensors the model does not: {unexpected[:3]}")
+    still_meta = [n for n, p in module.named_parameters() if p.is_meta]
+    if complete and still_meta:
+        raise QuantkitError(f"{what}: checkpoint lacks tensors for {still_meta[:3]}")
+
+
+def linears(layer: nn.Module, prefix: str) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules of ``layer`` by full name (``prefix.name``)."""
+    return {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
