@@ -28,6 +28,7 @@ from quantkit.eval.perplexity import perplexity
 from quantkit.grids import make_grid
 from quantkit.grids.uniform import GridParams
 from quantkit.loading import load_model
+from quantkit.quantizers.scalar import ScalarQuantizer
 from quantkit.rotations import HadamardRotation, random_signs
 
 NF4 = make_grid("nf4", 4, True, False)
@@ -35,7 +36,7 @@ GAUSS = make_grid("gaussian", 4, True, False)
 
 
 def q_nf4(W: torch.Tensor, g: int = 128) -> torch.Tensor:
-    return rtn(W, NF4, group_size=g).W_hat
+    return rtn(W, ScalarQuantizer(NF4, g)).W_hat
 
 
 def q_nf4_absmax(W: torch.Tensor, g: int = 128) -> torch.Tensor:
@@ -49,7 +50,7 @@ def q_nf4_absmax(W: torch.Tensor, g: int = 128) -> torch.Tensor:
 
 def q_rot(W: torch.Tensor, name: str) -> torch.Tensor:
     r = HadamardRotation(random_signs(W.shape[1], 0, name))
-    return r.unfuse(rtn(r.fuse(W), GAUSS, group_size=128).W_hat)
+    return r.unfuse(rtn(r.fuse(W), ScalarQuantizer(GAUSS, 128)).W_hat)
 
 
 def q_split(W: torch.Tensor, name: str, k: int) -> torch.Tensor:

@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from quantkit.quantizers.groups import num_groups
 from quantkit.formats.packing import pack_codes
 from quantkit.kernels.dispatch import uniform_matmul
+from quantkit.quantizers.groups import num_groups
 from quantkit.rotations import HadamardRotation, hadamard_layout, random_signs
 
 SHAPES = {

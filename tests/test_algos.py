@@ -7,8 +7,8 @@ from quantkit.algos import get_method
 from quantkit.algos.gptq import gptq, inverse_hessian_factor
 from quantkit.algos.hessian import HessianAccumulator, output_error
 from quantkit.algos.rtn import rtn
-from quantkit.errors import QuantkitError
 from quantkit.config import LayerScheme
+from quantkit.errors import QuantkitError
 from quantkit.formats import get_format
 from quantkit.grids import UniformGrid
 from quantkit.quantizers.scalar import ScalarQuantizer

@@ -12,6 +12,7 @@ from quantkit.algos.gptq import gptq
 from quantkit.algos.hessian import HessianAccumulator, output_error
 from quantkit.algos.rtn import rtn
 from quantkit.grids import UniformGrid
+from quantkit.quantizers.scalar import ScalarQuantizer
 
 
 def _model(arch: str, impl: str):
@@ -108,33 +109,34 @@ def test_gptq_per_head_hessians():
         Hs.append(2 * X @ X.T / 300)
     H = torch.stack(Hs)
     grid = UniformGrid(3)
-    r = gptq(W, H, grid, group_size=16, act_order=True)
+    r = gptq(W, H, ScalarQuantizer(grid, 16), act_order=True)
     perm = torch.argsort(torch.diagonal(H.sum(0)), descending=True, stable=True)
     torch.testing.assert_close(r.perm, perm)
     for i in range(2):
-        block = gptq(W[4 * i : 4 * i + 4], H[i], grid, group_size=16, act_order=True, perm=perm)
+        block = gptq(W[4 * i : 4 * i + 4], H[i], ScalarQuantizer(grid, 16), act_order=True, perm=perm)
         assert torch.equal(r.codes[4 * i : 4 * i + 4], block.codes)
         assert torch.equal(r.W_hat[4 * i : 4 * i + 4], block.W_hat)
-    base = rtn(W, grid, group_size=16)
+    base = rtn(W, ScalarQuantizer(grid, 16))
     assert output_error(W, r.W_hat, H) < output_error(W, base.W_hat, H)
     with pytest.raises(ValueError, match="only used with act_order"):
-        gptq(W, H[0], grid, perm=perm)
+        gptq(W, H[0], ScalarQuantizer(grid, 16), perm=perm)
 
 
 def test_pipeline_weights_value_projections(tiny_model_factory, calib_file, tmp_path, monkeypatch):
     """The pipeline gives v_proj per-head weighted Hessians (its report objective differs from the plain one
     that q_proj shares), and ``attention_weighted: false`` turns it off."""
+    import quantkit.calibration.quantize as step
     import quantkit.pipeline as pipeline
-    from quantkit.recipe import Recipe
+    from quantkit.config import Recipe
 
     seen: dict[str, torch.Tensor] = {}
-    real = pipeline._quantize_linear
+    real = step.quantize_linear
 
     def spy(name, linear, scheme, H):
         seen[name] = H
         return real(name, linear, scheme, H)
 
-    monkeypatch.setattr(pipeline, "_quantize_linear", spy)
+    monkeypatch.setattr(step, "quantize_linear", spy)
     folder = tiny_model_factory("llama")
     for weighted in (True, False):
         recipe = Recipe.from_dict({"name": "t", "schemes": [{"targets": ["re:.*"], "method": "gptq", "bits": 4,

@@ -100,22 +100,22 @@ def tiny_quantized(tiny_model_factory, tmp_path_factory):
 @pytest.fixture(scope="module")
 def quantized_results(tiny_quantized, tmp_path_factory, data_dir):
     """Evaluate the quantized folder, counting calls of the packed matmul and keeping the model to inspect."""
-    import quantkit.nn.linear as linear
     from quantkit.eval.runner import evaluate, write_results
+    from quantkit.kernels import dispatch
 
     calls = []
-    real = linear.uniform_matmul
+    real = dispatch.linear
 
-    def counting(*args, **kwargs):
-        calls.append(args[1].dtype)  # qweight
-        return real(*args, **kwargs)
+    def counting(x, module, **kwargs):
+        calls.append(module.tensors["qweight"].dtype)
+        return real(x, module, **kwargs)
 
-    linear.uniform_matmul = counting
+    dispatch.linear = counting
     try:
         r = evaluate(tiny_quantized, ppl="wikitext2", ppl_windows=1, seqlen=64, tasks="piqa,winogrande", limit=2,
                      data_dir=data_dir, device="cpu", keep_model=True, command="test")
     finally:
-        linear.uniform_matmul = real
+        dispatch.linear = real
     out = write_results(r, tmp_path_factory.mktemp("eval-q") / "rtn.json")
     return r, calls, out
 

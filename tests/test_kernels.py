@@ -18,11 +18,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from quantkit.quantizers.groups import num_groups
-from quantkit.formats.packing import SUPPORTED_BITS, pack_codes, packed_words
+from quantkit.formats.packing import SUPPORTED_BITS, pack_codes
+from quantkit.formats.uniform import uniform_matmul_ref
 from quantkit.kernels import dispatch
 from quantkit.kernels.ops import uniform_matmul_triton
-from quantkit.kernels.reference import uniform_matmul_ref
+from quantkit.quantizers.groups import num_groups
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -212,6 +212,19 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _linear(K, N, *, symmetric, act_order=False, rotation="none", device="cpu", packed=None):
+    """A ``QuantizedLinear`` (W4 g32) with empty tensors on ``device``, or holding ``packed`` (make_layer's)."""
+    from quantkit.config import LayerScheme
+    from quantkit.nn import QuantizedLinear
+
+    scheme = LayerScheme.from_dict(dict(method="gptq", bits=4, group_size=32, symmetric=symmetric,
+                                        act_order=act_order, rotation=rotation))
+    if packed is None:
+        return QuantizedLinear(K, N, scheme, device=device, dtype=torch.float16)
+    tensors = {k: v for k, v in packed.items() if v is not None and k != "bias"}
+    return QuantizedLinear.from_packed(tensors, scheme, K, N, packed.get("bias"))
+
+
 def test_dispatch_routes_cuda_to_the_custom_op():
     """What torch.compile sees for CUDA activations: one quantkit op, no dequantized weight. (Fake CUDA tensors,
     so this runs without a GPU.)"""
@@ -220,10 +233,9 @@ def test_dispatch_routes_cuda_to_the_custom_op():
     N, K = 40, 96
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.empty(3, K, dtype=torch.float16, device="cuda")
-        qweight = torch.empty(N, packed_words(K, 4), dtype=torch.int32, device="cuda")
-        scales = torch.empty(N, num_groups(32, K), dtype=torch.float16, device="cuda")
+        layer = _linear(K, N, symmetric=True, device="cuda")
         with _OpLog() as log:
-            out = dispatch.uniform_matmul(x, qweight, scales, None, None, None, bits=4, group_size=32)
+            out = layer(x)
     assert [op for op in log.ops if op.namespace != "prim"] == [torch.ops.quantkit.uniform_matmul.default]
     assert out.shape == (3, N) and out.dtype == torch.float16 and out.device.type == "cuda"
 
@@ -240,8 +252,9 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
         monkeypatch.setattr(triton_uniform, "triton_uniform_matmul", fail)
     layer = make_layer(40, 96, 4, 32, symmetric=False, act_order=True, bias=True)
     layer = {k: v.cpu() for k, v in layer.items()}
+    module = _linear(96, 40, symmetric=False, act_order=True, packed=layer)
     x = torch.randn(3, 96)
-    out = dispatch.uniform_matmul(x, **layer, bits=4, group_size=32)
+    out = module(x)
     assert torch.equal(out, uniform_matmul_ref(x, **layer, bits=4, group_size=32))
     names = [k.name for k in dispatch.KERNELS]
     assert ("triton-uniform" in names) == (importlib.util.find_spec("triton") is not None)
@@ -347,12 +360,9 @@ def test_dispatch_fuses_a_power_of_two_rotation(act_order, monkeypatch):
     N, K = 40, 256
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.empty(3, K, dtype=torch.float16, device="cuda")
-        qweight = torch.empty(N, packed_words(K, 4), dtype=torch.int32, device="cuda")
-        scales = torch.empty(N, num_groups(32, K), dtype=torch.float16, device="cuda")
-        perm = torch.empty(K, dtype=torch.int16, device="cuda") if act_order else None
-        rot = HadamardRotation(torch.empty(K, dtype=torch.int8, device="cuda"))
+        layer = _linear(K, N, symmetric=True, act_order=act_order, rotation="hadamard", device="cuda")
         with _OpLog() as log:
-            dispatch.uniform_matmul(x, qweight, scales, None, perm, None, bits=4, group_size=32, rotation=rot)
+            layer(x)
         calls = [op for op in log.ops if op.namespace == "quantkit"]
     assert calls == [torch.ops.quantkit.uniform_matmul.default]
     assert rotated == ([(3, K)] if act_order else [])

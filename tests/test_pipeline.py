@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 import quantkit  # noqa: F401
-from quantkit import pipeline
+from quantkit import pipeline, resume
 from quantkit.cli import main as cli
 from quantkit.nn import QuantizedLinear
 
@@ -29,7 +29,8 @@ def test_bits_per_weight_matches_stored_tensors(tiny_model_factory, calib_file, 
     out = tmp_path / "q"
     rep = _quantize(tiny_model_factory("llama"), out, calib_file, recipe="gptq-w3g128").report
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "quantkit" and cfg["version"] == 2
+    assert cfg["quant_method"] == "quantkit" and cfg["version"] == 3
+    assert {m["format"]["name"] for m in cfg["modules"].values()} == {"quantkit-uniform"}
     modules = cfg["modules"]
     bits = weights = 0
     with safe_open(out / "model.safetensors", "pt") as f:
@@ -68,7 +69,7 @@ def test_resume_after_interrupt_is_byte_identical(tiny_model_factory, calib_file
     folder = tiny_model_factory("llama")
     _quantize(folder, tmp_path / "full", calib_file)
 
-    real_save = pipeline._Progress.save_layer
+    real_save = resume.Progress.save_layer
     calls = {"n": 0}
 
     def save_then_die(self, *a, **k):
@@ -77,14 +78,14 @@ def test_resume_after_interrupt_is_byte_identical(tiny_model_factory, calib_file
         if calls["n"] == 2:
             raise KeyboardInterrupt  # as if killed after the second layer was written
 
-    monkeypatch.setattr(pipeline._Progress, "save_layer", save_then_die)
+    monkeypatch.setattr(resume.Progress, "save_layer", save_then_die)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         _quantize(folder, out, calib_file)
     assert not out.exists()
     partial = out.with_name(out.name + ".quantkit-partial")
     assert json.loads((partial / "state.json").read_text())["next_layer"] == 2
-    monkeypatch.setattr(pipeline._Progress, "save_layer", real_save)
+    monkeypatch.setattr(resume.Progress, "save_layer", real_save)
     rep = _quantize(folder, out, calib_file).report
     assert rep["resumed_at_layer"] == 2
     assert not partial.exists()

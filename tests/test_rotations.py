@@ -11,6 +11,7 @@ from quantkit import pipeline
 from quantkit.algos.hessian import output_error
 from quantkit.algos.rtn import rtn
 from quantkit.grids import UniformGrid
+from quantkit.quantizers.scalar import ScalarQuantizer
 from quantkit.rotations import HadamardRotation, fwht, hadamard_layout, hadamard_matrix, random_signs
 from quantkit.rotations.hadamard import small_hadamard
 
@@ -147,9 +148,9 @@ def test_rotation_spreads_outliers_and_rtn_gains():
     X = torch.randn(n, 2048, generator=g)
     H = 2 * X @ X.T / X.shape[1]
     grid = UniformGrid(3, symmetric=True)
-    plain = output_error(W, rtn(W, grid, group_size=128).W_hat, H)
+    plain = output_error(W, rtn(W, ScalarQuantizer(grid, 128)).W_hat, H)
     rot = HadamardRotation(random_signs(n, 0, "w"))
-    rotated = output_error(W, rot.unfuse(rtn(rot.fuse(W), grid, group_size=128).W_hat), H)
+    rotated = output_error(W, rot.unfuse(rtn(rot.fuse(W), ScalarQuantizer(grid, 128)).W_hat), H)
     assert rotated < 0.8 * plain
 
 
@@ -173,15 +174,15 @@ ROTATED = {
 @pytest.mark.parametrize("recipe", list(ROTATED))
 def test_rotated_model_saves_reloads_and_generates_like_in_memory(recipe, tiny_model_factory, calib_file, tmp_path,
                                                                   assert_round_trip):
+    from quantkit.config import Recipe
     from quantkit.nn import QuantizedLinear
-    from quantkit.recipe import Recipe
 
     spec = Recipe.from_dict(ROTATED[recipe]) if ROTATED[recipe] else recipe
     folder = tiny_model_factory("qwen2")  # q/k/v carry a bias: it must stay in the unrotated basis
     res = pipeline.quantize(str(folder), spec, tmp_path / "q", calib=str(calib_file), nsamples=6, seqlen=64,
                             progress=False, keep_model=True)
     modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
-    rotated = {n for n, m in modules.items() if m["rotation"] == "hadamard"}
+    rotated = {n for n, m in modules.items() if m["scheme"]["rotation"]["kind"] == "hadamard"}
     unrotated = UNROTATED.get(recipe, ())
     assert rotated == {n for n in modules if not n.endswith(unrotated)}
     layers = res.report["layers"]

@@ -93,8 +93,9 @@ def gptq(
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
 
-        def window(k: int, i: int = 0) -> torch.Tensor:  # current weights of stored columns [col, col + k)
-            return W1[i : i + k].T if i + k <= i2 - i1 else torch.cat([W1[i:].T, W[:, i2:]], 1)[:, :k]
+        def window(k: int, i: int, W1: torch.Tensor = W1, i2: int = i2) -> torch.Tensor:
+            """Current weights of stored columns [i1 + i, i1 + i + k): the block's, then those after it."""
+            return W1[i : i + k].T if i + k <= W1.shape[0] else torch.cat([W1[i:].T, W[:, i2:]], 1)[:, :k]
 
         for i in range(0, i2 - i1, c):
             col = i1 + i

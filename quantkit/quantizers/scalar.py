@@ -12,10 +12,10 @@ from typing import ClassVar
 
 import torch
 
-from quantkit.quantizers.groups import group_size_of, num_groups
 from quantkit.config.spec import Spec
 from quantkit.grids import GRIDS, Grid, GridParams, LevelGrid, make_grid
 from quantkit.quantizers import Window, register_quantizer
+from quantkit.quantizers.groups import group_size_of, num_groups
 
 __all__ = ["ScalarQuantizer", "ScalarSpec"]
 

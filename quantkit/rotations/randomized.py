@@ -39,8 +39,8 @@ def hadamard_transform(x: torch.Tensor, layout: HadamardLayout, *, transpose: bo
     """``x (H/√b)ᵀ`` over the last dimension (``x H/√b`` with ``transpose``), in ``x``'s dtype.
 
     Each block of ``b = small · pow2`` is viewed as ``[small, pow2]``: the small factor goes through a dense
-    ``small × small`` matmul. The power-of-two factor goes through a registered kernel where one applies (quantkit.kernels.dispatch: the
-    fast transform in Triton, on CUDA); elsewhere it
+    ``small × small`` matmul. The power-of-two factor goes through a registered kernel where one applies
+    (quantkit.kernels.dispatch: the fast transform in Triton, on CUDA); elsewhere it
     is split into Sylvester factors of order at most 64 (``H₂ₐ₊ᵦ = H₂ₐ ⊗ H₂ᵦ``) and each factor is one matmul
     along its own axis. That is O(n · Σ factors) work instead of O(n log n), but every step is one GEMM rather
     than an elementwise pass with its own allocation; on CPU that is faster than the butterfly at Llama's widths
