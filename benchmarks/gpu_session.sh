@@ -2,8 +2,8 @@
 # Every check that needs a GPU, in one command (device time is scarce and each start costs minutes):
 #   warm      compile the kernels bench and decode will autotune over (240 variants for Llama-2-7B's shapes) in
 #             parallel into Triton's cache; compiled one after another inside the autotuner they take minutes;
-#   bench     kernels/bench.py: dequant-matmul speed against fp16 cuBLAS and the memory-bandwidth bound;
-#   decode    kernels/decode_bench.py: end-to-end greedy decode tokens/s, Llama-2-7B shapes, fp16 vs W4/W3/W2;
+#   bench     benchmarks/kernel_bench.py: dequant-matmul speed against fp16 cuBLAS and the memory-bandwidth bound;
+#   decode    benchmarks/decode_bench.py: end-to-end greedy decode tokens/s, Llama-2-7B shapes, fp16 vs W4/W3/W2;
 #   rotation  benchmarks/rotation_cost.py --device cuda: the online Hadamard transform against the W4 g128 kernel;
 #   tests     the kernel tests compiled for the GPU instead of interpreted (TRITON_INTERPRET=0);
 #   generate  benchmarks/kernel_vs_reference.py: a quantized SmolLM2 folder's greedy text, kernel path vs reference
@@ -38,19 +38,19 @@ for step in "${steps[@]}"; do
   echo "== $step $(date +%T)"
   case $step in
     warm)  # batches: bench's 1, 16, 128 and the decode prefills (1 x 128 and 16 x 128 tokens)
-      timeout 60 python3 -m quantkit.kernels.aot --warm --target auto --models llama2-7b --batch 1 16 128 2048 \
+      timeout 60 python3 -m benchmarks.kernel_aot --warm --target auto --models llama2-7b --batch 1 16 128 2048 \
           --formats w4g128 w3g128 w2g64 --gemm-decode > "$out/warm.txt" 2>&1
       tail -n 3 "$out/warm.txt" ;;
     bench)
-      timeout 150 python3 -m quantkit.kernels.bench --models llama2-7b --batches 1,16,128 \
+      timeout 150 python3 -m benchmarks.kernel_bench --models llama2-7b --batches 1,16,128 \
           --formats w4g128,w3g128,w2g64 > "$out/bench.md" 2>&1
       tail -n 30 "$out/bench.md" ;;
     decode)
-      timeout 150 python3 -m quantkit.kernels.decode_bench --config llama2-7b --batches 1,16 \
+      timeout 150 python3 -m benchmarks.decode_bench --config llama2-7b --batches 1,16 \
           --formats fp16,w4g128,w3g128,w2g64 > "$out/decode.md" 2>&1
       cat "$out/decode.md" ;;
     rotation)  # its shapes' W4 g128 batch-1 kernels, plain and with the rotation fused, compiled in parallel first
-      timeout 30 python3 -m quantkit.kernels.aot --warm --target auto --models llama2-7b llama3-8b \
+      timeout 30 python3 -m benchmarks.kernel_aot --warm --target auto --models llama2-7b llama3-8b \
           --shapes 576x576 192x576 1536x576 576x1536 --batch 1 --formats w4g128 --rotated > "$out/warm_rotation.txt" 2>&1
       tail -n 1 "$out/warm_rotation.txt"
       timeout 60 python3 "$src/benchmarks/rotation_cost.py" --device cuda --models smollm2-135m,llama2-7b,llama3-8b \

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", action="append", help="a user message (repeatable); default: three fixed ones")
     ap.add_argument("--device", default="cuda", help="the kernel side's device (cpu only to try the script)")
     args = ap.parse_args(argv)
-    from quantkit.kernels.dispatch import kernel_for
     from quantkit.loading import load_model
+    from quantkit.nn import kernel_for
 
     dtype = getattr(torch, args.dtype)
     ref, tok = load_model(args.folder, dtype=dtype, device="cpu")

@@ -14,7 +14,7 @@ For each weight shape [out, in] (SmolLM2, Llama-2-7B and Llama-3-8B linears) it 
   as ``separate``;
 and prints the times and the rotation's share of the matmul, ``(forward - matmul) / matmul`` (on CPU, where
 nothing is fused or overlapped, ``rotate / matmul``). CPU times are the median of repeated wall-clock runs after a
-warm-up, single-process with torch's default threads. CUDA times are those of ``quantkit.kernels.bench``: each
+warm-up, single-process with torch's default threads. CUDA times are those of ``benchmarks.kernel_bench``: each
 call captured in a CUDA graph (no Python launch overhead timed) and replayed by ``triton.testing.do_bench`` with
 the L2 cache flushed, median.
 """
@@ -51,7 +51,7 @@ def _time_cpu(fn, reps: int) -> float:
 
 
 def _time_cuda(fn) -> float:
-    from quantkit.kernels.bench import time_ms
+    from benchmarks.kernel_bench import time_ms
 
     return time_ms(fn, warmup=25, rep=100) / 1e3
 

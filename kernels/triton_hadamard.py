@@ -58,7 +58,7 @@ def _fwht_kernel(x_ptr, out_ptr, signs_ptr, scale, n_rows, n_signs, N: tl.conste
 
 
 def launch_shape(n_rows: int, N: int) -> tuple[int, int]:
-    """Rows per program and warps for ``n_rows`` transforms of length ``N`` (``quantkit.kernels.aot`` builds the
+    """Rows per program and warps for ``n_rows`` transforms of length ``N`` (``benchmarks.kernel_aot`` builds the
     same launches)."""
     rows = max(1, min(_ELEMS_PER_PROGRAM // N, triton.next_power_of_2(n_rows)))
     return rows, 4 if N * rows <= 2048 else 8

@@ -370,7 +370,7 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
 
 
 def launch_flags(K: int, group_size: int, bits: int, *, zeros: bool, levels: bool, bias: bool) -> dict[str, Any]:
-    """The constexprs both kernels take for a layer (``quantkit.kernels.aot`` builds the same launches)."""
+    """The constexprs both kernels take for a layer (``benchmarks.kernel_aot`` builds the same launches)."""
     return {"K": K, "GROUP_SIZE": K if group_size == -1 else group_size, "BITS": bits, "HAS_ZEROS": zeros,
             "HAS_LEVELS": levels, "HAS_BIAS": bias}
 
@@ -407,7 +407,7 @@ def triton_uniform_matmul(
     Runs on CUDA tensors, or on CPU tensors when Triton is in interpreter mode. ``config`` pins the block sizes
     (``BLOCK_N``, ``BLOCK_K`` and ``SPLIT_K`` for the GEMV, else ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``) instead of
     autotuning; tests use it to cover several tilings. ``gemv_max_m`` moves the switch between the two paths
-    (``kernels/bench.py`` times decode batches on the tensor-core GEMM too, with 0); at most ``GEMV_MAX_M``.
+    (``benchmarks/kernel_bench.py`` times decode batches on the tensor-core GEMM too, with 0); at most ``GEMV_MAX_M``.
     """
     if not 0 <= gemv_max_m <= GEMV_MAX_M:
         raise ValueError(f"gemv_max_m must be between 0 and {GEMV_MAX_M}, got {gemv_max_m}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantkit.kernels import decode_bench
-from quantkit.kernels.bench import Format
+from benchmarks import decode_bench
+from benchmarks.kernel_bench import BenchScheme
 from quantkit.nn import QuantizedLinear
 
 
@@ -15,15 +15,16 @@ from quantkit.nn import QuantizedLinear
 def test_packed_model_computes_its_dequantized_weights(fmt):
     """Every decoder linear becomes a QuantizedLinear of the asked format, and the packed model's logits equal those
     of a dense model holding the dequantized weights: the benchmark times a model that really runs that format."""
-    fmt = Format.parse(fmt)
+    fmt = BenchScheme.parse(fmt)
     model = decode_bench.build_model("tiny", torch.device("cpu"), torch.float32)
     n_layers = model.config.num_hidden_layers
     assert decode_bench.pack_decoder_linears(model, fmt) == 7 * n_layers
     packed = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(packed) == 7 * n_layers
     assert not any(isinstance(m, nn.Linear) for name, m in model.named_modules() if ".layers." in f".{name}")
-    assert all(m.scheme.bits == fmt.bits and m.scheme.group_size == fmt.group_size for m in packed)
-    assert all((m.zeros is None) == fmt.symmetric and (m.perm is None) != fmt.act_order for m in packed)
+    assert all(m.scheme.quantizer.bits == fmt.bits and m.scheme.quantizer.group_size == fmt.group_size
+               for m in packed)
+    assert all(("zeros" not in m.tensors) == fmt.symmetric and ("perm" in m.tensors) == fmt.act_order for m in packed)
 
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.inference_mode():
@@ -40,8 +41,8 @@ def test_packed_model_computes_its_dequantized_weights(fmt):
 
 def test_repacking_replaces_the_previous_format():
     model = decode_bench.build_model("tiny", torch.device("cpu"), torch.float32)
-    decode_bench.pack_decoder_linears(model, Format.parse("w4g128"))
-    decode_bench.pack_decoder_linears(model, Format.parse("w2g64"))
+    decode_bench.pack_decoder_linears(model, BenchScheme.parse("w4g128"))
+    decode_bench.pack_decoder_linears(model, BenchScheme.parse("w2g64"))
     assert {(m.scheme.bits, m.scheme.group_size) for m in model.modules() if isinstance(m, QuantizedLinear)} == {
         (2, 64)
     }
@@ -79,7 +80,7 @@ def test_bad_arguments():
 
 
 def test_kernel_for_needs_a_packed_layer():
-    from quantkit.kernels.dispatch import kernel_for
+    from quantkit.nn import kernel_for
 
     with pytest.raises(ValueError, match="no QuantizedLinear"):
         kernel_for(nn.Sequential(nn.Linear(4, 4)))

@@ -4,6 +4,7 @@ scale fitting, the packed level table, and that each grid helps where it claims 
 import pytest
 import torch
 
+from benchmarks.lloyd_max import lloyd_max_gaussian
 from quantkit.algos import get_method
 from quantkit.algos.gptq import gptq
 from quantkit.algos.hessian import output_error
@@ -12,7 +13,6 @@ from quantkit.config import LayerScheme
 from quantkit.errors import RecipeError
 from quantkit.formats import get_format
 from quantkit.grids import FP4_LEVELS, NF4_LEVELS, gaussian_levels, make_grid
-from quantkit.grids.lloyd_max import lloyd_max_gaussian
 from quantkit.nn import QuantizedLinear
 from quantkit.quantizers.scalar import ScalarQuantizer
 

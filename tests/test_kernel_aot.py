@@ -3,7 +3,7 @@
 The interpreter tests (tests/test_kernels.py) check what the kernels compute; this checks that the compiler accepts
 them, which the interpreter does not: it ran code the compiler rejects (a constexpr reassigned in an unrolled loop
 in the Hadamard transform). Every variant is compiled with Triton's compiler and ptxas through
-``quantkit.kernels.aot``, in a subprocess because the test session imported Triton in interpreter mode.
+``benchmarks.kernel_aot``, in a subprocess because the test session imported Triton in interpreter mode.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 # Each case: the variant builder and its arguments; the subprocess compiles them all and reports resources.
 _SCRIPT = r"""
 import json, sys, torch
-from quantkit.kernels import aot
+from benchmarks import kernel_aot as aot
 f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
 cases = json.loads(sys.argv[1])
 out = []
@@ -111,7 +111,7 @@ def test_warm_fills_the_cache_a_launch_reads(tmp_path):
     # `--warm` (gpu_session.sh's first step) compiles into Triton's on-disk cache; a second run must find every
     # variant there. Batch 16 on Llama-2-7B's shapes: the GEMM's two 16-row configs for K = 4096 and K = 11008.
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "quantkit.kernels.aot", "--warm", "--models", "llama2-7b", "--batch", "16",
+    cmd = [sys.executable, "-m", "benchmarks.kernel_aot", "--warm", "--models", "llama2-7b", "--batch", "16",
            "--formats", "w4g128", "--jobs", "1"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-4000:]

@@ -154,7 +154,7 @@ def test_activation_dtypes(tu, dtype, M, symmetric):
 
 
 def test_decode_batches_on_the_gemm_path(tu):
-    # gemv_max_m=0 sends decode-sized inputs to the tensor-core GEMM (kernels/bench.py times both paths).
+    # gemv_max_m=0 sends decode-sized inputs to the tensor-core GEMM (benchmarks/kernel_bench.py times both paths).
     layer = make_layer(72, 200, 4, 32, symmetric=False, act_order=True, bias=True, dtype=torch.float16)
     for M in (1, 5):
         x = activations(M, 200, dtype=torch.float16)

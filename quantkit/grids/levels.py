@@ -2,7 +2,7 @@
 
 - ``gaussian``: the MSE-optimal (Lloyd–Max) grid for a standard normal variable at 2–8 bits, which is what
   rotated weights look like (HIGGS, Malinovskii et al. 2024). The levels are data, computed by
-  ``python -m quantkit.grids.lloyd_max`` into ``gaussian_levels.json``.
+  ``python -m benchmarks.lloyd_max`` into ``gaussian_levels.json``.
 - ``nf4``: QLoRA's NormalFloat4 levels (Dettmers et al. 2023), a quantile grid of the normal distribution.
 - ``fp4``: the e2m1 floating-point values {0, 0.5, 1, 1.5, 2, 3, 4, 6} with a sign (LLM-FP4, OCP MX).
 

@@ -3,7 +3,7 @@
 Lloyd's conditions for an optimal quantizer: each boundary is the midpoint of its two levels, and each level is
 the mean of the density between its boundaries. For N(0, 1) that mean is closed-form,
 ``E[X | a < X < b] = (φ(a) − φ(b)) / (Φ(b) − Φ(a))``, so the fixed-point iteration runs in float64 without
-sampling. Run ``python -m quantkit.grids.lloyd_max`` to regenerate ``gaussian_levels.json`` (the grid data that
+sampling. Run ``python -m benchmarks.lloyd_max`` to regenerate ``gaussian_levels.json`` (the grid data that
 ``quantkit.grids.levels`` reads); the file records each grid's mean squared error as a check.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["lloyd_max_gaussian"]
 
-OUT = Path(__file__).with_name("gaussian_levels.json")
+OUT = Path(__file__).resolve().parents[1] / "quantkit" / "grids" / "gaussian_levels.json"
 
 
 def _pdf(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         table["levels"][str(bits)] = [round(v, 12) for v in levels.tolist()]
         table["mse"][str(bits)] = mse
         print(f"{bits} bits: mse {mse:.6g}, max level {levels[-1].item():.6f}")
-    table["source"] = "python -m quantkit.grids.lloyd_max (Lloyd-Max fixed point for N(0, 1), float64)"
+    table["source"] = "python -m benchmarks.lloyd_max (Lloyd-Max fixed point for N(0, 1), float64)"
     args.out.write_text(json.dumps(table, indent=1) + "\n")
 
 

@@ -1,8 +1,8 @@
 """Benchmark: end-to-end greedy decode tokens/s of a Llama model, fp16 weights against quantkit's packed formats.
 
-    python -m quantkit.kernels.decode_bench                              # Llama-2-7B shapes, batch 1 and 16
-    python -m quantkit.kernels.decode_bench --formats fp16,w4g128 --batches 1 --new-tokens 256
-    python -m quantkit.kernels.decode_bench --config tiny --device cpu   # a smoke run of the same code on CPU
+    python -m benchmarks.decode_bench                              # Llama-2-7B shapes, batch 1 and 16
+    python -m benchmarks.decode_bench --formats fp16,w4g128 --batches 1 --new-tokens 256
+    python -m benchmarks.decode_bench --config tiny --device cpu   # a smoke run of the same code on CPU
 
 The model is a ``LlamaForCausalLM`` built from a config (Llama-2-7B's shapes by default: 32 layers, hidden 4096,
 MLP 11008, 32 heads, vocabulary 32000), randomly initialized on the device, so nothing is downloaded. It is timed
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantkit.kernels.bench import Format, packed_layer
-from quantkit.kernels.dispatch import kernel_for
+from benchmarks.kernel_bench import BenchScheme, packed_layer
+from quantkit.nn import kernel_for
 
 __all__ = ["CONFIGS", "DecodeResult", "build_model", "greedy_tokens", "pack_decoder_linears", "time_decode", "main"]
 
@@ -77,20 +77,20 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int =
     return model.eval()
 
 
-def pack_decoder_linears(model: nn.Module, fmt: Format) -> int:
+def pack_decoder_linears(model: nn.Module, fmt: BenchScheme) -> int:
     """Replace every linear of the decoder layers (dense, or packed in another format) by a ``QuantizedLinear``
     with random packed tensors of ``fmt``; returns how many were replaced."""
+    from quantkit.config import LayerScheme
     from quantkit.nn import QuantizedLinear
-    from quantkit.scheme import LayerScheme
 
-    scheme = LayerScheme(method="gptq" if fmt.act_order else "rtn", bits=fmt.bits, group_size=fmt.group_size,
-                         symmetric=fmt.symmetric, act_order=fmt.act_order)
+    scheme = LayerScheme.from_dict(dict(method="gptq" if fmt.act_order else "rtn", bits=fmt.bits,
+                                        group_size=fmt.group_size, symmetric=fmt.symmetric, act_order=fmt.act_order))
     targets = [(name, m) for name, m in model.named_modules()
                if name.rsplit(".", 1)[-1] in DECODER_LINEARS and ".layers." in f".{name}"]
     for name, old in targets:
         parent_name, _, child = name.rpartition(".")
         dense = isinstance(old, nn.Linear)
-        device = (old.weight if dense else old.qweight).device
+        device = (old.weight if dense else old.tensors["qweight"]).device
         N, K = old.out_features, old.in_features
         q = QuantizedLinear(K, N, scheme, bias=old.bias is not None, device=device,
                             dtype=old.bias.dtype if old.bias is not None else None)
@@ -242,7 +242,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
-        args.formats = [None if f == "fp16" else Format.parse(f) for f in args.formats.split(",")]
+        args.formats = [None if f == "fp16" else BenchScheme.parse(f) for f in args.formats.split(",")]
     except (ValueError, argparse.ArgumentTypeError) as e:
         p.error(str(e))
     if args.formats and args.formats[0] is not None and None in args.formats:

@@ -1,7 +1,7 @@
 """Benchmark: the fused dequant-matmul against ``torch.matmul`` with fp16 weights, on Llama linear shapes.
 
-    python -m quantkit.kernels.bench                      # all shapes, batches 1..128, W4 g128, W3 g128, W2 g64
-    python -m quantkit.kernels.bench --formats w4g128 --batches 1,16 --peak-gbps 3350
+    python -m benchmarks.kernel_bench                      # all shapes, batches 1..128, W4 g128, W3 g128, W2 g64
+    python -m benchmarks.kernel_bench --formats w4g128 --batches 1,16 --peak-gbps 3350
 
 For every weight shape ``[out, in]`` (Llama-2-7B: 4096x4096, 11008x4096, 4096x11008; Llama-3-8B: 1024x4096,
 14336x4096, 4096x14336), batch size and format it prints the time of ``torch.ops.quantkit.uniform_matmul`` (the op
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algos.groups import num_groups
 from quantkit.formats.packing import pack_codes
-from quantkit.kernels.reference import uniform_matmul_ref
+from quantkit.formats.uniform import uniform_matmul_ref
+from quantkit.quantizers.groups import num_groups
 
-__all__ = ["SHAPES", "Format", "main"]
+__all__ = ["SHAPES", "BenchScheme", "main"]
 
 SHAPES = {  # weight shapes [out, in] of the linear layers
     "llama2-7b": [("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008)],
@@ -45,14 +45,16 @@ PEAK_GBPS = [
 
 
 @dataclass(frozen=True)
-class Format:
+class BenchScheme:
+    """A random packed weight to benchmark: bits, group size, symmetric grid, act-order (not a storage format)."""
+
     bits: int
     group_size: int
     symmetric: bool = False
     act_order: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> Format:
+    def parse(cls, text: str) -> BenchScheme:
         """``w4g128``, ``w3g-1`` (per channel); suffixes ``-sym`` and ``-act`` (act-order)."""
         m = re.fullmatch(r"w([2348])g(\d+|-1)((?:-sym|-act)*)", text)
         if not m:
@@ -63,7 +65,7 @@ class Format:
         return f"w{self.bits}g{self.group_size}{'-sym' if self.symmetric else ''}{'-act' if self.act_order else ''}"
 
 
-def packed_layer(N: int, K: int, fmt: Format, device: torch.device) -> dict[str, torch.Tensor | None]:
+def packed_layer(N: int, K: int, fmt: BenchScheme, device: torch.device) -> dict[str, torch.Tensor | None]:
     G = num_groups(fmt.group_size, K)
     codes = torch.randint(0, 2**fmt.bits, (N, K), device=device, dtype=torch.uint8)
     return {
@@ -106,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
-        args.formats = [Format.parse(f) for f in args.formats.split(",")]
+        args.formats = [BenchScheme.parse(f) for f in args.formats.split(",")]
     except (ValueError, argparse.ArgumentTypeError) as e:
         p.error(str(e))
     return args
@@ -115,12 +117,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("kernels/bench.py times CUDA kernels and needs an NVIDIA GPU; none is visible.", file=sys.stderr)
+        print("benchmarks/kernel_bench.py times CUDA kernels and needs an NVIDIA GPU; none is visible.",
+              file=sys.stderr)
         return 2
     try:
         import triton
     except ImportError:
-        print("kernels/bench.py needs Triton: pip install 'quantkit[triton]'", file=sys.stderr)
+        print("benchmarks/kernel_bench.py needs Triton: pip install 'quantkit[triton]'", file=sys.stderr)
         return 2
     import quantkit.kernels.ops  # noqa: F401  (registers torch.ops.quantkit.uniform_matmul)
 

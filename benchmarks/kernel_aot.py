@@ -8,10 +8,10 @@ with no GPU and no CUDA driver: a stand-in driver answers "current target" and n
 are specialized exactly as a launch would specialize them (Triton's binder sees mock tensors of the right dtypes
 and the real integer arguments), so the code compiled is the code a GPU would run.
 
-``python -m quantkit.kernels.aot`` prints, per variant, registers, spills, shared memory and the main loop's
+``python -m benchmarks.kernel_aot`` prints, per variant, registers, spills, shared memory and the main loop's
 machine instructions (also per weight: over each thread's share of the tile): every autotune config of the GEMV
-and the GEMM for the Llama shapes of ``kernels/bench.py``, and the Hadamard kernel. With ``--warm`` (on the GPU
-machine) it only compiles them, in parallel, into Triton's on-disk cache, so that the autotuner of a benchmark
+and the GEMM for the Llama shapes of ``benchmarks/kernel_bench.py``, and the Hadamard kernel. With ``--warm`` (on
+the GPU machine) it only compiles them, in parallel, into Triton's on-disk cache, so that the autotuner of a benchmark
 that follows finds each config compiled instead of compiling a few hundred of them one after another. The test
 suite compiles a smaller grid (tests/test_kernel_aot.py).
 
@@ -35,7 +35,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from quantkit.kernels.bench import SHAPES, Format
+from benchmarks.kernel_bench import SHAPES, BenchScheme
 
 __all__ = ["Compiled", "Variant", "compile_variant", "fwht_variants", "gemm_variants", "gemv_variants",
            "launch_variants", "loop_stats", "main"]
@@ -259,14 +259,14 @@ def fwht_variants(n_rows: int, block: int, dtype: torch.dtype = torch.float16, *
                    {"N": block, "ROWS": rows, "SIGNS": where}, num_warps)
 
 
-def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: list[Format],
+def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: list[BenchScheme],
                     dtype: torch.dtype = torch.float16, *, rotated: bool = False,
                     gemm_decode: bool = False) -> list[Variant]:
     """Every distinct compiled kernel that a launch on these weight shapes ``(out, in)``, batches and formats
     compiles: each autotune config the pruning keeps. N is a runtime argument, so shapes differing only in N share
     a kernel. With ``rotated``, also the GEMV with the input rotation fused, where the dispatch fuses it (inputs
     whose Hadamard layout is power-of-two blocks, decode batches). With ``gemm_decode``, decode batches on the
-    GEMM path too (``kernels/bench.py`` times both)."""
+    GEMM path too (``benchmarks/kernel_bench.py`` times both)."""
     from quantkit.kernels.triton_uniform import GEMV_MAX_M
     from quantkit.rotations import hadamard_layout
 
@@ -343,20 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import time
 
-    p = argparse.ArgumentParser(prog="python -m quantkit.kernels.aot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="sm_90", help="NVIDIA target, e.g. sm_90 (H100/H200, the default), sm_80; "
                    "auto: the visible GPU's")
     p.add_argument("--models", nargs="*", choices=sorted(SHAPES), default=None,
-                   help="whose linear shapes (kernels/bench.py's); default all, unless --shapes are given")
+                   help="whose linear shapes (benchmarks/kernel_bench.py's); default all, unless --shapes are given")
     p.add_argument("--shapes", nargs="+", type=_shape, default=[], help="more weight shapes, OUTxIN")
     p.add_argument("--rotated", action="store_true",
                    help="also the GEMV with the input rotation fused, where the dispatch fuses it")
     p.add_argument("--gemm-decode", action="store_true",
-                   help="decode batches (<= 8 rows) on the GEMM path too, as kernels/bench.py times them")
+                   help="decode batches (<= 8 rows) on the GEMM path too, as benchmarks/kernel_bench.py times them")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 128],
                    help="rows of the input: GEMV for <= 8, GEMM above (default 1 16 128)")
-    p.add_argument("--formats", nargs="+", type=Format.parse, default=[Format.parse(f) for f in DEFAULT_FORMATS],
-                   help="as kernels/bench.py takes them, e.g. w4g128, w3g-1 (per channel), w4g128-sym; "
+    p.add_argument("--formats", nargs="+", type=BenchScheme.parse,
+                   default=[BenchScheme.parse(f) for f in DEFAULT_FORMATS],
+                   help="as benchmarks/kernel_bench.py takes them, e.g. w4g128, w3g-1 (per channel), w4g128-sym; "
                         f"default {' '.join(DEFAULT_FORMATS)}")
     p.add_argument("--warm", action="store_true",
                    help="only compile, in parallel, into Triton's cache (on a GPU machine before benchmarking: "
