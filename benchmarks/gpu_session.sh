@@ -32,6 +32,10 @@ python3 -m pip install -q --no-deps --no-build-isolation . >> "$out/pip.log" 2>&
 cat "$out/versions.txt"
 cd /tmp  # import the installed package, not the source tree (kernels/ maps to quantkit.kernels only when installed)
 src=$OLDPWD
+# The tools (benchmarks/, not in the wheel) import as benchmarks.*: a folder holding only a link to them, so that
+# the source tree's quantkit/ does not shadow the installed one.
+mkdir -p /tmp/quantkit-tools && ln -sfn "$src/benchmarks" /tmp/quantkit-tools/benchmarks
+export PYTHONPATH=/tmp/quantkit-tools${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1  # decode reuses bench's autotuning of the same shapes instead of redoing it
 for step in "${steps[@]}"; do

@@ -15,6 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QUANTKIT_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
+def _import_tools() -> None:
+    """Make the repository's tools (benchmarks/, not in the wheel) importable as ``benchmarks.*`` without putting
+    the repository root on ``sys.path``, where ``quantkit/`` would shadow an installed quantkit."""
+    import importlib.util
+    import sys
+
+    init = REPO / "benchmarks" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("benchmarks", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = module
+    spec.loader.exec_module(module)
+
+
+_import_tools()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _env():
     torch.manual_seed(0)

@@ -12,10 +12,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[1]  # the tools (benchmarks/) run from here; they are not in the wheel
 
 # Each case: the variant builder and its arguments; the subprocess compiles them all and reports resources.
 _SCRIPT = r"""
@@ -76,7 +79,7 @@ CASES = [
 def compiled() -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
-                          env=env, timeout=900)
+                          env=env, timeout=900, cwd=REPO)
     assert proc.returncode == 0, f"compiling for sm_90 failed:\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout)
 
@@ -113,11 +116,12 @@ def test_warm_fills_the_cache_a_launch_reads(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "benchmarks.kernel_aot", "--warm", "--models", "llama2-7b", "--batch", "16",
            "--formats", "w4g128", "--jobs", "1"]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    # From the repository root, where the tools live (they are not in the wheel).
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert first.returncode == 0, first.stderr[-4000:]
     assert "compiled 4 kernel variants for sm_90" in first.stdout
     entries = sorted(p.name for p in tmp_path.iterdir())
     assert len(entries) == 4
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert second.returncode == 0, second.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == entries  # all hits: nothing compiled again
