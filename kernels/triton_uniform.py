@@ -1,7 +1,8 @@
-"""Fused dequant-matmul Triton kernels for the uniform packed format (``quantkit-uniform`` version 1).
+"""Fused dequant-matmul Triton kernels for the scalar-grid packed format (``quantkit-uniform`` version 2).
 
-``y = x @ W.T (+ bias)`` where ``W = scale * (code - zero)`` is never written to global memory: each program loads
-the packed int32 words of its weight tile, unpacks the codes, applies scales and zeros in registers and accumulates
+``y = x @ W.T (+ bias)`` where ``W = scale * (code - zero)``, or ``scale * levels[code]`` for a non-uniform grid,
+is never written to global memory: each program loads the packed int32 words of its weight tile, unpacks the
+codes, applies scales and zeros (or looks the levels up) in registers and accumulates
 in fp32 (the layout and the GPTQ-style 3-bit packing are described in ``quantkit.formats.packing``).
 
 Two paths, both autotuned over shape keys:
@@ -16,7 +17,11 @@ Two paths, both autotuned over shape keys:
 Act-order: stored column ``j`` is original column ``perm[j]``, so ``y = x[..., perm] @ W_stored.T``; the activation
 is permuted once per call and the kernels only ever see contiguous groups in stored order.
 
-Importing this module imports Triton; ``quantkit.kernels.ops`` guards that import for CPU-only installs.
+With the signs of a Hadamard rotation (``rot_signs``), the GEMV computes the input rotation ``R x`` tile by tile
+in the same launch (README, "Fused kernels").
+
+Importing this module imports Triton; ``quantkit.kernels.ops`` guards that import for CPU-only installs, and the
+dispatch (``quantkit.kernels.dispatch``) routes a ``QuantizedLinear`` of this format here for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -435,33 +440,47 @@ def triton_uniform_matmul(
     # loop bound under numpy >= 2.4: triton-lang/triton#9171.)
     flags = launch_flags(K, group_size, bits, zeros=zeros is not None, levels=levels is not None,
                          bias=bias is not None)
+    tensors = (x2, qweight, scales, zeros, levels, bias, out)
     if M <= gemv_max_m:
-        block_m = triton.next_power_of_2(M)
-        # No split-K in bf16: each partial sum would be rounded to 8 mantissa bits (and bf16 atomics need sm_90).
-        allow_split_k = x.dtype != torch.bfloat16
-        kernel = _gemv_kernel if config is not None else _tuned_gemv(allow_split_k)
-        if config is not None and config["SPLIT_K"] > 1:
-            if not allow_split_k:
-                raise ValueError("split-K accumulates in the output dtype and is not used with bfloat16")
-            out.zero_()  # what the autotuned configs' pre_hook does
-        signs = rot_signs.contiguous() if rot_signs is not None else None
-
-        def grid(meta: dict[str, Any]) -> tuple[int, int]:
-            return triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]
-
-        kernel[grid](x2, qweight, scales, zeros, levels, bias, out, signs, M, N, x2.stride(0), qweight.stride(0),
-                     scales.stride(0), out.stride(0), rot_block**-0.5 if signs is not None else 1.0, **flags,
-                     ROT_BLOCK=rot_block if signs is not None else 0, BLOCK_M=block_m, **(config or {}))
+        _launch_gemv(tensors, flags, config, rot_signs, rot_block)
     else:
-        m_bucket, precision = gemm_bucket(M), dot_precision(x.dtype)
-        kernel = _gemm_kernel if config is not None else _tuned_gemm()
-
-        def grid(meta: dict[str, Any]) -> tuple[int, int]:
-            return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])
-
-        kernel[grid](x2, qweight, scales, zeros, levels, bias, out, M, N, x2.stride(0), qweight.stride(0),
-                     scales.stride(0), out.stride(0), m_bucket, **flags, DOT_PRECISION=precision, **(config or {}))
+        _launch_gemm(tensors, flags, config)
     return out.reshape(*x.shape[:-1], N)
+
+
+def _launch_gemv(tensors: tuple, flags: dict[str, Any], config: dict[str, int] | None,
+                 rot_signs: torch.Tensor | None, rot_block: int) -> None:
+    x2, qweight, scales, zeros, levels, bias, out = tensors
+    (M, _), N = x2.shape, out.shape[1]
+    block_m = triton.next_power_of_2(M)
+    # No split-K in bf16: each partial sum would be rounded to 8 mantissa bits (and bf16 atomics need sm_90).
+    allow_split_k = x2.dtype != torch.bfloat16
+    kernel = _gemv_kernel if config is not None else _tuned_gemv(allow_split_k)
+    if config is not None and config["SPLIT_K"] > 1:
+        if not allow_split_k:
+            raise ValueError("split-K accumulates in the output dtype and is not used with bfloat16")
+        out.zero_()  # what the autotuned configs' pre_hook does
+    signs = rot_signs.contiguous() if rot_signs is not None else None
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]
+
+    kernel[grid](x2, qweight, scales, zeros, levels, bias, out, signs, M, N, x2.stride(0), qweight.stride(0),
+                 scales.stride(0), out.stride(0), rot_block**-0.5 if signs is not None else 1.0, **flags,
+                 ROT_BLOCK=rot_block if signs is not None else 0, BLOCK_M=block_m, **(config or {}))
+
+
+def _launch_gemm(tensors: tuple, flags: dict[str, Any], config: dict[str, int] | None) -> None:
+    x2, qweight, scales, zeros, levels, bias, out = tensors
+    (M, _), N = x2.shape, out.shape[1]
+    m_bucket, precision = gemm_bucket(M), dot_precision(x2.dtype)
+    kernel = _gemm_kernel if config is not None else _tuned_gemm()
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])
+
+    kernel[grid](x2, qweight, scales, zeros, levels, bias, out, M, N, x2.stride(0), qweight.stride(0),
+                 scales.stride(0), out.stride(0), m_bucket, **flags, DOT_PRECISION=precision, **(config or {}))
 
 
 def _check_rotation(K: int, signs: torch.Tensor, block: int, perm: torch.Tensor | None) -> None:

@@ -28,7 +28,7 @@ from quantkit.checkpoint import REPORT_NAME
 from quantkit.config.recipe import Recipe, load_recipe
 from quantkit.data import calibration_ids, load_calibration_texts
 from quantkit.errors import QuantkitError
-from quantkit.loading import CheckpointReader, check_causal_lm, load_tokenizer, resolve_model
+from quantkit.loading import CheckpointReader, ModelSource, check_causal_lm, load_tokenizer, resolve_model
 from quantkit.model import build_skeleton, decoder_layers, linears, load_into
 from quantkit.resume import Progress
 
@@ -66,24 +66,15 @@ def quantize(
     t0 = time.time()
     out = Path(out).expanduser().resolve()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if nsamples < 1 or seqlen < 2:
-        raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QuantkitError("--device cuda asked for, but no CUDA device is available")
-    source = resolve_model(model)
-    check_causal_lm(source.config)
     extra = list(steps or [])
-    needs_calib = recipe.needs_calibration or any(s.needs_calibration for s in extra)
-    calib_info = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed} if needs_calib else None
-    extra_fp = [[s.name, s.fingerprint()] for s in extra]
-    fp = fingerprint(source, recipe, calib_info or {}, dev.type, extra_fp)
+    source, dev, calib_info, fp = _plan(model, recipe, extra, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                                        seed=seed, device=device)
     if check_out(out, fp, overwrite):
         logger.info("%s already holds this exact result; nothing to do", out)
         return QuantizeOutput(out, json.loads((out / REPORT_NAME).read_text()), skipped=True)
 
     ids = None
-    if needs_calib:
+    if calib_info is not None:
         ids = calibration_ids(load_tokenizer(source), load_calibration_texts(calib, data_dir), nsamples=nsamples,
                               seqlen=seqlen, seed=seed)
     else:
@@ -112,3 +103,20 @@ def quantize(
     if keep_model:
         skeleton.tie_weights()
     return QuantizeOutput(out, report, model=skeleton if keep_model else None)
+
+
+def _plan(model: str | None, recipe: Recipe, steps: list[LayerStep], *, calib: str, nsamples: int, seqlen: int,
+          seed: int, device: str) -> tuple[ModelSource, torch.device, dict[str, Any] | None, str]:
+    """Check the arguments and name the run: the model, the device, the calibration settings (None when no step
+    needs data) and the fingerprint that decides whether an output or partial progress is this run's."""
+    if nsamples < 1 or seqlen < 2:
+        raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuantkitError("--device cuda asked for, but no CUDA device is available")
+    source = resolve_model(model)
+    check_causal_lm(source.config)
+    needs_calib = recipe.needs_calibration or any(s.needs_calibration for s in steps)
+    calib_info = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed} if needs_calib else None
+    fp = fingerprint(source, recipe, calib_info or {}, dev.type, [[s.name, s.fingerprint()] for s in steps])
+    return source, dev, calib_info, fp

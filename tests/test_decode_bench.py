@@ -43,7 +43,8 @@ def test_repacking_replaces_the_previous_format():
     model = decode_bench.build_model("tiny", torch.device("cpu"), torch.float32)
     decode_bench.pack_decoder_linears(model, BenchScheme.parse("w4g128"))
     decode_bench.pack_decoder_linears(model, BenchScheme.parse("w2g64"))
-    assert {(m.scheme.bits, m.scheme.group_size) for m in model.modules() if isinstance(m, QuantizedLinear)} == {
+    assert {(m.scheme.quantizer.bits, m.scheme.quantizer.group_size) for m in model.modules()
+            if isinstance(m, QuantizedLinear)} == {
         (2, 64)
     }
 

@@ -148,23 +148,24 @@ class LayerScheme:
     def _from_flat(cls, d: Any) -> LayerScheme:
         if not isinstance(d, dict):
             raise RecipeError(f"expected a mapping, got {d!r}")
-        parts: dict[str, dict[str, Any]] = {"method": {}, "quantizer": {"name": "uniform"}, "rotation": {}}
-        origin: dict[str, str] = {}
-        fmt = d.get("format", "")
-        for key, value in d.items():
-            if key == "format":
-                continue
-            part, field = _FLAT.get(key, ("quantizer", key))
-            parts[part][field] = value
-            origin[f"{part}.{field}"] = key
+        grid = d.get("grid", "uniform")
+        if grid not in QUANTIZERS:
+            raise FieldError("grid", f"unknown grid or quantizer; known: {', '.join(QUANTIZERS.names())}", grid)
+        quantizer_fields = [f for f in QUANTIZERS.get(grid).field_names() if f != "name"]
+        check_keys(d, [*_FLAT, *quantizer_fields, "format"], "")
         if "method" not in d:
             raise RecipeError("missing required field 'method'")
+        parts: dict[str, dict[str, Any]] = {"method": {}, "quantizer": {"name": grid}, "rotation": {}}
+        origin: dict[str, str] = {}
+        for key, value in d.items():
+            if key != "format":
+                part, field = _FLAT.get(key, ("quantizer", key))
+                parts[part][field] = value
+                origin[f"{part}.{field}"] = key
         try:
-            return cls._from_parts({**parts, "format": fmt})
+            return cls._from_parts({**parts, "format": d.get("format", "")})
         except FieldError as e:
             raise e.renamed(origin.get(e.field, e.field)) from None
-        except RecipeError as e:  # an unknown quantizer field: name it as written
-            raise RecipeError(str(e).replace("quantizer: ", "", 1)) from None
 
 
 def quantizer_from_dict(d: Any) -> Spec:

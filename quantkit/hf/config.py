@@ -71,9 +71,11 @@ class QuantkitConfig(QuantizationConfigMixin):
             return LayerScheme.from_dict({**entry, "format": _LEGACY_FORMAT}), self.version
         if not isinstance(entry, dict) or set(entry) != {"scheme", "format"}:
             raise QuantkitError(f"quantization_config: module {name!r}: expected 'scheme' and 'format'")
-        fmt = entry["format"]
-        scheme = LayerScheme.from_dict({**entry["scheme"], "format": fmt.get("name")})
-        return scheme, fmt.get("version")
+        fmt, scheme = entry["format"], entry["scheme"]
+        if not isinstance(fmt, dict) or set(fmt) != {"name", "version"} or not isinstance(scheme, dict):
+            raise QuantkitError(f"quantization_config: module {name!r}: 'format' must be {{name, version}} and "
+                                "'scheme' a mapping")
+        return LayerScheme.from_dict({**scheme, "format": fmt["name"]}), fmt["version"]
 
     def schemes(self) -> dict[str, LayerScheme]:
         out = {}
