@@ -227,7 +227,7 @@ def time_decode(model: nn.Module, fmt: str, batch: int, prompt_len: int, new_tok
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="llama2-7b")
     p.add_argument("--formats", default="fp16,w4g128,w3g128,w2g64",
                    help="comma-separated: fp16 (the dense model, in --dtype) and packed formats such as w4g128")

@@ -97,7 +97,7 @@ def peak_bandwidth(name: str) -> float | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128", help="comma-separated batch sizes (rows of x)")
     p.add_argument("--formats", default="w4g128,w3g128,w2g64", help="comma-separated, e.g. w4g128,w3g-1-sym-act")

@@ -28,10 +28,12 @@ import time
 
 import torch
 
+from quantkit.config import LayerScheme
 from quantkit.formats.packing import pack_codes
-from quantkit.kernels.dispatch import uniform_matmul
+from quantkit.kernels import dispatch
+from quantkit.nn import QuantizedLinear
 from quantkit.quantizers.groups import num_groups
-from quantkit.rotations import HadamardRotation, hadamard_layout, random_signs
+from quantkit.rotations import hadamard_layout, random_signs
 
 SHAPES = {
     "smollm2-135m": [("q/o", 576, 576), ("k/v", 192, 576), ("gate/up", 1536, 576), ("down", 576, 1536)],
@@ -51,19 +53,29 @@ def _time_cpu(fn, reps: int) -> float:
 
 
 def _time_cuda(fn) -> float:
-    from benchmarks.kernel_bench import time_ms
+    try:
+        from benchmarks.kernel_bench import time_ms
+    except ModuleNotFoundError as e:  # run as ``python benchmarks/rotation_cost.py``: this folder is on sys.path
+        if e.name != "benchmarks":
+            raise
+        from kernel_bench import time_ms
 
     return time_ms(fn, warmup=25, rep=100) / 1e3
 
 
-def _separate(rot, x, qweight, scales, zeros):
+W4G128 = dict(method="rtn", bits=4, group_size=128)
+
+
+def _layer(tensors: dict[str, torch.Tensor], rotated: bool) -> QuantizedLinear:
+    """A W4 g128 ``QuantizedLinear`` holding ``tensors`` (and random signs when ``rotated``)."""
+    scheme = LayerScheme.from_dict({**W4G128, "rotation": "hadamard" if rotated else "none"})
+    N, K = tensors["qweight"].shape[0], tensors["rot_in_signs"].numel()
+    return QuantizedLinear.from_packed(tensors, scheme, K, N)
+
+
+def _separate(layer, rot, x):
     """``R x`` by itself, then the dequant-matmul of the rotated activation."""
-    return uniform_matmul(rot.apply(x), qweight, scales, zeros, None, None, bits=4, group_size=128)
-
-
-def _forward(rot, x, qweight, scales, zeros):
-    """What ``QuantizedLinear.forward`` runs for an input-rotated W4 g128 layer (the rotation fused where it can)."""
-    return uniform_matmul(x, qweight, scales, zeros, None, None, bits=4, group_size=128, rotation=rot)
+    return dispatch.linear(rot.apply(x), layer)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,12 +100,14 @@ def main(argv: list[str] | None = None) -> None:
             scales = (0.01 * torch.rand(N, G, generator=g)).half().to(dev)
             zeros = torch.randint(0, 16, (N, G), generator=g).half().to(dev)
             x = torch.randn(args.batch, K, generator=g).to(dtype).to(dev)
-            rot = HadamardRotation(random_signs(K, 0, name).to(dev))
+            tensors = {"qweight": qweight, "scales": scales, "zeros": zeros, "rot_in_signs": random_signs(K, 0, name)}
+            plain, rotated = _layer(tensors, rotated=False).to(dev), _layer(tensors, rotated=True).to(dev)
+            rot = rotated.rotations[0]
 
             rotate = functools.partial(rot.apply, x)
-            matmul = functools.partial(uniform_matmul, x, qweight, scales, zeros, None, None, bits=4, group_size=128)
-            separate = functools.partial(_separate, rot, x, qweight, scales, zeros)
-            forward = functools.partial(_forward, rot, x, qweight, scales, zeros)
+            matmul = functools.partial(dispatch.linear, x, plain)
+            separate = functools.partial(_separate, plain, rot, x)
+            forward = functools.partial(rotated, x)  # QuantizedLinear.forward: the rotation fused where it can
             if dev.type == "cuda":  # the fused path computes what the separate one does
                 a, b = separate().float(), forward().float()
                 err = ((a - b).abs().max() / a.abs().max()).item()

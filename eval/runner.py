@@ -128,33 +128,43 @@ def evaluate(
         "tasks": {},
     }
     for name in ppl_names:
-        if name == "wikitext2":
-            ids = tokenizer(wikitext2_text(data), return_tensors="pt").input_ids
-        else:
-            n = C4_WINDOWS if ppl_windows is None else min(ppl_windows, C4_WINDOWS)
-            ids = c4_validation_ids(tokenizer, seqlen=seqlen, nsamples=n, data=data)
-        results["perplexity"][name] = _ppl_entry(name, ids, lm, seqlen=seqlen, windows=ppl_windows)
-        logger.info("%s perplexity %.4f (%s)", name, results["perplexity"][name]["ppl"],
-                    results["perplexity"][name]["protocol"])
-
+        results["perplexity"][name] = _perplexity(name, lm, tokenizer, data, seqlen=seqlen, windows=ppl_windows)
     if task_list:
-        import lm_eval
-
-        for name, r in zeroshot(lm, tokenizer, task_list, data_dir=data, limit=limit,
-                                batch_size=batch_size).items():
-            results["tasks"][name] = {**r.metrics, "samples": r.samples, "total": r.total,
-                                      "lm_eval_task": r.lm_eval_name, "source": r.source}
-        results["zeroshot_settings"] = {
-            "harness": "lm-eval", "num_fewshot": 0, "batch_size": batch_size, "limit": limit,
-            "task_configs": "local (quantkit eval/tasks)" if data is not None else "lm-eval built-in",
-            "lm_eval_version": lm_eval.__version__,
-        }
+        results.update(_zeroshot(lm, tokenizer, task_list, data, limit=limit, batch_size=batch_size))
     results["versions"] = software_versions()
     results["command"] = command
     results["seconds"] = round(time.time() - t0, 1)
     if keep_model:
         results["_model"] = lm
     return results
+
+
+def _perplexity(name: str, lm, tokenizer, data: Path | None, *, seqlen: int, windows: int | None) -> dict[str, Any]:
+    if name == "wikitext2":
+        ids = tokenizer(wikitext2_text(data), return_tensors="pt").input_ids
+    else:
+        n = C4_WINDOWS if windows is None else min(windows, C4_WINDOWS)
+        ids = c4_validation_ids(tokenizer, seqlen=seqlen, nsamples=n, data=data)
+    entry = _ppl_entry(name, ids, lm, seqlen=seqlen, windows=windows)
+    logger.info("%s perplexity %.4f (%s)", name, entry["ppl"], entry["protocol"])
+    return entry
+
+
+def _zeroshot(lm, tokenizer, task_list, data: Path | None, *, limit: int | None,
+              batch_size: int | str) -> dict[str, Any]:
+    """The ``tasks`` and ``zeroshot_settings`` entries of the results."""
+    import lm_eval
+
+    tasks = {name: {**r.metrics, "samples": r.samples, "total": r.total, "lm_eval_task": r.lm_eval_name,
+                    "source": r.source}
+             for name, r in zeroshot(lm, tokenizer, task_list, data_dir=data, limit=limit,
+                                     batch_size=batch_size).items()}
+    settings = {
+        "harness": "lm-eval", "num_fewshot": 0, "batch_size": batch_size, "limit": limit,
+        "task_configs": "local (quantkit eval/tasks)" if data is not None else "lm-eval built-in",
+        "lm_eval_version": lm_eval.__version__,
+    }
+    return {"tasks": tasks, "zeroshot_settings": settings}
 
 
 def write_results(results: dict[str, Any], out: str | os.PathLike) -> Path:

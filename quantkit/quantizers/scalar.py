@@ -23,7 +23,7 @@ __all__ = ["ScalarQuantizer", "ScalarSpec"]
 @dataclasses.dataclass(frozen=True)
 class ScalarSpec(Spec):
     """``name`` is the grid: ``uniform`` (affine integers; ``symmetric`` and ``mse_clip`` apply), ``gaussian``,
-    ``nf4``, ``fp4`` (level tables with a fitted scale)."""
+    ``nf4``, ``fp4`` (level tables with a fitted scale; ``symmetric`` is ignored, as in format versions 1–2)."""
 
     part = "quantizer"
     default_format: ClassVar[str] = "quantkit-uniform"
@@ -36,13 +36,13 @@ class ScalarSpec(Spec):
     def validate(self) -> None:
         if self.name not in GRIDS:
             raise self.bad("name", f"unknown grid; known: {', '.join(sorted(GRIDS))}")
-        supported = GRIDS[self.name][1]
+        supported = GRIDS[self.name].bits
         if self.bits not in supported:
             raise self.bad("bits", f"unsupported bit width; grid {self.name!r} supports "
                            f"{', '.join(map(str, supported))} bits")
         if not (self.group_size == -1 or self.group_size >= 8):
             raise self.bad("group_size", "must be -1 (per channel) or an integer >= 8")
-        if self.mse_clip and self.name != "uniform":
+        if self.mse_clip and "mse_clip" not in GRIDS[self.name].options:
             raise self.bad("mse_clip", f"applies to the uniform grid; {self.name!r} always fits its scale by "
                            "squared error")
 
