@@ -76,8 +76,7 @@ class Spec:
     @classmethod
     def from_dict(cls: type[S], d: Any) -> S:
         check_keys(d, cls.field_names(), cls.part)
-        try:
-            return cls(**d)
-        except TypeError:  # a required field is missing (unknown ones were refused above)
-            missing = next(f.name for f in dataclasses.fields(cls) if f.name not in d)
-            raise FieldError(f"{cls.part}.{missing}" if cls.part else missing, "is required", None) from None
+        for f in dataclasses.fields(cls):
+            if f.name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise FieldError(f"{cls.part}.{f.name}" if cls.part else f.name, "is required", None)
+        return cls(**d)
