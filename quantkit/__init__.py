@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from quantkit import algos as _algos  # noqa: F401  (registers rtn, gptq)
 from quantkit import calibration as _calibration  # noqa: F401  (registers the statistics collectors)
+from quantkit import codebooks as _codebooks  # noqa: F401  (registers vq)
 from quantkit import formats as _formats  # noqa: F401  (registers quantkit-uniform)
 from quantkit import quantizers as _quantizers  # noqa: F401  (registers the scalar grids)
 from quantkit.config import LayerScheme, Recipe

@@ -50,7 +50,8 @@ def test_no_library_module_imports_the_tools():
 # "Architecture"). Utilities that every layer may use sit at 0.
 LAYERS = {
     "errors": -1, "registry": 0, "checkpoint": 0, "loading": 0, "data": 0,
-    "config": 1, "grids": 2, "quantizers": 3, "algos": 4, "formats": 5, "kernels": 6, "rotations": 7, "nn": 8,
+    "config": 1, "grids": 2, "quantizers": 3, "codebooks": 3.5, "algos": 4, "formats": 5, "kernels": 6,
+    "rotations": 7, "nn": 8,
     "hf": 9, "model": 9, "resume": 9, "calibration": 10, "assemble": 10, "pipeline": 11, "eval": 12, "cli": 13,
 }
 

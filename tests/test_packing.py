@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from quantkit.formats.packing import SUPPORTED_BITS, pack_codes, packed_words, unpack_codes
+from quantkit.formats.packing import SUPPORTED_BITS, pack_bits, pack_codes, packed_words, unpack_bits, unpack_codes
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -60,3 +60,18 @@ def test_unpack_reads_any_words_as_the_bitstream(bits, n):
     g = torch.Generator().manual_seed(bits * 7 + n)
     words = torch.randint(-(2**31), 2**31, (3, packed_words(n, bits)), generator=g, dtype=torch.int64).to(torch.int32)
     assert torch.equal(unpack_codes(words, bits, n), _read_bitstream(words, bits, n))
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 31), (4, 144), (2, 3, 97)])
+def test_any_width_round_trip_exact(bits, shape):
+    g = torch.Generator().manual_seed(bits * 7 + shape[-1])
+    codes = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.int64)
+    codes.view(-1)[0] = 2**bits - 1  # the top bit set
+    words = pack_bits(codes, bits)
+    assert words.shape == (*shape[:-1], packed_words(shape[-1], bits))
+    assert torch.equal(unpack_bits(words, bits, shape[-1]), codes)
+    if bits in SUPPORTED_BITS:
+        assert torch.equal(words, pack_codes(codes, bits))
+    with pytest.raises(ValueError, match="out of range"):
+        pack_bits(torch.full((1, 3), 2**bits), bits)

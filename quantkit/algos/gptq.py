@@ -137,6 +137,9 @@ def _gptq_row_blocks(W: torch.Tensor, H: torch.Tensor, quantizer: Quantizer, *, 
     rows = W.shape[0] // h
     parts = [gptq(W[i * rows : (i + 1) * rows], H[i], copy.deepcopy(quantizer), act_order=act_order, perm=perm, **kw)
              for i in range(h)]
+    for k in set(quantizer.shared_params) & set(parts[0].params):
+        if not all(torch.equal(p.params[k], parts[0].params[k]) for p in parts):
+            raise QuantkitError(f"per-head Hessians fitted {h} different '{k}' tensors; the format stores one")
     params = {k: v if k in quantizer.shared_params else torch.cat([p.params[k] for p in parts])
               for k, v in parts[0].params.items()}
     return QuantResult(codes=torch.cat([p.codes for p in parts]), W_hat=torch.cat([p.W_hat for p in parts]),

@@ -92,7 +92,10 @@ class QuantizeStep(LayerStep):
 
     @staticmethod
     def _weighted(s: LayerScheme) -> bool:
-        return s.method.attention_weighted and not s.rotation.output and s.method.needs_hessian
+        """Per-head attention-weighted Hessians, where the scheme asks and its quantizer takes row blocks (one
+        codebook per layer does not: it gets the plain Hessian)."""
+        return (s.method.attention_weighted and not s.rotation.output and s.method.needs_hessian
+                and getattr(type(s.quantizer), "per_head_hessians", True))
 
     def run(self, ctx: LayerContext, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
         plain, weighted = stats.get("hessian", {}), stats.get("attention_hessian", {})

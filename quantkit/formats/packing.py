@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_BITS", "packed_words", "pack_codes", "unpack_codes"]
+__all__ = ["SUPPORTED_BITS", "pack_bits", "packed_words", "pack_codes", "unpack_bits", "unpack_codes"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -29,6 +29,32 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``codes`` [..., n] (integers in ``[0, 2**bits)``) into int32 words [..., packed_words(n, bits)]."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
+    return _pack(codes, bits)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_codes` for any width from 1 to 16 bits (codebook indices), the same little-endian bit stream."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"unsupported bit width {bits}; 1 to 16")
+    return _pack(codes, bits)
+
+
+def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: codes [..., n] as int64."""
+    if bits in SUPPORTED_BITS:
+        return unpack_codes(words, bits, n, torch.int64)
+    if not 1 <= bits <= 16:
+        raise ValueError(f"unsupported bit width {bits}; 1 to 16")
+    lead, nw = words.shape[:-1], words.shape[-1]
+    if nw != packed_words(n, bits):
+        raise ValueError(f"{nw} words cannot hold exactly {n} codes of {bits} bits")
+    w = torch.nn.functional.pad(words.reshape(-1, nw).to(torch.int64) & 0xFFFFFFFF, (0, 1))
+    word, offset = _positions(n, bits, w.device)
+    codes = ((w[:, word] >> offset) | (w[:, word + 1] << (32 - offset))) & (2**bits - 1)
+    return codes.reshape(*lead, n)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     lead, n = codes.shape[:-1], codes.shape[-1]
     c = codes.reshape(-1, n).to(torch.int64)
     if c.numel() and (c.min() < 0 or c.max() >= 2**bits):

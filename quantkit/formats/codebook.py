@@ -1,0 +1,75 @@
+"""The vector-codebook format ``quantkit-vq``: codebook indices bit-packed at ``log2(entries)`` bits, the fp16
+codebook, one fp16 scale per row, and the act-order permutation (quantkit.codebooks.vq).
+
+Tensors of a quantized linear ``{module}``:
+
+- ``codes`` int32 [out, ceil(in / dim · bits / 32)]: each row's indices as a little-endian bit stream
+  (``packing.pack_bits``), vector ``j`` covering stored columns ``[j·dim, (j+1)·dim)``
+- ``codebook`` fp16 [entries, dim]
+- ``scales`` fp16 [out, 1]: the weight is ``scale · codebook[code]``
+- ``perm`` int16 (int32 if in ≥ 2¹⁵) [in], with act-order: stored column ``j`` is original column ``perm[j]``
+
+plus the rotation signs every format stores and the bias.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.codebooks.vq import VQSpec
+from quantkit.config.spec import FieldError
+from quantkit.formats import Format, TensorSpecs, register_format
+from quantkit.formats.packing import pack_bits, packed_words, unpack_bits
+from quantkit.formats.uniform import perm_dtype
+from quantkit.quantizers import QuantResult
+
+__all__ = ["VQFormat"]
+
+
+@register_format
+class VQFormat(Format):
+    name = "quantkit-vq"
+    version = 1
+
+    def check_scheme(self, scheme) -> None:
+        if not isinstance(scheme.quantizer, VQSpec):
+            raise FieldError("format", f"{self.name!r} stores vector codebooks (quantizer 'vq'), not "
+                             f"{scheme.quantizer.name!r}", self.name)
+        if scheme.method.static_groups:
+            raise FieldError("method.static_groups", "a codebook has no groups to fit statically", True)
+
+    def tensor_specs(self, scheme, in_features: int, out_features: int) -> TensorSpecs:
+        q = scheme.quantizer
+        specs: TensorSpecs = {
+            "codes": ((out_features, packed_words(in_features // q.dim, q.bits)), torch.int32),
+            "codebook": ((q.entries, q.dim), torch.float16),
+            "scales": ((out_features, 1), torch.float16),
+        }
+        if scheme.method.act_order:
+            specs["perm"] = ((in_features,), perm_dtype(in_features))
+        return specs
+
+    def pack(self, result: QuantResult, scheme) -> dict[str, torch.Tensor]:
+        q = scheme.quantizer
+        out = {"codes": pack_bits(result.codes, q.bits), "codebook": result.params["codebook"].to(torch.float16),
+               "scales": result.params["scales"].to(torch.float16)}
+        if scheme.method.act_order:
+            out["perm"] = result.perm.to(perm_dtype(result.perm.numel()))
+        for name in ("codebook", "scales"):  # fitted as fp16 values: storing them loses nothing
+            assert torch.equal(out[name].float(), result.params[name].float()), f"{name} not fp16-exact"
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def unpack(self, tensors: dict[str, torch.Tensor], scheme, in_features: int) -> QuantResult:
+        q = scheme.quantizer
+        codes = unpack_bits(tensors["codes"], q.bits, in_features // q.dim)
+        perm = tensors["perm"].long() if "perm" in tensors else None
+        return QuantResult(codes=codes, W_hat=self.dequantize(tensors, scheme, in_features), perm=perm,
+                           params={"codebook": tensors["codebook"].float(), "scales": tensors["scales"].float()})
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], scheme, in_features: int) -> torch.Tensor:
+        q = scheme.quantizer
+        codes = unpack_bits(tensors["codes"], q.bits, in_features // q.dim)
+        W = tensors["codebook"].float()[codes].reshape(codes.shape[0], in_features) * tensors["scales"].float()
+        if "perm" in tensors:
+            W = torch.empty_like(W).index_copy_(1, tensors["perm"].long(), W)
+        return W
