@@ -41,6 +41,8 @@ def test_kmeans_lowers_the_weighted_error_and_assigns_the_nearest():
         return d.min(1).values.sum()
 
     assert err(C) < 0.8 * err(C0)
+    # Fitting on a sample of the vectors costs little on the whole set.
+    assert err(weighted_kmeans(X, Wx, 32, iters=20, seed=0, sample=1000)) < 1.1 * err(C)
     with pytest.raises(ValueError, match="cannot fill"):
         weighted_kmeans(X[:10], Wx[:10], 32, iters=1, seed=0)
 
@@ -75,6 +77,7 @@ def test_gptq_with_a_codebook_beats_rtn_with_it():
 @pytest.mark.parametrize("doc,msg", [
     ({"quantizer": {"name": "vq", "entries": 100}}, "field 'quantizer.entries': must be a power of two"),
     ({"quantizer": {"name": "vq", "dim": 9}}, "field 'quantizer.dim'"),
+    ({"quantizer": {"name": "vq", "entries": 256, "sample": 100}}, "field 'quantizer.sample'"),
     ({"quantizer": {"name": "vq"}, "method": {"name": "gptq", "static_groups": True, "act_order": True}},
      "field 'method.static_groups'"),
     ({"quantizer": {"name": "vq"}, "format": "quantkit-uniform"}, "field 'format'"),

@@ -38,7 +38,8 @@ class VQSpec(Spec):
     dim: int = 4  # weights per vector
     entries: int = 256  # codebook size, a power of two; codes take log2(entries) bits
     iters: int = 25  # k-means (Lloyd) iterations
-    seed: int = 0  # k-means++ initialization
+    seed: int = 0  # k-means++ initialization and the sample
+    sample: int = 0  # vectors k-means fits on (a seeded random subset when the layer has more); 0: all
 
     def validate(self) -> None:
         if not 2 <= self.dim <= 8:
@@ -49,6 +50,8 @@ class VQSpec(Spec):
             raise self.bad("iters", "must be a non-negative integer")
         if self.seed < 0:
             raise self.bad("seed", "must be a non-negative integer")
+        if self.sample != 0 and self.sample < self.entries:
+            raise self.bad("sample", "must be 0 (all vectors) or at least the number of entries")
 
     @property
     def bits(self) -> int:
@@ -83,12 +86,17 @@ def _kmeans_pp(X: torch.Tensor, Wx: torch.Tensor, K: int, g: torch.Generator) ->
     return C
 
 
-def weighted_kmeans(X: torch.Tensor, Wx: torch.Tensor, K: int, *, iters: int, seed: int) -> torch.Tensor:
+def weighted_kmeans(X: torch.Tensor, Wx: torch.Tensor, K: int, *, iters: int, seed: int,
+                    sample: int = 0) -> torch.Tensor:
     """Centroids [K, d] minimizing ``Σ_v Σ_j Wx_vj (X_vj − C_{a(v), j})²`` (k-means++ start, Lloyd iterations; a
-    coordinate's centroid is the weighted mean of its cluster). An empty cluster keeps its centroid."""
+    coordinate's centroid is the weighted mean of its cluster). An empty cluster keeps its centroid. With
+    ``sample``, the fit uses a seeded random subset of that many vectors."""
     if X.shape[0] < K:
         raise ValueError(f"{X.shape[0]} vectors cannot fill {K} codebook entries")
     g = torch.Generator().manual_seed(seed)
+    if sample and X.shape[0] > sample:
+        keep = torch.randperm(X.shape[0], generator=g)[:sample]
+        X, Wx = X[keep], Wx[keep]
     C = _kmeans_pp(X, Wx, K, g)
     for _ in range(iters):
         a = _assign(X, Wx, C)
@@ -124,7 +132,7 @@ class VQQuantizer:
         self.col_weights = diag.view(n // d, d).to(W.device)  # per vector position [n/d, d]
         X = (Wp.float() / self.scale).reshape(-1, d)
         Wx = self.col_weights.expand(rows, -1, -1).reshape(-1, d)
-        C = weighted_kmeans(X, Wx, K, iters=self.spec.iters, seed=self.spec.seed)
+        C = weighted_kmeans(X, Wx, K, iters=self.spec.iters, seed=self.spec.seed, sample=self.spec.sample)
         self.codebook = C.to(torch.float16).float()  # stored in fp16: round once, here
 
     def quantize(self, x: torch.Tensor, col: int, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
