@@ -69,6 +69,11 @@ class Progress:
         with safe_open(self.layer_file(i), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["records"])
 
+    def load_records(self, i: int) -> dict[str, Any]:
+        """The layer's records by step name, without reading its tensors."""
+        with safe_open(self.layer_file(i), "pt") as f:
+            return json.loads(f.metadata()["records"])
+
     def load_inputs(self, i: int, device: torch.device) -> list[torch.Tensor]:
         with safe_open(self.inputs_file(i), "pt") as f:
             return [f.get_tensor(k).to(device) for k in sorted(f.keys())]

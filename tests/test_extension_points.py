@@ -75,10 +75,10 @@ class RowTableSpec(Spec):
 class ToyTableFormat(Format):
     name = "toy-table"
     version = 1
+    stores = (RowTableSpec,)
 
     def check_scheme(self, scheme) -> None:
-        if not isinstance(scheme.quantizer, RowTableSpec):
-            raise FieldError("format", "stores toy-rowtable only", self.name)
+        super().check_scheme(scheme)
         if scheme.method.act_order:
             raise FieldError("method.act_order", "toy-table stores no permutation", True)
 

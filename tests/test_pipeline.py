@@ -193,3 +193,28 @@ def test_atomic_writes_keep_the_old_file_and_leave_no_temporary(tmp_path, monkey
     assert (state.read_bytes(), weights.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layer.safetensors", "state.json"]
     assert safetensors.torch.load_file(weights)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_resumed_run_keeps_the_finished_layers_in_the_returned_model(tiny_model_factory, calib_file, tmp_path,
+                                                                     monkeypatch):
+    """With ``keep_model``, layers finished before an interruption are rebuilt from the saved progress: the returned
+    model computes what an uninterrupted run's does."""
+    folder = tiny_model_factory("llama")
+    full = _quantize(folder, tmp_path / "full", calib_file, keep_model=True).model
+    real_save = resume.Progress.save_layer
+
+    def save_then_die(self, i, *a, **k):
+        real_save(self, i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume.Progress, "save_layer", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(folder, tmp_path / "resumed", calib_file, keep_model=True)
+    monkeypatch.setattr(resume.Progress, "save_layer", real_save)
+    res = _quantize(folder, tmp_path / "resumed", calib_file, keep_model=True)
+    assert res.report["resumed_at_layer"] == 2
+    assert isinstance(res.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    x = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(res.model(x).logits, full(x).logits)

@@ -70,12 +70,12 @@ class LayerWalk:
         load_into(ctx.layer, self.reader.load_prefix(ctx.prefix + "."), self.device, ctx.prefix)
 
     def _restore(self, ctx: LayerContext) -> dict[str, Any]:
-        tensors, records = self.progress.load_layer(ctx.index)
-        if self.keep_model:
-            self._materialize(ctx)
-            ctx.tensors = tensors
-            for step in self.steps:
-                step.restore(ctx, records[step.name])
+        if not self.keep_model:  # the tensors are read once, when the checkpoint is assembled
+            return self.progress.load_records(ctx.index)
+        ctx.tensors, records = self.progress.load_layer(ctx.index)
+        self._materialize(ctx)
+        for step in self.steps:
+            step.restore(ctx, records[step.name])
         return records
 
     def _process(self, ctx: LayerContext) -> dict[str, Any]:
@@ -100,17 +100,15 @@ class LayerWalk:
         if self.calib is None or not wanted:
             return {}
         modules = dict(ctx.layer.named_modules())
-        collectors = [COLLECTORS.get(name)(ctx.layer, {n: modules[n] for n in sorted(linears, key=_order(modules))},
-                                           self.device) for name, linears in wanted.items()]
+        collectors = [COLLECTORS.get(name)(ctx.layer, {n: modules[n] for n in sorted(linears)}, self.device)
+                      for name, linears in wanted.items()]
+
+        def end_chunk() -> None:
+            for c in collectors:
+                c.end_chunk()
+
         with contextlib.ExitStack() as stack:
             for c in collectors:
                 stack.enter_context(c.collecting())
-            run_layer(ctx.layer, self.calib, keep_outputs=False,
-                      after_chunk=lambda: [c.end_chunk() for c in collectors])
+            run_layer(ctx.layer, self.calib, keep_outputs=False, after_chunk=end_chunk)
         return {c.name: c.results() for c in collectors}
-
-
-def _order(modules: dict[str, nn.Module]):
-    """Sort key: the layer's module order (hooks attach in the order the forward runs them)."""
-    position = {n: i for i, n in enumerate(modules)}
-    return lambda n: position[n]

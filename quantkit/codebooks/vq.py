@@ -127,7 +127,7 @@ class VQQuantizer:
         rms = Wp.float().pow(2).mean(1, keepdim=True).sqrt()
         self.scale = rms.to(torch.float16).float().clamp(min=float(torch.finfo(torch.float16).tiny))
         diag = torch.ones(n) if H is None else torch.diagonal(H).float().clamp(min=0)
-        diag = diag[perm] if perm is not None and H is not None else diag
+        diag = diag[perm] if perm is not None else diag
         diag = diag / diag.mean().clamp(min=1e-30)
         self.col_weights = diag.view(n // d, d).to(W.device)  # per vector position [n/d, d]
         X = (Wp.float() / self.scale).reshape(-1, d)
@@ -138,9 +138,9 @@ class VQQuantizer:
     def quantize(self, x: torch.Tensor, col: int, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
         rows, k = x.shape
         d = self.spec.dim
-        v = (x.float() / self.scale).view(rows, k // d, d)
-        codes = torch.stack([_assign(v[:, j], self.col_weights[col // d + j].expand(rows, d), self.codebook)
-                             for j in range(k // d)], 1)
+        X = (x.float() / self.scale).reshape(-1, d)  # [rows · k/d, d], row by row
+        Wx = self.col_weights[col // d : (col + k) // d].expand(rows, -1, -1).reshape(-1, d)
+        codes = _assign(X, Wx, self.codebook).view(rows, k // d)
         return self.decode(codes, col), codes.to(self.code_dtype)
 
     def decode(self, codes: torch.Tensor, col: int) -> torch.Tensor:

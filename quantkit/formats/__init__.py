@@ -14,10 +14,12 @@ The random signs of a Hadamard rotation are stored beside every format's tensors
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, ClassVar
 
 import torch
 
+from quantkit.config.spec import FieldError
 from quantkit.errors import QuantkitError
 from quantkit.quantizers import QuantResult
 from quantkit.registry import FORMATS
@@ -44,9 +46,15 @@ class Format:
     name: str = ""
     version: int = 1
     min_version: int = 1  # the oldest version this code still reads
+    stores: ClassVar[tuple[type, ...]] = ()  # the quantizer spec classes it stores (empty: any)
 
     def check_scheme(self, scheme) -> None:
-        """Raise a ``RecipeError`` naming the field if this format cannot store ``scheme``'s quantizer."""
+        """Raise a ``RecipeError`` naming the field if this format cannot store ``scheme``: a quantizer that is
+        not one of ``stores``. Subclasses add their own conditions after calling this."""
+        if self.stores and not isinstance(scheme.quantizer, self.stores):
+            names = ", ".join(sorted(c.__name__ for c in self.stores))
+            raise FieldError("format", f"{self.name!r} stores {names}, not quantizer {scheme.quantizer.name!r}",
+                             self.name)
 
     def tensor_specs(self, scheme, in_features: int, out_features: int) -> TensorSpecs:
         raise NotImplementedError
@@ -80,19 +88,12 @@ class Format:
         specs = dict(self.layer_specs(scheme, in_features, out_features))
         if bias_dtype is not None:
             specs["bias"] = ((out_features,), bias_dtype)
-        return sum(_numel(shape) * _bits(dtype) for shape, dtype in specs.values())
+        return sum(math.prod(shape) * _bits(dtype) for shape, dtype in specs.values())
 
     def check_version(self, version: Any) -> None:
         if not isinstance(version, int) or not self.min_version <= version <= self.version:
             raise QuantkitError(f"format {self.name!r} version {version!r} is not one this quantkit reads "
                                 f"({self.min_version}–{self.version}); upgrade quantkit")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _bits(dtype: torch.dtype) -> int:

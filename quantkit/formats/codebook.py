@@ -30,11 +30,10 @@ __all__ = ["VQFormat"]
 class VQFormat(Format):
     name = "quantkit-vq"
     version = 1
+    stores = (VQSpec,)
 
     def check_scheme(self, scheme) -> None:
-        if not isinstance(scheme.quantizer, VQSpec):
-            raise FieldError("format", f"{self.name!r} stores vector codebooks (quantizer 'vq'), not "
-                             f"{scheme.quantizer.name!r}", self.name)
+        super().check_scheme(scheme)
         if scheme.method.static_groups:
             raise FieldError("method.static_groups", "a codebook has no groups to fit statically", True)
 
@@ -60,16 +59,23 @@ class VQFormat(Format):
         return {k: v.contiguous() for k, v in out.items()}
 
     def unpack(self, tensors: dict[str, torch.Tensor], scheme, in_features: int) -> QuantResult:
-        q = scheme.quantizer
-        codes = unpack_bits(tensors["codes"], q.bits, in_features // q.dim)
+        codes = self._codes(tensors, scheme, in_features)
         perm = tensors["perm"].long() if "perm" in tensors else None
-        return QuantResult(codes=codes, W_hat=self.dequantize(tensors, scheme, in_features), perm=perm,
+        return QuantResult(codes=codes, W_hat=self._decode(codes, tensors), perm=perm,
                            params={"codebook": tensors["codebook"].float(), "scales": tensors["scales"].float()})
 
     def dequantize(self, tensors: dict[str, torch.Tensor], scheme, in_features: int) -> torch.Tensor:
+        return self._decode(self._codes(tensors, scheme, in_features), tensors)
+
+    @staticmethod
+    def _codes(tensors: dict[str, torch.Tensor], scheme, in_features: int) -> torch.Tensor:
         q = scheme.quantizer
-        codes = unpack_bits(tensors["codes"], q.bits, in_features // q.dim)
-        W = tensors["codebook"].float()[codes].reshape(codes.shape[0], in_features) * tensors["scales"].float()
+        return unpack_bits(tensors["codes"], q.bits, in_features // q.dim)
+
+    @staticmethod
+    def _decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weight [out, in] in original column order from the codes [out, in / dim]."""
+        W = tensors["codebook"].float()[codes].flatten(1) * tensors["scales"].float()
         if "perm" in tensors:
             W = torch.empty_like(W).index_copy_(1, tensors["perm"].long(), W)
         return W

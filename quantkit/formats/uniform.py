@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.config.spec import FieldError
 from quantkit.formats import Format, TensorSpecs, register_format
 from quantkit.formats.packing import pack_codes, packed_words, unpack_codes
 from quantkit.quantizers import QuantResult
@@ -48,11 +47,7 @@ def _stores_perm(scheme) -> bool:
 class UniformFormat(Format):
     name = "quantkit-uniform"
     version = 2
-
-    def check_scheme(self, scheme) -> None:
-        if not isinstance(scheme.quantizer, ScalarSpec):
-            raise FieldError("format", f"{self.name!r} stores scalar grids, not {scheme.quantizer.name!r}",
-                             self.name)
+    stores = (ScalarSpec,)
 
     def tensor_specs(self, scheme, in_features: int, out_features: int) -> TensorSpecs:
         q = scheme.quantizer

@@ -31,6 +31,8 @@ class Quantizer(Protocol):
     group_size: int  # columns that share parameters; -1: a whole row. Round-to-nearest rounds one group per call.
     code_dtype: torch.dtype
     shared_params: tuple[str, ...]  # params that are one tensor for the whole weight (not per row)
+    # Optional: ``static_groups = True`` means the parameters were fitted in original column order, so with
+    # act-order the loop stores the codes unpermuted and no permutation (GPTQ's static groups).
 
     def prepare(self, W: torch.Tensor, H: torch.Tensor | None, perm: torch.Tensor | None) -> None:
         """Fit what does not depend on the loop: ``W`` [out, in] in original column order, ``H`` [in, in] or
