@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 
 __all__ = ["main"]
@@ -149,17 +151,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     a.command_line = shlex.join(["quantkit", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    from quantkit.errors import QuantkitError
+    debug = a.verbose or os.environ.get("QUANTKIT_DEBUG", "") not in ("", "0")
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(message)s",
+                        force=True)
+    from quantkit.errors import QuantkitError, describe_os_error
 
     try:
         return a.fn(a)
     except (QuantkitError, NotImplementedError) as e:
-        print(f"quantkit: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), debug)
+    except OSError as e:  # disk full, read-only folder, permissions: one line naming the file
+        return _fail(describe_os_error(e), debug)
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print("quantkit: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of ours or of a library: still one line, the traceback on request
+        return _fail(f"unexpected {type(e).__name__}: {e} (rerun with --verbose or QUANTKIT_DEBUG=1 for the "
+                     "traceback, and please report it)", debug, code=1)
+
+
+def _fail(message: str, debug: bool, code: int = 2) -> int:
+    if debug:
+        traceback.print_exc()
+    message = " ".join(message.split()) or "failed"
+    print(f"quantkit: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
