@@ -4,58 +4,28 @@ finished layers into a checkpoint folder (safetensors, config with ``quantizatio
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import resource
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from quantkit.checkpoint import REPORT_NAME, copy_side_files, folder_size, publish, write_shards
+from quantkit.checkpoint import REPORT_NAME, copy_side_files, folder_size, write_shards
 from quantkit.config.recipe import Recipe
 from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError
 from quantkit.formats import get_format
 from quantkit.hf.config import QuantkitConfig
 from quantkit.loading import CheckpointReader, ModelSource
+from quantkit.outdir import OutputFolder
 from quantkit.resume import Progress
 
-__all__ = ["assemble", "check_out", "fingerprint", "stored_bits"]
+__all__ = ["assemble", "stored_bits"]
 
 logger = logging.getLogger(__name__)
-
-
-def fingerprint(source: ModelSource, recipe: Recipe, calib: dict[str, Any], device: str, steps: Any) -> str:
-    """What decides the output: a finished folder or partial progress with another fingerprint is not this run's."""
-    cfg = json.loads((source.folder / "config.json").read_text())
-    formats = sorted({(s.scheme.format, get_format(s.scheme.format).version) for s in recipe.schemes})
-    blob = json.dumps({"model": str(source.name), "config": cfg, "recipe": recipe.to_dict(), "calibration": calib,
-                       "device": device, "formats": formats, "steps": steps}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def check_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """True when ``out`` already holds exactly this result. Raises if it holds something else."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise QuantkitError(f"output path exists and is not a folder: {out}")
-    if not any(out.iterdir()):
-        return False
-    report = out / REPORT_NAME
-    if report.is_file():
-        try:
-            if json.loads(report.read_text()).get("fingerprint") == fingerprint:
-                return True
-        except json.JSONDecodeError:
-            pass
-    if not overwrite:
-        raise QuantkitError(f"output folder {out} already holds a different model; pass --overwrite to replace it")
-    return False
 
 
 def stored_bits(schemes: dict[str, LayerScheme], shapes: dict[str, list[int]],
@@ -76,11 +46,12 @@ def stored_bits(schemes: dict[str, LayerScheme], shapes: dict[str, list[int]],
     return bits, weights
 
 
-def assemble(out: Path, source: ModelSource, reader: CheckpointReader, recipe: Recipe,
+def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, recipe: Recipe,
              schemes: dict[str, LayerScheme], progress: Progress, nlayers: int, records: dict[str, Any],
-             info: dict[str, Any], t0: float) -> dict[str, Any]:
-    """Write the checkpoint beside ``out`` and rename it into place; returns the report."""
-    tmp = out.with_name(out.name + ".quantkit-tmp")
+             info: dict[str, Any], t0: float, *, overwrite: bool) -> dict[str, Any]:
+    """Write the checkpoint into ``out.tmp``, mark it complete and publish it (quantkit.outdir); returns the report.
+    A run killed in here leaves its progress, from which the next run assembles again."""
+    tmp = out.tmp
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -110,10 +81,11 @@ def assemble(out: Path, source: ModelSource, reader: CheckpointReader, recipe: R
             "steps": {k: v for k, v in records.items() if k != "quantize"},
         }
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        publish(tmp, out, overwrite=True)
+        out.write_marker(tmp, info["fingerprint"])
+        out.publish(overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote %s: %.3f bits per weight, %.1f MB, %.0f s", out, report["bits_per_weight"],
+    logger.info("wrote %s: %.3f bits per weight, %.1f MB, %.0f s", out.out, report["bits_per_weight"],
                 report["size_on_disk_bytes"] / 1e6, report["seconds"])
     return report

@@ -41,7 +41,7 @@ class ModelSource:
         return AutoConfig.from_pretrained(self.folder)
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
 
 
@@ -98,7 +98,7 @@ def gguf_to_folder(gguf: Path) -> Path:
     """Convert a GGUF file (dequantized by transformers) into a cached safetensors folder, once."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = _cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.assemble import assemble, check_out, fingerprint
+from quantkit.assemble import assemble
 from quantkit.calibration.capture import capture_inputs
 from quantkit.calibration.quantize import QuantizeStep
 from quantkit.calibration.steps import LayerStep
@@ -28,8 +29,10 @@ from quantkit.checkpoint import REPORT_NAME
 from quantkit.config.recipe import Recipe, load_recipe
 from quantkit.data import calibration_ids, load_calibration_texts
 from quantkit.errors import QuantkitError
+from quantkit.fingerprint import fingerprint, text_digest
 from quantkit.loading import CheckpointReader, ModelSource, check_causal_lm, load_tokenizer, resolve_model
 from quantkit.model import build_skeleton, decoder_layers, linears, load_into
+from quantkit.outdir import OutputFolder
 from quantkit.resume import Progress
 
 __all__ = ["QuantizeOutput", "quantize"]
@@ -64,59 +67,86 @@ def quantize(
     """Quantize ``model`` with ``recipe`` into the folder ``out``; ``steps`` run after the quantize step on each
     layer (quantkit.calibration.steps). See the module docstring."""
     t0 = time.time()
-    out = Path(out).expanduser().resolve()
+    out = Path(out).expanduser().absolute()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     extra = list(steps or [])
-    source, dev, calib_info, fp = _plan(model, recipe, extra, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                                        seed=seed, device=device)
-    if check_out(out, fp, overwrite):
-        logger.info("%s already holds this exact result; nothing to do", out)
-        return QuantizeOutput(out, json.loads((out / REPORT_NAME).read_text()), skipped=True)
-
-    ids = None
-    if calib_info is not None:
-        ids = calibration_ids(load_tokenizer(source), load_calibration_texts(calib, data_dir), nsamples=nsamples,
-                              seqlen=seqlen, seed=seed)
-    else:
-        load_tokenizer(source)  # a folder without a usable tokenizer fails here, before anything is written
-    reader = CheckpointReader(source.folder)
-    skeleton = build_skeleton(source, dev)
+    plan = _plan(model, recipe, extra, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+                 data_dir=data_dir)
+    folder = OutputFolder(out)
+    folder.check_not_source(*plan.sources)
+    folder.holds(plan.fingerprint, overwrite)  # refuse at once, before taking the lock (checked again under it)
+    reader = CheckpointReader(plan.source.folder)
+    skeleton = build_skeleton(plan.source, plan.device)
     layers_name, layers = decoder_layers(skeleton)
     schemes = recipe.resolve([n for i, layer in enumerate(layers) for n in linears(layer, f"{layers_name}.{i}")])
     if not schemes:
         raise QuantkitError(f"recipe {recipe.name!r} quantizes no linear layer of this model")
 
-    # Everything the user could get wrong has been checked: from here on, files are written.
-    progress_dir = Progress(out, fp)
-    start = progress_dir.next_layer
-    # Embeddings, final norm, head: everything outside the decoder layers (tied weights are absent here).
-    non_layer = reader.load([k for k in reader.keys() if not k.startswith(layers_name + ".")])
-    load_into(skeleton, non_layer, dev, "model", complete=False)
-    calib_data = capture_inputs(skeleton, layers, ids, dev) if ids is not None else None
-    walk = LayerWalk(skeleton, layers_name, layers, reader, [QuantizeStep(schemes), *extra], progress_dir, dev,
-                     calib_data, keep_model)
-    records = walk.run(desc=f"quantize ({recipe.name})", show=progress)
-
-    info = {"fingerprint": fp, "calibration": calib_info, "resumed_at_layer": start}
-    report = assemble(out, source, reader, recipe, schemes, progress_dir, len(layers), records, info, t0)
-    progress_dir.remove()
+    # Everything the user could get wrong has been checked: from here on, files are written, under the lock.
+    with folder:
+        folder.recover()
+        if folder.holds(plan.fingerprint, overwrite):
+            shutil.rmtree(folder.partial, ignore_errors=True)  # a run killed after publishing, before cleaning up
+            logger.info("%s already holds this exact result; nothing to do", out)
+            return QuantizeOutput(out, json.loads((out / REPORT_NAME).read_text()), skipped=True)
+        done = Progress(folder.partial, plan.fingerprint)
+        start = done.next_layer
+        try:
+            # Embeddings, final norm, head: everything outside the decoder layers (tied weights are absent here).
+            non_layer = reader.load([k for k in reader.keys() if not k.startswith(layers_name + ".")])
+            load_into(skeleton, non_layer, plan.device, "model", complete=False)
+            calib_data = capture_inputs(skeleton, layers, plan.ids, plan.device) if plan.ids is not None else None
+            walk = LayerWalk(skeleton, layers_name, layers, reader, [QuantizeStep(schemes), *extra], done,
+                             plan.device, calib_data, keep_model)
+            records = walk.run(desc=f"quantize ({recipe.name})", show=progress)
+        except QuantkitError:
+            if done.created:  # bad input found on the way: leave nothing behind
+                done.remove()
+            raise
+        info = {"fingerprint": plan.fingerprint, "calibration": plan.calib_info, "resumed_at_layer": start}
+        report = assemble(folder, plan.source, reader, recipe, schemes, done, len(layers), records, info, t0,
+                          overwrite=overwrite)
+        done.remove()
     if keep_model:
         skeleton.tie_weights()
     return QuantizeOutput(out, report, model=skeleton if keep_model else None)
 
 
+@dataclass
+class _Plan:
+    source: ModelSource
+    sources: list[Path]  # what --out may not touch: the model folder, and the file or folder the user named
+    device: torch.device
+    calib_info: dict[str, Any] | None  # None when no step needs data
+    ids: torch.Tensor | None  # calibration token ids
+    fingerprint: str
+
+
 def _plan(model: str | None, recipe: Recipe, steps: list[LayerStep], *, calib: str, nsamples: int, seqlen: int,
-          seed: int, device: str) -> tuple[ModelSource, torch.device, dict[str, Any] | None, str]:
-    """Check the arguments and name the run: the model, the device, the calibration settings (None when no step
-    needs data) and the fingerprint that decides whether an output or partial progress is this run's."""
+          seed: int, device: str, data_dir: str | Path | None) -> _Plan:
+    """Check the arguments, read the calibration data and name the run (quantkit.fingerprint)."""
     if nsamples < 1 or seqlen < 2:
         raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QuantkitError("--device cuda asked for, but no CUDA device is available")
     source = resolve_model(model)
-    check_causal_lm(source.config)
+    config = source.config
+    check_causal_lm(config)
+    tokenizer = load_tokenizer(source)  # a folder without a usable tokenizer fails here, before anything is written
     needs_calib = recipe.needs_calibration or any(s.needs_calibration for s in steps)
-    calib_info = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed} if needs_calib else None
-    fp = fingerprint(source, recipe, calib_info or {}, dev.type, [[s.name, s.fingerprint()] for s in steps])
-    return source, dev, calib_info, fp
+    calib_info = ids = None
+    if needs_calib:
+        limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if limit is not None and seqlen > limit:
+            raise QuantkitError(f"--seqlen {seqlen} is longer than the model's position limit "
+                                f"(max_position_embeddings = {limit})")
+        texts = load_calibration_texts(calib, data_dir)
+        ids = calibration_ids(tokenizer, texts, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        calib_info = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        digest = {**calib_info, "text_sha256": text_digest(texts)}
+    fp = fingerprint(source, recipe, digest if needs_calib else {}, dev.type,
+                     [[s.name, s.fingerprint()] for s in steps])
+    named = Path(str(model)).expanduser() if model is not None else None
+    sources = [source.folder] + ([named] if named is not None and named.exists() else [])
+    return _Plan(source, sources, dev, calib_info, ids, fp)

@@ -1,8 +1,10 @@
 """Per-layer progress of a quantization run, so an interrupted run resumes at its next layer.
 
-``{out}.quantkit-partial/`` holds each finished layer's checkpoint tensors with its steps' records, the next
-layer's calibration inputs, and ``state.json`` (the run's fingerprint and the next layer). A folder left by a run
-with another fingerprint (other model, recipe, calibration, steps or format) is discarded, never mixed in.
+``OUT.quantkit-partial/`` (quantkit.outdir) holds each finished layer's checkpoint tensors with its steps' records,
+the next layer's calibration inputs, and ``state.json`` (the run's fingerprint and the next layer). A folder left by
+a run with another fingerprint (other model weights, recipe, calibration text, settings, steps or format;
+quantkit.fingerprint) is discarded, never mixed in. The files are written in the order layer, next inputs, state,
+each atomically, so a run killed anywhere resumes at the first layer whose state was not written.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ logger = logging.getLogger(__name__)
 
 
 class Progress:
-    def __init__(self, out: Path, fingerprint: str):
-        self.dir = out.with_name(out.name + ".quantkit-partial")
+    def __init__(self, folder: Path, fingerprint: str):
+        self.dir = Path(folder)
+        self.created = not self.dir.exists()
         state = self.dir / "state.json"
         if self.dir.exists() and self._stored_fingerprint(state) != fingerprint:
             logger.warning("discarding partial progress of a different run in %s", self.dir)
             shutil.rmtree(self.dir)
+            self.created = True
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
         if not state.is_file():

@@ -203,5 +203,5 @@ def test_toy_layer_step_records_a_statistic_per_layer(tiny_model_factory, calib_
     direct = torch.cat(seen).reshape(-1, seen[0].shape[-1]).double().pow(2).mean().item()
     assert rec["model.layers.0"]["self_attn.q_proj"]["mean_square"] == pytest.approx(direct, rel=1e-6)
     # Another step (or none) is another run: its fingerprint differs, so a rerun does not take this one's output.
-    with pytest.raises(quantkit.QuantkitError, match="already holds a different model"):
+    with pytest.raises(quantkit.QuantkitError, match="already holds a different result"):
         pipeline.quantize(str(folder), "rtn-w4g128", tmp_path / "q", progress=False)

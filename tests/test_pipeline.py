@@ -132,9 +132,10 @@ def test_errors_are_one_clear_line_and_leave_nothing(tiny_model_factory, calib_f
         (["--model", str(bert), "--recipe", "rtn-w4g128"], "not a causal language model"),
         (["--model", str(folder), "--recipe", str(bad_field)], "unknown field 'group'"),
         (["--model", str(folder), "--recipe", str(bad_bits)], "unsupported bit width"),
-        (["--model", str(folder), "--recipe", "gptq-w4g128", "--calib", str(empty)],
+        (["--model", str(folder), "--recipe", "gptq-w4g128", "--calib", str(empty), "--seqlen", "64"],
          "calibration file has no text"),
-        (["--model", str(folder), "--recipe", "gptq-w4g128", "--calib", str(tmp_path / "x.txt")],
+        (["--model", str(folder), "--recipe", "gptq-w4g128", "--calib", str(tmp_path / "x.txt"),
+          "--seqlen", "64"],
          "calibration file not found"),
     ]
     capsys.readouterr()
@@ -151,7 +152,7 @@ def test_existing_output_of_another_model_needs_overwrite(tiny_model_factory, tm
     assert _cli(["quantize", "--model", str(folder), "--recipe", "rtn-w4g128", "--out", str(out)], capsys)[0] == 0
     before = _bytes(out)
     code, err = _cli(["quantize", "--model", str(folder), "--recipe", "rtn-w3g128", "--out", str(out)], capsys)
-    assert code == 2 and "already holds a different model" in err and "--overwrite" in err
+    assert code == 2 and "already holds a different result" in err and "--overwrite" in err
     assert _bytes(out) == before  # nothing lost
     code, _ = _cli(["quantize", "--model", str(folder), "--recipe", "rtn-w3g128", "--out", str(out),
                     "--overwrite"], capsys)

@@ -48,7 +48,7 @@ class LayerWalk:
         start = self.progress.next_layer
         if start > 0:
             logger.info("resuming at layer %d of %d from %s", start, len(self.layers), self.progress.dir)
-            if self.calib is not None:
+            if self.calib is not None and start < len(self.layers):  # all done: only the assembly remains
                 self.calib.hidden = self.progress.load_inputs(start, self.device)
         bar = tqdm(range(len(self.layers)), desc=desc, disable=not show)
         for i in bar:
