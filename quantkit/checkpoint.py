@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["write_shards", "atomic_path", "atomic_write_text", "publish", "folder_size", "REPORT_NAME"]
+__all__ = ["write_shards", "atomic_path", "atomic_write_text", "save_tensors", "folder_size", "REPORT_NAME"]
 
 REPORT_NAME = "quantkit_report.json"
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
@@ -39,9 +40,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, whose I/O errors (a ``SafetensorError`` reading "os error 28") become the
+    ``OSError`` they are, naming ``path``."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(tensors, tmp, metadata=metadata)
 
 
 def write_shards(tensors: dict[str, torch.Tensor], folder: Path, *, max_shard_bytes: int = 4 * 2**30) -> None:
@@ -57,12 +73,12 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path, *, max_shard_by
         shards[-1][k] = t
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        save_tensors(shard, folder / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -70,25 +86,13 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path, *, max_shard_by
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer, generation config and other small files; not weights, not config.json."""
+    """Tokenizer, generation config and other small files; not weights, not config.json, not hidden files (a
+    quantkit marker of a source that is itself an output), not a report."""
     for p in sorted(src.iterdir()):
-        if p.is_file() and p.name != "config.json" and not any(p.match(g) for g in WEIGHT_FILES):
+        if (p.is_file() and p.name not in ("config.json", REPORT_NAME) and not p.name.startswith(".")
+                and not any(p.match(g) for g in WEIGHT_FILES)):
             shutil.copy2(p, dst / p.name)
 
 
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-def publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
-    """Move the finished ``tmp`` folder to ``out`` in one rename; an old ``out`` is replaced only at the end."""
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(out)
-        old = out.with_name(out.name + ".quantkit-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -25,12 +25,26 @@ def _data_dir(explicit: str | os.PathLike | None) -> Path | None:
     return Path(d) if d else None
 
 
-def _read_file(path: Path) -> list[str]:
+def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise QuantkitError(f"calibration file not found: {path}")
+        raise QuantkitError(f"calibration file not found: {path}" if not path.exists()
+                            else f"calibration path is not a file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QuantkitError(f"calibration file is not UTF-8 text (byte {e.start}): {path}") from None
+    if "\x00" in text:
+        raise QuantkitError(f"calibration file holds binary data (NUL bytes), not text: {path}")
+    return text
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix not in (".jsonl", ".txt"):
+        raise QuantkitError(f"calibration file must be .txt or .jsonl: {path}")
+    text = _read_text(path)
     if path.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -40,10 +54,8 @@ def _read_file(path: Path) -> list[str]:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise QuantkitError(f"{path}:{i}: each JSONL record needs a string field 'text'")
             texts.append(record["text"])
-    elif path.suffix == ".txt":
-        texts = [path.read_text(encoding="utf-8")]
     else:
-        raise QuantkitError(f"calibration file must be .txt or .jsonl: {path}")
+        texts = [text]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise QuantkitError(f"calibration file has no text: {path}")

@@ -67,8 +67,9 @@ def text_digest(texts: list[str]) -> str:
 
 
 def fingerprint(source: ModelSource, recipe: Recipe, calib: dict[str, Any], device: str, steps: Any) -> str:
-    """``calib`` holds the calibration settings and the digest of its text (empty when no step needs data)."""
+    """``calib`` holds the calibration settings and the digest of its text (empty when no step needs data).
+    Contents, not names: the same weights and text under other paths give the same fingerprint."""
     formats = sorted({(s.scheme.format, get_format(s.scheme.format).version) for s in recipe.schemes})
-    blob = json.dumps({"model": str(source.name), "files": source_digests(source.folder), "recipe": recipe.to_dict(),
+    blob = json.dumps({"files": source_digests(source.folder), "recipe": recipe.to_dict(),
                        "calibration": calib, "device": device, "formats": formats, "steps": steps}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

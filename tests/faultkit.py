@@ -18,10 +18,12 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+_PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm bar (stderr is not a terminal: each update on one \r line)
 LEFTOVER_SUFFIXES = (".quantkit-partial", ".quantkit-tmp", ".quantkit-old", ".quantkit-lock")
 
 
@@ -36,8 +38,9 @@ class Outcome:
     @property
     def error_lines(self) -> list[str]:
         """stderr without log records (``INFO ...``/``WARNING ...``) and without progress bars."""
-        return [ln for ln in self.err.splitlines()
-                if ln.strip() and not ln.startswith(("INFO ", "DEBUG ", "WARNING ")) and "\r" not in ln]
+        lines = re.split(r"[\r\n]", self.err)
+        return [ln for ln in lines if ln.strip() and not ln.startswith(("INFO ", "DEBUG ", "WARNING "))
+                and not _PROGRESS.search(ln)]
 
     @property
     def kind(self) -> str:

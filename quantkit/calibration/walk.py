@@ -50,16 +50,15 @@ class LayerWalk:
             logger.info("resuming at layer %d of %d from %s", start, len(self.layers), self.progress.dir)
             if self.calib is not None and start < len(self.layers):  # all done: only the assembly remains
                 self.calib.hidden = self.progress.load_inputs(start, self.device)
-        bar = tqdm(range(len(self.layers)), desc=desc, disable=not show)
-        for i in bar:
-            ctx = self._context(i)
-            bar.set_postfix_str(ctx.prefix)
-            done = self._restore(ctx) if i < start else self._process(ctx)
-            for name, rec in done.items():
-                records[name][ctx.prefix] = rec
-            if not self.keep_model:
-                self.layers[i] = self.layers[i].to("meta")
-        bar.close()
+        with tqdm(range(len(self.layers)), desc=desc, disable=not show) as bar:  # closed (a newline) on errors too
+            for i in bar:
+                ctx = self._context(i)
+                bar.set_postfix_str(ctx.prefix)
+                done = self._restore(ctx) if i < start else self._process(ctx)
+                for name, rec in done.items():
+                    records[name][ctx.prefix] = rec
+                if not self.keep_model:
+                    self.layers[i] = self.layers[i].to("meta")
         return records
 
     def _context(self, i: int) -> LayerContext:

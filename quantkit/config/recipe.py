@@ -162,8 +162,12 @@ def load_recipe(spec: str | Path) -> Recipe:
     path = Path(spec).expanduser()
     if spec.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
-            raise RecipeError(f"recipe file not found: {spec}")
-        text, source = path.read_text(), str(path)
+            raise RecipeError(f"recipe file not found: {spec}" if not path.exists()
+                              else f"recipe is not a file: {spec}")
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe {spec!r} is not UTF-8 text (byte {e.start}); is it a YAML file?") from None
     else:
         preset = resources.files("quantkit.recipes") / f"{spec}.yaml"
         if not preset.is_file():
