@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
 import sys
 import traceback
 from pathlib import Path
+
+from quantkit.errors import QuantkitError, describe_os_error
 
 __all__ = ["main"]
 
@@ -36,11 +39,11 @@ def _quantize(a: argparse.Namespace) -> int:
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from quantkit.errors import QuantkitError
     from quantkit.eval.runner import evaluate, format_results, write_results
 
     if a.model_arg and a.model and a.model_arg != a.model:
         raise QuantkitError(f"two models named: {a.model_arg} and --model {a.model}")
+    _check_writable(Path(a.out), "--out", replaceable=_is_results_file, what="a quantkit eval results file")
     r = evaluate(
         a.model or a.model_arg, ppl=a.ppl, ppl_windows=a.ppl_windows, seqlen=a.seqlen, tasks=a.tasks, limit=a.limit,
         batch_size=a.batch_size, data_dir=a.data_dir, device=a.device, dtype=a.dtype, command=a.command_line,
@@ -55,6 +58,15 @@ def _report(a: argparse.Namespace) -> int:
     from quantkit.checkpoint import atomic_write_text
     from quantkit.eval.report import load_results, markdown_table, pareto_plot
 
+    inputs = {Path(r).resolve() for r in a.results}
+    for flag, path, suffixes in (("--out", a.out, (".md", ".markdown", ".txt")), ("--plot", a.plot, (".png",))):
+        if path is None:
+            continue
+        if Path(path).resolve() in inputs:
+            raise QuantkitError(f"{flag} {path} is one of the results files being read")
+        if Path(path).suffix.lower() not in suffixes:
+            raise QuantkitError(f"{flag} {path}: expected a {' or '.join(suffixes)} file")
+        _check_writable(Path(path), flag)
     runs = load_results(a.results)
     text = markdown_table(runs)
     if a.plot:
@@ -74,6 +86,26 @@ def _report(a: argparse.Namespace) -> int:
         if a.plot:
             print(f"\nwrote {a.plot}")
     return 0
+
+
+def _is_results_file(path: Path) -> bool:
+    try:
+        return "quantkit_eval" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _check_writable(path: Path, flag: str, *, replaceable=None, what: str = "") -> None:
+    """Before any work: ``path`` can be written, and an existing file there is one we may replace."""
+    if path.is_dir():
+        raise QuantkitError(f"{flag} {path} is a folder; name a file")
+    if path.exists() and replaceable is not None and not replaceable(path):
+        raise QuantkitError(f"{flag} {path} exists and is not {what}; it is never overwritten: choose another path")
+    parent = next((q for q in path.absolute().parents if q.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise QuantkitError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise QuantkitError(f"{flag} {path}: cannot write in {parent}")
 
 
 def _batch_size(v: str) -> int | str:
@@ -154,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     debug = a.verbose or os.environ.get("QUANTKIT_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(message)s",
                         force=True)
-    from quantkit.errors import QuantkitError, describe_os_error
-
     try:
         return a.fn(a)
     except (QuantkitError, NotImplementedError) as e:

@@ -112,20 +112,28 @@ class Guard:
     def __post_init__(self) -> None:
         self.before = snapshot(*self.protected)
 
-    def check(self) -> None:
+    def check_loss(self) -> None:
         after = snapshot(*self.protected)
         changed = sorted(k for k in set(self.before) | set(after) if self.before.get(k) != after.get(k))
         assert not changed, f"data loss: {changed[:5]}"
+
+    def check(self) -> None:
+        self.check_loss()
         assert not leftovers(self.workdir), f"left behind: {leftovers(self.workdir)}"
 
 
-def expect_clean(o: Outcome, *phrases: str, code: int = 2) -> str:
-    """Assert a clean one-line error containing every phrase; returns the line."""
+def expect_clean(o: Outcome, *phrases: str, code: int = 2, guard: Guard | None = None) -> str:
+    """Assert a clean one-line error containing every phrase; returns the line. With ``guard``, the protected
+    paths are checked first (data loss is the worse failure) and the leftovers last."""
+    if guard is not None:
+        guard.check_loss()
     assert o.kind == "clean", f"expected one clean error line, got {o.kind}: {o}"
     assert o.code == code, str(o)
     line = o.error_lines[0]
     for p in phrases:
         assert p in line, f"{p!r} not in {line!r}"
+    if guard is not None:
+        guard.check()
     return line
 
 

@@ -64,8 +64,7 @@ def test_out_never_touches_the_source(where, overwrite, model, tmp_path, calib_f
         out.symlink_to(model, target_is_directory=True)
     guard = Guard([model], tmp_path)
     o = quantize(model, out, calib_file, *(["--overwrite"] if overwrite else []))
-    expect_clean(o, "--out", "source model")
-    guard.check()
+    expect_clean(o, "--out", "source model", guard=guard)
 
 
 def test_overwrite_never_deletes_a_folder_quantkit_did_not_write(model, tmp_path, calib_file):
@@ -73,8 +72,7 @@ def test_overwrite_never_deletes_a_folder_quantkit_did_not_write(model, tmp_path
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     guard = Guard([out, model], tmp_path)
-    expect_clean(quantize(model, out, calib_file, "--overwrite"), str(out), "quantkit did not write")
-    guard.check()
+    expect_clean(quantize(model, out, calib_file, "--overwrite"), str(out), "quantkit did not write", guard=guard)
 
 
 def test_overwrite_keeps_an_output_the_user_added_files_to(model, tmp_path, calib_file):
@@ -82,16 +80,14 @@ def test_overwrite_keeps_an_output_the_user_added_files_to(model, tmp_path, cali
     assert quantize(model, out, calib_file, recipe="rtn-w4g128").code == 0
     (out / "notes.md").write_text("my notes")
     guard = Guard([out, model], tmp_path)
-    expect_clean(quantize(model, out, calib_file, "--overwrite"), "notes.md", "quantkit did not write")
-    guard.check()
+    expect_clean(quantize(model, out, calib_file, "--overwrite"), "notes.md", "quantkit did not write", guard=guard)
 
 
 def test_overwrite_replaces_an_output_quantkit_wrote(model, tmp_path, calib_file, reference):
     out = tmp_path / "q"
     assert quantize(model, out, calib_file, recipe="rtn-w3g128").code == 0
     guard = Guard([out], tmp_path)
-    expect_clean(quantize(model, out, calib_file), "already holds a different result", "--overwrite")
-    guard.check()
+    expect_clean(quantize(model, out, calib_file), "already holds a different result", "--overwrite", guard=guard)
     assert quantize(model, out, calib_file, "--overwrite").code == 0
     assert files(out) == reference and not leftovers(tmp_path)
 
@@ -100,16 +96,14 @@ def test_out_that_is_a_file(model, tmp_path, calib_file):
     out = tmp_path / "weights.bin"
     out.write_bytes(b"precious")
     guard = Guard([out, model], tmp_path)
-    expect_clean(quantize(model, out, calib_file, "--overwrite"), "is not a folder")
-    guard.check()
+    expect_clean(quantize(model, out, calib_file, "--overwrite"), "is not a folder", guard=guard)
 
 
 def test_out_under_a_file(model, tmp_path, calib_file):
     parent = tmp_path / "file"
     parent.write_text("x")
     guard = Guard([parent, model], tmp_path)
-    expect_clean(quantize(model, parent / "q", calib_file), str(parent))
-    guard.check()
+    expect_clean(quantize(model, parent / "q", calib_file), str(parent), guard=guard)
 
 
 # -- races -------------------------------------------------------------------------------------------------------
@@ -257,8 +251,8 @@ def test_a_finished_output_is_unchanged_only_when_everything_matches(model, tmp_
     assert quantize(model, out, calib_file).code == 0
     guard = Guard([out], tmp_path)
     o = quantize(model, out, calib_file)
-    assert o.code == 0 and o.out.startswith("unchanged")
     guard.check()
+    assert o.code == 0 and o.out.startswith("unchanged")
 
 
 # -- resumable from every point ----------------------------------------------------------------------------------
@@ -378,8 +372,7 @@ def test_disk_full_is_one_line_naming_the_file(model, small_fs, calib_file):
 def test_read_only_file_system_is_one_line(model, small_fs, calib_file):
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     guard = Guard([model], small_fs)
-    expect_clean(quantize(model, small_fs / "q", calib_file), "Read-only file system", str(small_fs))
-    guard.check()
+    expect_clean(quantize(model, small_fs / "q", calib_file), "Read-only file system", str(small_fs), guard=guard)
 
 
 # -- bad sources, recipes, calibration ---------------------------------------------------------------------------
@@ -445,8 +438,7 @@ SOURCE_FAULTS = {
 def test_a_broken_source_is_one_line_and_leaves_nothing(how, model, tmp_path, calib_file):
     _corrupt(model, how)
     guard = Guard([model], tmp_path)
-    expect_clean(quantize(model, tmp_path / "q", calib_file), SOURCE_FAULTS[how])
-    guard.check()
+    expect_clean(quantize(model, tmp_path / "q", calib_file), SOURCE_FAULTS[how], guard=guard)
     assert not (tmp_path / "q").exists()
 
 
@@ -467,8 +459,7 @@ def test_a_broken_recipe_file_is_one_line(how, model, tmp_path, calib_file):
         recipe.write_bytes("name: caf\xe9\nschemes: []\n".encode("latin-1"))
     guard = Guard([model], tmp_path)
     o = run_cli("quantize", "--model", model, "--recipe", recipe, "--out", tmp_path / "q", "--calib", calib_file, *CAL)
-    expect_clean(o, "recipe")
-    guard.check()
+    expect_clean(o, "recipe", guard=guard)
 
 
 @pytest.mark.parametrize("how", ["binary", "latin1-txt", "directory", "nul-jsonl", "jsonl-list", "wrong-suffix"])
@@ -488,8 +479,7 @@ def test_a_broken_calibration_file_is_one_line(how, model, tmp_path):
         calib = tmp_path / "calib.parquet"
         calib.write_bytes(b"PAR1")
     guard = Guard([model], tmp_path)
-    expect_clean(quantize(model, tmp_path / "q", calib), str(calib))
-    guard.check()
+    expect_clean(quantize(model, tmp_path / "q", calib), str(calib), guard=guard)
 
 
 @pytest.mark.parametrize("args,phrase", [
@@ -499,8 +489,7 @@ def test_bad_settings_are_one_line_before_any_work(args, phrase, model, tmp_path
     guard = Guard([model], tmp_path)
     o = run_cli("quantize", "--model", model, "--recipe", "gptq-w4g128", "--out", tmp_path / "q", "--calib",
                 calib_file, *CAL, *args)
-    expect_clean(o, phrase)
-    guard.check()
+    expect_clean(o, phrase, guard=guard)
 
 
 def test_a_truncated_gguf_is_one_line(tmp_path, monkeypatch):
@@ -516,6 +505,5 @@ def test_a_truncated_gguf_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     guard = Guard([bad], tmp_path / "cache")
     expect_clean(run_cli("quantize", "--model", bad, "--recipe", "rtn-w4g128", "--out", tmp_path / "q"),
-                 str(bad))
-    guard.check()
+                 str(bad), guard=guard)
     assert not (tmp_path / "q").exists()
