@@ -75,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(_shadow_tree(a.tree.resolve())), env.get("PYTHONPATH", "")])
     xml = Path(tempfile.mkdtemp()) / "faults.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+    # Not from the repository root: ``python -m`` puts the working directory first on sys.path.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "--rootdir",
+           str(REPO), "-c", str(REPO / "pyproject.toml"),
            *sorted(str(f) for f in (REPO / "tests").glob("test_faults_*.py"))] + (["-k", a.k] if a.k else [])
-    subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, env=env, cwd=xml.parent, stdout=subprocess.DEVNULL)
     by_file: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for case in ET.parse(xml).getroot().iter("testcase"):
         by_file[case.get("classname", "?").rsplit(".", 1)[-1]][classify(case)] += 1
