@@ -164,6 +164,7 @@ def load_model(spec: str | os.PathLike | None, *, dtype: torch.dtype | str = "au
 
     source = resolve_model(spec)
     check_causal_lm(source.config)
+    CheckpointReader(source.folder).shapes()  # every weight file's header reads: a damaged file is one clear error
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, device_map=device)
     model.eval()
     return model, load_tokenizer(source)
