@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,9 +15,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["write_shards", "atomic_path", "atomic_write_text", "save_tensors", "folder_size", "REPORT_NAME"]
+__all__ = ["CHECKSUMS_KEY", "write_shards", "atomic_path", "atomic_write_text", "save_tensors", "folder_size",
+           "REPORT_NAME"]
 
 REPORT_NAME = "quantkit_report.json"
+CHECKSUMS_KEY = "quantkit.sha256"  # safetensors metadata: JSON {tensor name: sha256 of its stored bytes}
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                       torch.float8_e5m2: "F8_E5M2"}
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 
 
@@ -61,28 +69,58 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
 
 
 def write_shards(tensors: dict[str, torch.Tensor], folder: Path, *, max_shard_bytes: int = 4 * 2**30) -> None:
-    """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``."""
+    """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``.
+    Each file's metadata holds, under ``CHECKSUMS_KEY``, the sha256 of every tensor's bytes (``quantkit verify``
+    re-hashes them). The files are written here rather than by ``safetensors.torch.save_file``, which orders
+    metadata keys at random (a Rust HashMap): the same tensors always give the same bytes."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(tensors):
-        t = tensors[k].contiguous()
+        t = tensors[k].detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][k] = t
         size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for name, shard in zip(names, shards, strict=True):
+        _write_safetensors(shard, folder / name)
     if len(shards) == 1:
-        save_tensors(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
         return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_tensors(shard, folder / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
+    weight_map = {k: name for name, shard in zip(names, shards, strict=True) for k in shard}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file with sorted metadata (``format: pt`` and the tensors' sha256): the header, padded to
+    8 bytes, then the tensors' bytes, widest dtype first so each stays aligned."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    raw = {k: tensors[k].reshape(-1).view(torch.uint8).numpy() for k in order}
+    sums = {k: hashlib.sha256(raw[k]).hexdigest() for k in sorted(tensors)}
+    header: dict[str, object] = {"__metadata__": {"format": "pt",
+                                                  CHECKSUMS_KEY: json.dumps(sums, separators=(",", ":"))}}
+    at = 0
+    for k in order:
+        t = tensors[k]
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [at, at + raw[k].nbytes]}
+        at += raw[k].nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for k in order:
+                f.write(raw[k].data)
+    except OSError as e:  # a full disk says so without the file
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

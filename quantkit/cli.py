@@ -125,6 +125,13 @@ def _recipes(a: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(a: argparse.Namespace) -> int:
+    from quantkit.verify import verify
+
+    print(verify(a.folder).summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantkit", description="Post-training quantization of LLMs")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -174,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="write the Markdown report here (default: print it)")
     rp.add_argument("--plot", default=None, help="write the plot (PNG) here")
     rp.set_defaults(fn=_report)
+
+    v = sub.add_parser("verify", help="check a quantized checkpoint: config, every tensor's presence, shape and "
+                       "dtype, and the stored checksums (no model is run)")
+    v.add_argument("folder", metavar="DIR", help="a folder written by `quantkit quantize`")
+    v.set_defaults(fn=_verify)
 
     r = sub.add_parser("recipes", help="list preset recipes")
     r.set_defaults(fn=_recipes)

@@ -7,10 +7,17 @@ Layout version 3 (written since the format registry)::
 
 Versions 1 and 2 (one format for the whole checkpoint, ``quantkit-uniform``, with the flat scheme of each module)
 are read as version 3 with that format at that version for every module.
+
+Since the strict loader, a written config also holds ``modules_sha256``, the sha256 of the canonical JSON of
+``modules``: a field edited by hand or damaged on disk (a group size that leaves every tensor's shape as it was
+reads the packed weights wrong) is refused. Configs without it (written earlier) are read as before. A config
+without ``modules``, or with none, is refused: there would be nothing to load the packed tensors into.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -19,7 +26,7 @@ from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError, RecipeError
 from quantkit.registry import FORMATS
 
-__all__ = ["CONFIG_VERSION", "QuantkitConfig", "QUANT_METHOD"]
+__all__ = ["CONFIG_VERSION", "QuantkitConfig", "QUANT_METHOD", "modules_digest"]
 
 QUANT_METHOD = "quantkit"
 CONFIG_VERSION = 3
@@ -37,15 +44,25 @@ class QuantkitConfig(QuantizationConfigMixin):
         recipe: str | None = None,
         quant_method: str = QUANT_METHOD,
         format: str | None = None,
+        modules_sha256: str | None = None,
         **kwargs: Any,
     ):
         if quant_method != QUANT_METHOD:
             raise QuantkitError(f"not a quantkit config: quant_method={quant_method!r}")
+        if modules is None:
+            raise QuantkitError("quantization_config has no 'modules': it does not say which layers are quantized")
+        if not isinstance(modules, dict) or not all(isinstance(k, str) for k in modules):
+            raise QuantkitError("quantization_config: 'modules' must map module names to their entries")
+        if not modules:
+            raise QuantkitError("quantization_config: 'modules' is empty: no layer is quantized")
         self.quant_method = QUANT_METHOD
         self.version = version
         self.recipe = recipe
         self.format = format  # layout versions 1–2 only
-        self.modules = dict(modules or {})
+        self.modules = dict(modules)
+        if modules_sha256 is not None and modules_sha256 != modules_digest(self.modules):
+            raise QuantkitError("quantization_config: 'modules' does not match its modules_sha256: the config was "
+                                "edited or damaged after quantkit wrote it")
         self.post_init()
 
     @classmethod
@@ -56,7 +73,9 @@ class QuantkitConfig(QuantizationConfigMixin):
         return cls(modules=modules, recipe=recipe)
 
     def post_init(self) -> None:
-        if not isinstance(self.version, int) or self.version > CONFIG_VERSION:
+        if type(self.version) is not int or self.version < 1:
+            raise QuantkitError(f"quantization_config: version {self.version!r} is not a checkpoint format version")
+        if self.version > CONFIG_VERSION:
             raise QuantkitError(
                 f"checkpoint format version {self.version} is newer than this quantkit supports "
                 f"({CONFIG_VERSION}); upgrade quantkit"
@@ -68,6 +87,8 @@ class QuantkitConfig(QuantizationConfigMixin):
 
     def _entry(self, name: str, entry: Any) -> tuple[LayerScheme, int]:
         if self.version < 3:
+            if not isinstance(entry, dict):
+                raise QuantkitError(f"quantization_config: module {name!r}: expected a scheme mapping")
             return LayerScheme.from_dict({**entry, "format": _LEGACY_FORMAT}), self.version
         if not isinstance(entry, dict) or set(entry) != {"scheme", "format"}:
             raise QuantkitError(f"quantization_config: module {name!r}: expected 'scheme' and 'format'")
@@ -84,7 +105,13 @@ class QuantkitConfig(QuantizationConfigMixin):
                 scheme, version = self._entry(name, entry)
             except RecipeError as e:
                 raise QuantkitError(f"quantization_config: module {name!r}: {e}") from None
-            FORMATS.get(scheme.format).check_version(version)
+            except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of a type no field takes
+                raise QuantkitError(f"quantization_config: module {name!r}: invalid scheme "
+                                    f"({type(e).__name__}: {e})") from None
+            try:
+                FORMATS.get(scheme.format).check_version(version)
+            except QuantkitError as e:
+                raise QuantkitError(f"quantization_config: module {name!r}: {e}") from None
             out[name] = scheme
         return out
 
@@ -95,6 +122,14 @@ class QuantkitConfig(QuantizationConfigMixin):
             "recipe": self.recipe,
             "modules": {k: dict(v) for k, v in self.modules.items()},
         }
+        if self.version >= 3:
+            d["modules_sha256"] = modules_digest(d["modules"])
         if self.format is not None:
             d["format"] = self.format
         return d
+
+
+def modules_digest(modules: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of a config's ``modules``."""
+    text = json.dumps(modules, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,7 +1,15 @@
 """``HfQuantizer`` for quantkit checkpoints: swaps ``nn.Linear`` for ``QuantizedLinear`` on the meta device
-before the weights load, so the packed tensors fill the new modules directly."""
+before the weights load, so the packed tensors fill the new modules directly.
+
+Loading is strict. transformers warns about a missing tensor and initializes it at random, and drops an unexpected
+one; for a quantized checkpoint either means running on weights it does not have (a missing ``scales``, a module
+left out of ``quantization_config`` whose dense weight is then random). So before any weight loads, the headers of
+the checkpoint files are checked against the model (quantkit.verify.check_tensors): every tensor present with its
+shape and dtype, nothing else, or one ``QuantkitError`` naming the tensor."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -11,6 +19,7 @@ from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError
 from quantkit.hf.config import QUANT_METHOD, QuantkitConfig
 from quantkit.nn import QuantizedLinear
+from quantkit.verify import check_checkpoint
 
 __all__ = ["QuantkitHfQuantizer", "register", "replace_linears"]
 
@@ -41,8 +50,11 @@ class QuantkitHfQuantizer(HfQuantizer):
     requires_calibration = True
     quantization_config: QuantkitConfig
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         replace_linears(model, self.quantization_config.schemes())
+        files = [Path(f) for f in checkpoint_files or ()]
+        if files and all(f.suffix == ".safetensors" for f in files):  # a state dict in memory has no headers
+            check_checkpoint(model, files)
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
