@@ -36,11 +36,12 @@ def classify(case: ET.Element) -> str:
     if failure is None and error is None:
         return "clean"
     node = failure if failure is not None else error
-    text = (node.get("message") or "").split("\n")[0]  # the first failed assertion's own words
-    if error is not None or re.search(r"ModuleNotFoundError|ImportError|AttributeError: module|invalid choice|"
-                                      r"unrecognized arguments", text):
+    message = node.get("message") or ""
+    text = message.split("\n")[0]  # the first failed assertion's own words
+    if (error is not None or re.search(r"ModuleNotFoundError|ImportError|AttributeError: module", text)
+            or re.search(r"invalid choice: |unrecognized arguments: ", message)):  # argparse: no such command
         return "not runnable"
-    if re.match(r"AssertionError: '.*' not in 'quantkit: error", text):
+    if re.match(r"""AssertionError: (['"]).*\1 not in (['"])quantkit: error""", text):
         return "clean"  # one clean line, in other words than the case expects
     if "data loss" in text:
         return "data loss"

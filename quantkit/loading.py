@@ -165,7 +165,21 @@ def load_model(spec: str | os.PathLike | None, *, dtype: torch.dtype | str = "au
     source = resolve_model(spec)
     check_causal_lm(source.config)
     CheckpointReader(source.folder).shapes()  # every weight file's header reads: a damaged file is one clear error
-    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, device_map=device)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, device_map=device,
+                                                           output_loading_info=True)
+    except QuantkitError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' own refusals of a damaged folder
+        raise QuantkitError(f"{source.folder}: transformers cannot load it ({_first_line(e)})") from e
+    # transformers initializes what the checkpoint lacks at random and drops what the model lacks, with a warning:
+    # a folder whose config lost its quantization_config would run on random weights. Refuse instead.
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise QuantkitError(f"{source.folder}: the weights do not fit the model its config.json describes "
+                                f"({kind.replace('_', ' ')}: {', '.join(keys[:3])}"
+                                f"{', ...' if len(keys) > 3 else ''})")
     model.eval()
     return model, load_tokenizer(source)
 

@@ -468,3 +468,24 @@ def test_fuzz_safetensors_bytes(bases, reference_logits, data):
                 os.symlink(p, folder / p.name)
         (folder / "model.safetensors").write_bytes(bytes(blob))
         _check_property(folder, reference_logits)
+
+
+@pytest.mark.parametrize("how", ["emptied", "deleted", "other-method"])
+def test_eval_refuses_a_folder_that_lost_its_quantization_config(how, bases, tmp_path):
+    """Deleted, transformers alone loads the folder as a dense model with random linears: quantkit eval refuses
+    (missing keys). Emptied or naming another method, transformers refuses: one line."""
+    folder = Path(shutil.copytree(bases["rtn"], tmp_path / "ckpt"))
+    guard = Guard([bases["rtn"]], tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    if how == "deleted":
+        del cfg["quantization_config"]
+    elif how == "emptied":
+        cfg["quantization_config"] = {}
+    else:
+        cfg["quantization_config"]["quant_method"] = "gptq"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "R.json"
+    o = run_cli("eval", folder, "--ppl", "wikitext2", "--ppl-windows", "1", "--seqlen", "32", "--out", out,
+                "--device", "cpu")
+    expect_clean(o, str(folder), *(["missing keys"] if how == "deleted" else []), guard=guard)
+    assert not out.exists()
