@@ -28,8 +28,9 @@ from quantkit.calibration.walk import LayerWalk
 from quantkit.checkpoint import REPORT_NAME
 from quantkit.config.recipe import Recipe, load_recipe
 from quantkit.data import calibration_ids, load_calibration_texts
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, RecipeError
 from quantkit.fingerprint import fingerprint, text_digest
+from quantkit.formats import get_format
 from quantkit.loading import CheckpointReader, ModelSource, check_causal_lm, load_tokenizer, resolve_model
 from quantkit.model import build_skeleton, decoder_layers, linears, load_into
 from quantkit.outdir import OutputFolder
@@ -81,6 +82,12 @@ def quantize(
     schemes = recipe.resolve([n for i, layer in enumerate(layers) for n in linears(layer, f"{layers_name}.{i}")])
     if not schemes:
         raise QuantkitError(f"recipe {recipe.name!r} quantizes no linear layer of this model")
+    shapes = {n: m for i, layer in enumerate(layers) for n, m in linears(layer, f"{layers_name}.{i}").items()}
+    for name, scheme in schemes.items():
+        try:
+            get_format(scheme.format).check_layer(scheme, shapes[name].in_features, shapes[name].out_features)
+        except RecipeError as e:
+            raise RecipeError(f"recipe {recipe.name!r}: {name}: {e}") from None
     _check_complete(skeleton, reader)
 
     # Everything the user could get wrong has been checked: from here on, files are written, under the lock.

@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+import yaml
+from faultkit import expect_clean, run_cli
 
 import quantkit
 from quantkit import pipeline
@@ -94,6 +96,21 @@ def test_codebook_larger_than_the_layer_or_dim_not_dividing_is_a_clear_error():
     W, H = _layer(out=48, n=30)
     with pytest.raises(quantkit.QuantkitError, match="quantizer.dim"):
         get_method("rtn").fn(W, None, _scheme("rtn", dim=4))
+
+
+@pytest.mark.parametrize("quantizer,field", [({"dim": 5, "entries": 16}, "quantizer.dim"),
+                                             ({"dim": 7}, "quantizer.dim"),
+                                             ({"dim": 8, "entries": 4096}, "quantizer.entries")])
+def test_an_impossible_codebook_is_refused_before_any_work(quantizer, field, tiny_model_factory, tmp_path):
+    """The pipeline asks each linear's format (``check_layer``) before it writes anything: the error names the
+    field and the module (the tiny Llama: q_proj is 96 → 96, k/v 96 → 48, up 96 → 160, down 160 → 96)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "impossible", "schemes": [
+        {"method": {"name": "rtn"}, "quantizer": {"name": "vq", **quantizer}}]}))
+    out = tmp_path / "q"
+    o = run_cli("quantize", "--model", tiny_model_factory("llama"), "--recipe", recipe, "--out", out)
+    line = expect_clean(o, f"field '{field}'", "model.layers.0.")
+    assert not out.exists() and not list(tmp_path.glob("q.*")), line
 
 
 def test_vq_model_round_trips_and_counts_its_bits(tiny_model_factory, calib_file, tmp_path, assert_round_trip):

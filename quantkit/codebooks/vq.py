@@ -20,7 +20,6 @@ from typing import ClassVar
 import torch
 
 from quantkit.config.spec import Spec
-from quantkit.errors import QuantkitError
 from quantkit.quantizers import Window, register_quantizer
 
 __all__ = ["VQQuantizer", "VQSpec", "weighted_kmeans"]
@@ -52,6 +51,14 @@ class VQSpec(Spec):
             raise self.bad("seed", "must be a non-negative integer")
         if self.sample != 0 and self.sample < self.entries:
             raise self.bad("sample", "must be 0 (all vectors) or at least the number of entries")
+
+    def check_layer(self, in_features: int, out_features: int) -> None:
+        """Vectors of ``dim`` columns must tile the rows, and there must be at least ``entries`` of them."""
+        if in_features % self.dim:
+            raise self.bad("dim", f"{self.dim} does not divide the layer's {in_features} input columns")
+        if out_features * in_features // self.dim < self.entries:
+            raise self.bad("entries", f"{self.entries} entries is more than the layer's "
+                                      f"{out_features * in_features // self.dim} vectors of {self.dim}")
 
     @property
     def bits(self) -> int:
@@ -118,11 +125,7 @@ class VQQuantizer:
     def prepare(self, W: torch.Tensor, H: torch.Tensor | None, perm: torch.Tensor | None) -> None:
         rows, n = W.shape
         d, K = self.spec.dim, self.spec.entries
-        if n % d:
-            raise QuantkitError(f"field 'quantizer.dim': {d} does not divide the layer's {n} input columns")
-        if rows * n // d < K:
-            raise QuantkitError(f"field 'quantizer.entries': {K} entries is more than the layer's {rows * n // d} "
-                                f"vectors of {d}")
+        self.spec.check_layer(n, rows)
         Wp = W[:, perm] if perm is not None else W
         rms = Wp.float().pow(2).mean(1, keepdim=True).sqrt()
         self.scale = rms.to(torch.float16).float().clamp(min=float(torch.finfo(torch.float16).tiny))

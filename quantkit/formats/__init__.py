@@ -56,6 +56,14 @@ class Format:
             raise FieldError("format", f"{self.name!r} stores {names}, not quantizer {scheme.quantizer.name!r}",
                              self.name)
 
+    def check_layer(self, scheme, in_features: int, out_features: int) -> None:
+        """Raise a ``RecipeError`` naming the field if a linear of this shape cannot be quantized and stored under
+        ``scheme``; the pipeline asks for every linear before any work. By default the quantizer spec's own
+        ``check_layer(in_features, out_features)``, when it has one."""
+        check = getattr(scheme.quantizer, "check_layer", None)
+        if check is not None:
+            check(in_features, out_features)
+
     def tensor_specs(self, scheme, in_features: int, out_features: int) -> TensorSpecs:
         raise NotImplementedError
 
