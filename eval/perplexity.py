@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from quantkit.errors import QuantkitError
 __all__ = ["PerplexityResult", "QUICK_WINDOWS", "perplexity", "wikitext2_perplexity", "wikitext2_text", "data_dir"]
 
 QUICK_WINDOWS = 16
+_LOG_FLOAT_MAX = math.log(sys.float_info.max)  # ~709.78: exp of more overflows a float
 
 
 @dataclass
@@ -64,7 +66,13 @@ def wikitext2_text(data: str | os.PathLike | None = None) -> str:
 def perplexity(
     model, input_ids: torch.Tensor, *, seqlen: int = 2048, windows: int | None = None, progress: bool = True
 ) -> PerplexityResult:
-    """``input_ids`` [n]: the whole tokenized text. ``windows=None`` scores every full window."""
+    """``input_ids`` [n]: the whole tokenized text. ``windows=None`` scores every full window.
+
+    A window whose mean NLL is not finite (a model whose logits hold NaN or inf) ends the run there: the result's
+    ``nll`` and ``ppl`` are then NaN or inf and ``windows`` counts the windows scored, the last one the culprit.
+    A finite mean NLL too large to exponentiate (past ~709 nats) gives ``ppl = inf``."""
+    if seqlen < 2:
+        raise QuantkitError(f"a perplexity window needs at least 2 tokens (the first is never scored), got {seqlen}")
     ids = input_ids.reshape(-1)
     available = ids.numel() // seqlen
     if available == 0:
@@ -75,10 +83,14 @@ def perplexity(
     for w in tqdm(range(n), desc=f"perplexity ({n} x {seqlen})", disable=not progress):
         x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
         logits = model(x, use_cache=False).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="mean")
-        total += nll.item()
+        nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="mean").item()
+        if not math.isfinite(nll):  # the mean is lost whatever the other windows give
+            return PerplexityResult(ppl=nll if nll > 0 else math.nan, nll=nll, windows=w + 1, seqlen=seqlen,
+                                    tokens=ids.numel())
+        total += nll
     mean = total / n
-    return PerplexityResult(ppl=math.exp(mean), nll=mean, windows=n, seqlen=seqlen, tokens=ids.numel())
+    ppl = math.exp(mean) if mean < _LOG_FLOAT_MAX else math.inf
+    return PerplexityResult(ppl=ppl, nll=mean, windows=n, seqlen=seqlen, tokens=ids.numel())
 
 
 def wikitext2_perplexity(model, tokenizer, *, seqlen: int = 2048, windows: int | None = None,

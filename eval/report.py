@@ -33,14 +33,7 @@ def load_results(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
     runs = []
     for p in paths:
         path = Path(p)
-        if not path.is_file():
-            raise QuantkitError(f"results file not found: {path}")
-        try:
-            r = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise QuantkitError(f"{path}: not valid JSON ({e.msg})") from None
-        if not isinstance(r, dict) or "quantkit_eval" not in r:
-            raise QuantkitError(f"{path}: not a results file of `quantkit eval`")
+        r = _read(path)
         r["_path"] = str(path)
         runs.append(r)
     runs = _merge_same_model(runs)
@@ -49,6 +42,87 @@ def load_results(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
         # Two runs of one method (e.g. two models): tell them apart by their model's name.
         r["_label"] = label if labels.count(label) == 1 else f"{label} [{Path(r['model']).name}]"
     return runs
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(name)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """One results file, checked: strict JSON (no bare ``NaN``/``Infinity``), an object written by ``quantkit
+    eval``, with every field the report reads present and of its type. Anything else is one QuantkitError naming
+    the file and what is wrong with it."""
+    if path.is_dir():
+        raise QuantkitError(f"{path} is a folder, not a results file of `quantkit eval`")
+    if not path.is_file():
+        raise QuantkitError(f"results file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise QuantkitError(f"{path}: not a results file of `quantkit eval` (binary, not UTF-8 text)") from None
+    if not text.strip():
+        raise QuantkitError(f"{path}: empty file, not a results file of `quantkit eval`")
+    try:
+        r = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise QuantkitError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except ValueError as e:  # parse_constant: NaN, Infinity, -Infinity
+        raise QuantkitError(f"{path}: holds {e}, which is not valid JSON (a non-finite figure); rerun "
+                            "`quantkit eval`, which writes null and an error field instead") from None
+    except RecursionError:
+        raise QuantkitError(f"{path}: nested too deeply to be a results file of `quantkit eval`") from None
+    if not isinstance(r, dict) or "quantkit_eval" not in r:
+        raise QuantkitError(f"{path}: not a results file of `quantkit eval` (a JSON object with a "
+                            "'quantkit_eval' field)")
+    problem = _problem(r)
+    if problem:
+        raise QuantkitError(f"{path}: not a complete results file of `quantkit eval`: {problem}")
+    return r
+
+
+_NUMBER = (int, float)
+
+
+def _problem(r: dict[str, Any]) -> str | None:
+    """What makes ``r`` unusable for the report (a missing or mistyped field), or None."""
+    def bad(where: str, value: Any, want: str) -> str:
+        return f"{where} is missing" if value is _MISSING else f"{where} is {json.dumps(value)[:40]}, not {want}"
+
+    checks: list[tuple[str, Any, tuple[type, ...], bool, str]] = [  # (where, value, types, nullable, wanted)
+        ("quantkit_eval", r.get("quantkit_eval", _MISSING), (int,), False, "a version number"),
+        ("model", r.get("model", _MISSING), (str,), False, "a string"),
+        ("method", r.get("method", _MISSING), (str,), False, "a string"),
+        ("size_on_disk_bytes", r.get("size_on_disk_bytes", _MISSING), _NUMBER, False, "a number"),
+        ("bits_per_weight", r.get("bits_per_weight"), _NUMBER, True, "a number or null"),
+        ("perplexity", r.get("perplexity", {}), (dict,), False, "an object"),
+        ("tasks", r.get("tasks", {}), (dict,), False, "an object"),
+        ("zeroshot_settings", r.get("zeroshot_settings", {}), (dict,), False, "an object"),
+        ("stored_dtype", r.get("stored_dtype"), (str,), True, "a string or null"),
+    ]
+    for where, value, types, nullable, want in checks:
+        if not (isinstance(value, types) and not isinstance(value, bool) or nullable and value is None):
+            return bad(where, value, want)
+    for name, p in r.get("perplexity", {}).items():
+        if not isinstance(p, dict):
+            return bad(f"perplexity.{name}", p, "an object")
+        for field, nullable in (("ppl", True), ("windows", False), ("seqlen", False)):
+            v = p.get(field, _MISSING)
+            if not (isinstance(v, _NUMBER) and not isinstance(v, bool) or nullable and v is None):
+                return bad(f"perplexity.{name}.{field}", v, "a number" + (" or null" if nullable else ""))
+    for name, t in r.get("tasks", {}).items():
+        if not isinstance(t, dict):
+            return bad(f"tasks.{name}", t, "an object")
+        for field in ("acc", "acc_norm", "perplexity"):
+            v = t.get(field)
+            if not (v is None or isinstance(v, _NUMBER) and not isinstance(v, bool)):
+                return bad(f"tasks.{name}.{field}", v, "a number or null")
+    limit = r.get("zeroshot_settings", {}).get("limit")
+    if not (limit is None or isinstance(limit, int) and not isinstance(limit, bool)):
+        return bad("zeroshot_settings.limit", limit, "an integer or null")
+    return None
+
+
+_MISSING = object()
 
 
 def _merge_same_model(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -125,7 +199,7 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
         row = [r["_label"], "–" if bpw is None else f"{bpw:.3f}", f"{r['size_on_disk_bytes'] / 2**20:.1f}"]
         for name in ppl_names:
             p = r.get("perplexity", {}).get(name)
-            cell = "–" if p is None else f"{p['ppl']:.3f}"
+            cell = "–" if p is None else "not finite" if p["ppl"] is None else f"{p['ppl']:.3f}"
             if p is not None and ppl_common[name] is None:
                 cell += f" ({_window_tag(p)})"
             row.append(cell)
@@ -147,6 +221,9 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
         limited = sorted({r.get("zeroshot_settings", {}).get("limit") for r in runs} - {None})
         if limited:
             notes.append(f"Some runs scored only the first {', '.join(map(str, limited))} documents per task.")
+    failed = [r for r in runs if r.get("error")]
+    if failed:
+        notes.append("Failed: " + "; ".join(f"{r['_label']}: {r['error']}" for r in failed) + ".")
     notes.append("Runs: " + "; ".join(f"{r['_label']} = `{r['_path']}`" for r in runs) + ".")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 

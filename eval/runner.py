@@ -3,12 +3,22 @@
 Every input is checked before the model loads (task names, data files, perplexity datasets, the model folder),
 so a mistake costs seconds, not a model load. The model (quantized or not) is loaded once, through transformers
 with quantkit's quantizer registered: quantized linears stay packed (``QuantizedLinear``) during evaluation.
+
+``--seqlen`` is checked against the model's ``max_position_embeddings`` before the model loads.
+
+A figure that is not finite (the perplexity of a model whose logits hold NaN or inf) is never written as a bare
+``NaN``/``Infinity``: the results file is strict JSON, with ``null`` in its place and an ``"error"`` field saying
+what was not finite, in the perplexity entry and at the top level (see ``write_results``). After a non-finite
+perplexity the zero-shot tasks are skipped; a NaN or inf log-likelihood in lm-eval stops the zero-shot run
+(scores from such a model would mean nothing, yet lm-eval would report them). Either way the results file is
+still written, for the record, and then ``quantkit eval`` exits 2 with one line naming the model and the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -25,7 +35,7 @@ from quantkit.eval.c4 import C4_WINDOWS, c4_validation_ids
 from quantkit.eval.model_info import describe_model
 from quantkit.eval.perplexity import data_dir as resolve_data_dir
 from quantkit.eval.perplexity import perplexity, wikitext2_text
-from quantkit.eval.zeroshot import resolve_tasks, zeroshot
+from quantkit.eval.zeroshot import NonFiniteScores, resolve_tasks, zeroshot
 from quantkit.loading import check_causal_lm, load_model, resolve_model
 
 __all__ = ["PPL_DATASETS", "RESULTS_VERSION", "evaluate", "format_results", "software_versions", "write_results"]
@@ -98,9 +108,11 @@ def evaluate(
     """Evaluate ``model`` (anything ``quantize`` accepts). Returns the results dict (see ``write_results``);
     with ``keep_model``, the loaded model is under the key ``"_model"`` (not serialized)."""
     t0 = time.time()
-    for name, v in (("--ppl-windows", ppl_windows), ("--limit", limit), ("--seqlen", seqlen)):
+    for name, v in (("--ppl-windows", ppl_windows), ("--limit", limit)):
         if v is not None and v < 1:
             raise QuantkitError(f"{name} must be at least 1, got {v}")
+    if seqlen < 2:
+        raise QuantkitError(f"--seqlen must be at least 2 (a window's first token is never scored), got {seqlen}")
     data = resolve_data_dir(data_dir)
     if data is not None and not data.is_dir():
         raise QuantkitError(f"data folder not found: {data}")
@@ -110,6 +122,10 @@ def evaluate(
         raise QuantkitError("nothing to evaluate: give --ppl and/or --tasks")
     source = resolve_model(model)
     check_causal_lm(source.config)
+    limit_pos = getattr(source.config.get_text_config(), "max_position_embeddings", None)
+    if ppl_names and isinstance(limit_pos, int) and seqlen > limit_pos:
+        raise QuantkitError(f"--seqlen {seqlen} is longer than the position limit of {source.name} "
+                            f"(max_position_embeddings = {limit_pos}); use --seqlen {limit_pos} or less")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     logger.info("loading %s", source.name)
@@ -128,9 +144,18 @@ def evaluate(
         "tasks": {},
     }
     for name in ppl_names:
-        results["perplexity"][name] = _perplexity(name, lm, tokenizer, data, seqlen=seqlen, windows=ppl_windows)
-    if task_list:
-        results.update(_zeroshot(lm, tokenizer, task_list, data, limit=limit, batch_size=batch_size))
+        results["perplexity"][name] = entry = _perplexity(name, lm, tokenizer, data, seqlen=seqlen,
+                                                          windows=ppl_windows)
+        if "error" in entry:
+            results["error"] = f"{name} perplexity of {source.name}: {entry['error']}"
+            if task_list:
+                results["error"] += f"; zero-shot tasks {', '.join(t.name for t in task_list)} skipped"
+            break
+    if task_list and "error" not in results:
+        try:
+            results.update(_zeroshot(lm, tokenizer, task_list, data, limit=limit, batch_size=batch_size))
+        except NonFiniteScores as e:
+            results["error"] = f"zero-shot of {source.name}: {e}; no task scores written"
     results["versions"] = software_versions()
     results["command"] = command
     results["seconds"] = round(time.time() - t0, 1)
@@ -146,6 +171,17 @@ def _perplexity(name: str, lm, tokenizer, data: Path | None, *, seqlen: int, win
         n = C4_WINDOWS if windows is None else min(windows, C4_WINDOWS)
         ids = c4_validation_ids(tokenizer, seqlen=seqlen, nsamples=n, data=data)
     entry = _ppl_entry(name, ids, lm, seqlen=seqlen, windows=windows)
+    if not math.isfinite(entry["ppl"]):
+        nll = entry["nll"]
+        if math.isfinite(nll):
+            entry["error"] = (f"not finite: the mean token NLL, {nll:.6g} nats, overflows exp (the model's "
+                              "predictions are broken)")
+        else:
+            entry["error"] = (f"not finite: window {entry['windows']} has a {nll} token NLL (the model's logits "
+                              "hold NaN or inf)")
+        entry["ppl"] = None
+        entry["nll"] = None if not math.isfinite(nll) else nll
+        return entry
     logger.info("%s perplexity %.4f (%s)", name, entry["ppl"], entry["protocol"])
     return entry
 
@@ -168,11 +204,35 @@ def _zeroshot(lm, tokenizer, task_list, data: Path | None, *, limit: int | None,
 
 
 def write_results(results: dict[str, Any], out: str | os.PathLike) -> Path:
+    """Write ``results`` to ``out`` (atomically) as strict JSON: any float that is not finite becomes ``null``,
+    named in the top-level ``"error"``. When the results carry an ``"error"`` (a non-finite perplexity, say), the
+    file is written and then a ``QuantkitError`` is raised, so ``quantkit eval`` exits 2 with one line."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     serializable = {k: v for k, v in results.items() if not k.startswith("_")}
-    atomic_write_text(path, json.dumps(serializable, indent=2) + "\n")
+    bad: list[str] = []
+    serializable = _finite(serializable, "", bad)
+    if bad:
+        note = f"not finite, written as null: {', '.join(bad[:5])}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5
+                                                                       else "")
+        serializable["error"] = f"{serializable['error']}; {note}" if serializable.get("error") else note
+    text = json.dumps(serializable, indent=2, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    if serializable.get("error"):
+        raise QuantkitError(f"{serializable['error']}; results written to {path}")
     return path
+
+
+def _finite(x: Any, where: str, bad: list[str]) -> Any:
+    """``x`` with every non-finite float replaced by None; their dotted paths are appended to ``bad``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        bad.append(where or "(top level)")
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), bad) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]", bad) for i, v in enumerate(x)]
+    return x
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -191,7 +251,8 @@ def format_results(r: dict[str, Any]) -> str:
     if r["perplexity"]:
         lines += ["", f"{'perplexity':16s}{'ppl':>10s}  protocol"]
         for name, p in r["perplexity"].items():
-            lines.append(f"  {name:14s}{p['ppl']:10.4f}  {p['protocol']}, seqlen {p['seqlen']}")
+            lines.append(f"  {name:14s}{_fmt(p['ppl']):>10s}  {p['protocol']}, seqlen {p['seqlen']}"
+                         + (f" ({p['error']})" if p.get("error") else ""))
     if r["tasks"]:
         s = r["zeroshot_settings"]
         lines += ["", f"zero-shot (lm-eval {s['lm_eval_version']}, {s['task_configs']} task configs"

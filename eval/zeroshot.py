@@ -25,6 +25,7 @@ from quantkit.errors import QuantkitError
 __all__ = [
     "TASKS",
     "LOCAL_TASKS_DIR",
+    "NonFiniteScores",
     "ResolvedTask",
     "TaskResult",
     "resolve_tasks",
@@ -63,6 +64,41 @@ class TaskResult:
     lm_eval_name: str
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NonFiniteScores(QuantkitError):
+    """lm-eval got a log-likelihood that is NaN or inf from the model: its accuracies would mean nothing."""
+
+
+def _finite_lm(HFLM: type) -> type:
+    """``HFLM`` refusing non-finite log-likelihoods: with NaN logits lm-eval would still pick an answer (the first
+    choice) and report an accuracy, exit 0."""
+
+    def check(requests, lls: list[float]) -> None:
+        bad = [i for i, ll in enumerate(lls) if not math.isfinite(ll)]
+        if bad:
+            task = getattr(requests[bad[0]], "task_name", None) or "a task"
+            raise NonFiniteScores(f"{len(bad)} of {len(lls)} log-likelihoods in {task} are not finite "
+                                  f"({lls[bad[0]]}: the model's logits hold NaN or inf)")
+
+    class FiniteHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            check(requests, [ll for ll, _ in out])
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            out = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            check(requests, list(out))
+            return out
+
+    return FiniteHFLM
+
+
+def _quiet_custom_dataset_hint(record: logging.LogRecord) -> bool:
+    """Drop lm-eval's two-line hint that every task with a custom dataset loader (all local ones) logs: it speaks of
+    lm_eval's own ``--metadata`` option, which ``quantkit eval`` does not have."""
+    return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
 
 
 def _parse_names(tasks: str | list[str]) -> list[str]:
@@ -138,7 +174,8 @@ def zeroshot(
     limit: int | None = None,
     batch_size: int | str = 1,
 ) -> dict[str, TaskResult]:
-    """Run lm-eval's evaluator on an already-loaded model (quantized or not), zero-shot."""
+    """Run lm-eval's evaluator on an already-loaded model (quantized or not), zero-shot. Raises
+    :class:`NonFiniteScores` when the model gives a NaN or inf log-likelihood."""
     if not tasks:
         return {}
     try:
@@ -147,10 +184,12 @@ def zeroshot(
     except ImportError as e:
         raise QuantkitError("zero-shot evaluation needs lm-eval: pip install lm-eval") from e
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = _finite_lm(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     by_lm_name = {t.lm_eval_name: t for t in tasks}
     logger.info("zero-shot (lm-eval %s): %s%s", lm_eval.__version__, ", ".join(by_lm_name),
                 f", first {limit} documents each" if limit else "")
+    task_logger = logging.getLogger("lm_eval.api.task")
+    task_logger.addFilter(_quiet_custom_dataset_hint)
     try:
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -163,6 +202,8 @@ def zeroshot(
         )
     except FileNotFoundError as e:
         raise QuantkitError(str(e)) from e
+    finally:
+        task_logger.removeFilter(_quiet_custom_dataset_hint)
     results = {}
     for lm_name, t in by_lm_name.items():
         n = out["n-samples"][lm_name]

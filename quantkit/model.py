@@ -10,7 +10,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.loading import ModelSource
 
-__all__ = ["build_skeleton", "decoder_layers", "linears", "load_into", "set_module"]
+__all__ = ["build_skeleton", "decoder_layers", "linears", "load_into", "nonfinite", "set_module"]
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -39,9 +39,18 @@ def build_skeleton(source: ModelSource, device: torch.device) -> nn.Module:
 
 def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, what: str,
               *, complete: bool = True) -> None:
-    """Assign checkpoint tensors (floats as fp32) to a meta-initialized module; ``complete``: all must be there."""
+    """Assign checkpoint tensors (floats as fp32) to a meta-initialized module; ``complete``: all must be there.
+
+    A floating tensor holding NaN or inf is refused, named in full (``what.key``; a whole model's keys are full
+    names already): quantizing it would publish a model whose every output is NaN."""
+    from transformers import PreTrainedModel
+
     tensors = {k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
                for k, v in tensors.items()}
+    for k, v in tensors.items():
+        if v.is_floating_point() and (bad := nonfinite(v)):
+            full = k if isinstance(module, PreTrainedModel) else f"{what}.{k}"
+            raise QuantkitError(f"{full}: {bad} in the source checkpoint; refusing to quantize")
     _, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise QuantkitError(f"{what}: checkpoint has tensors the model does not: {unexpected[:3]}")
@@ -58,3 +67,15 @@ def linears(layer: nn.Module, prefix: str) -> dict[str, nn.Linear]:
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def nonfinite(x: torch.Tensor) -> str | None:
+    """``"3 non-finite values (nan, inf)"`` when ``x`` holds NaN or ±inf, else None."""
+    flat = x.reshape(-1)
+    # In chunks: a whole-tensor mask of a large layer's weight would cost a quarter of its size again.
+    if all(bool(torch.isfinite(c).all()) for c in flat.split(1 << 24)):
+        return None
+    bad = flat[~torch.isfinite(flat)]
+    kinds = [k for k, hit in (("nan", torch.isnan(bad)), ("inf", torch.isposinf(bad)), ("-inf", torch.isneginf(bad)))
+             if bool(hit.any())]
+    return f"{bad.numel()} non-finite value{'s' if bad.numel() != 1 else ''} ({', '.join(kinds)})"

@@ -13,7 +13,7 @@ from quantkit.calibration.steps import LayerContext, LayerStep
 from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError
 from quantkit.formats import get_format
-from quantkit.model import linears, set_module
+from quantkit.model import linears, nonfinite, set_module
 from quantkit.nn import QuantizedLinear
 from quantkit.rotations import HadamardRotation, random_signs
 
@@ -34,8 +34,18 @@ def layer_rotations(name: str, scheme: LayerScheme, W: torch.Tensor) -> dict[str
 
 def quantize_linear(name: str, linear: nn.Linear, scheme: LayerScheme,
                     H: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The stored tensors of one linear (its format's and the rotation signs) and its statistics."""
+    """The stored tensors of one linear (its format's and the rotation signs) and its statistics.
+
+    Refused with a ``QuantkitError`` naming the tensor: a weight or Hessian that holds NaN or inf, and a stored
+    floating tensor (scales, zeros, levels, codebooks) that overflows its dtype, which would decode to inf or NaN.
+    """
     W = linear.weight.detach().float()
+    if bad := nonfinite(W):
+        raise QuantkitError(f"{name}.weight: {bad}; refusing to quantize")
+    if H is not None and (bad := nonfinite(H)):
+        raise QuantkitError(f"{name}: its calibration inputs are not finite, its Hessian has {bad}: the "
+                            "calibration forward overflows before this linear (in its layer or an earlier one); "
+                            "refusing to quantize")
     rots = layer_rotations(name, scheme, W)
     if "rot_out_signs" in rots and H is not None and H.dim() == 3:
         raise QuantkitError(f"{name}: an output rotation mixes the heads of a per-head Hessian")
@@ -45,11 +55,19 @@ def quantize_linear(name: str, linear: nn.Linear, scheme: LayerScheme,
         W = rot.fuse(W)
         if rot.side == "input" and H is not None:
             H = rot.rotate_hessian(H)
+    if rots and (bad := nonfinite(W)):
+        raise QuantkitError(f"{name}.weight: the Hadamard rotation overflows float32 ({bad}; the weight reaches "
+                            f"{linear.weight.detach().abs().max().item():.4g}); refusing to quantize")
     try:
         result = get_method(scheme.method.name).fn(W, H, scheme)
+        packed = get_format(scheme.format).pack(result, scheme)
     except QuantkitError as e:
         raise QuantkitError(f"{name}: {e}") from None
-    packed = get_format(scheme.format).pack(result, scheme)
+    for k, v in packed.items():
+        if v.is_floating_point() and (bad := nonfinite(v)):
+            raise QuantkitError(f"{name}.{k}: {bad} once stored as {str(v.dtype).removeprefix('torch.')} (which "
+                                f"holds up to {torch.finfo(v.dtype).max:.6g}; the weight reaches "
+                                f"{linear.weight.detach().abs().max().item():.4g}); refusing to quantize")
     packed.update({k: r.signs.to(torch.int8).contiguous() for k, r in rots.items()})
     stats: dict[str, Any] = {**_describe(scheme), "shape": list(W.shape), "loss": result.loss,
                              "weight_mse": (W - result.W_hat).pow(2).mean().item()}

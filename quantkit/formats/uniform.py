@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from quantkit.errors import QuantkitError
 from quantkit.formats import Format, TensorSpecs, register_format
 from quantkit.formats.packing import pack_codes, packed_words, unpack_codes
 from quantkit.quantizers import QuantResult
@@ -66,6 +67,8 @@ class UniformFormat(Format):
 
     def pack(self, result: QuantResult, scheme) -> dict[str, torch.Tensor]:
         q = scheme.quantizer
+        if not torch.isfinite(result.params["scales"]).all():  # fp16 overflow: would decode to inf and NaN
+            raise QuantkitError("its scales are not finite (a group's range overflows float16); refusing to quantize")
         out = {"qweight": pack_codes(result.codes, q.bits), "scales": result.params["scales"].to(torch.float16)}
         if _stores_zeros(q):
             out["zeros"] = result.params["zeros"].to(torch.float16)

@@ -13,11 +13,14 @@ from typing import ClassVar
 import torch
 
 from quantkit.config.spec import Spec
+from quantkit.errors import QuantkitError
 from quantkit.grids import GRIDS, Grid, GridParams, LevelGrid, make_grid
 from quantkit.quantizers import Window, register_quantizer
 from quantkit.quantizers.groups import group_size_of, num_groups
 
 __all__ = ["ScalarQuantizer", "ScalarSpec"]
+
+_FP16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +77,7 @@ class ScalarQuantizer:
         self._g = group_size_of(self.group_size, n)
         self._perm = perm
         if self.static_groups:
-            self._groups = [self.grid.fit(W[:, c : c + self._g]) for c in range(0, n, self._g)]
+            self._groups = [self._fit(W[:, c : c + self._g]) for c in range(0, n, self._g)]
         else:
             self._groups = [None] * num_groups(self.group_size, n)
 
@@ -83,8 +86,25 @@ class ScalarQuantizer:
             return self._groups[(self._perm[col].item() if self._perm is not None else col) // self._g]
         if col % self._g == 0 and window is not None:
             # The group may run past the caller's block: later columns already carry the earlier blocks' updates.
-            self._groups[col // self._g] = self.grid.fit(window(self._g))
+            self._groups[col // self._g] = self._fit(window(self._g))
         return self._groups[col // self._g]
+
+    def _fit(self, W: torch.Tensor) -> GridParams:
+        """The grid's fit of one group ``W`` [rows, g], refused when its scales are not finite: a range that an fp16
+        scale cannot hold (past 65504 per grid step) would be stored as inf and decode to NaN."""
+        if not torch.isfinite(W).all():
+            bad = W[~torch.isfinite(W)]
+            raise QuantkitError(f"{bad.numel()} non-finite values ({_kinds(bad)}) in a group of weights being "
+                                "rounded (made so by the rounding method's updates); refusing to quantize")
+        params = self.grid.fit(W)
+        if not (torch.isfinite(params.scale).all() and torch.isfinite(params.zero).all()):
+            reach = W.abs().max().item()
+            raise QuantkitError(
+                f"weight values up to {reach:.4g} overflow the float16 scales of the {self.grid.bits}-bit "
+                f"{getattr(self.grid, 'name', 'uniform')} grid (a scale, one grid step, is at most {_FP16_MAX:g}); "
+                "refusing to quantize"
+            )
+        return params
 
     def quantize(self, x: torch.Tensor, col: int, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
         return self.grid.quantize(x, self._params_at(col, window))
@@ -98,3 +118,10 @@ class ScalarQuantizer:
         if isinstance(self.grid, LevelGrid):
             out["levels"] = self.grid.table
         return out
+
+
+def _kinds(x: torch.Tensor) -> str:
+    """``nan, inf, -inf``: which non-finite values ``x`` holds."""
+    kinds = [k for k, hit in (("nan", torch.isnan(x)), ("inf", torch.isposinf(x)), ("-inf", torch.isneginf(x)))
+             if hit.any()]
+    return ", ".join(kinds)
