@@ -1,9 +1,10 @@
-"""``torch.ops.quantkit.uniform_matmul``: the fused Triton dequant-matmul as a PyTorch custom op.
+"""``torch.ops.quantkit.uniform_matmul`` and ``torch.ops.quantkit.codebook_matmul``: the fused Triton kernels of
+the scalar-grid and the vector-codebook formats as PyTorch custom ops.
 
 Being an op with a fake (meta) implementation is what lets ``torch.compile`` trace through ``QuantizedLinear`` and
-lets models be built on the meta device. Defining the op needs neither a GPU nor Triton; running it imports
-:mod:`quantkit.kernels.triton_uniform`, which needs Triton. :mod:`quantkit.kernels.dispatch` routes CUDA calls here
-only when Triton is installed.
+lets models be built on the meta device. Defining the ops needs neither a GPU nor Triton; running one imports
+:mod:`quantkit.kernels.triton_uniform` (or ``triton_codebook``), which needs Triton.
+:mod:`quantkit.kernels.dispatch` routes CUDA calls here only when Triton is installed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 
 from quantkit.formats.packing import SUPPORTED_BITS, packed_words
 
-__all__ = ["register_triton_kernels", "triton_supports", "uniform_matmul_cuda", "uniform_matmul_triton"]
+__all__ = ["codebook_matmul_triton", "codebook_supports", "register_triton_kernels", "triton_supports",
+           "uniform_matmul_cuda", "uniform_matmul_triton"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -103,13 +105,86 @@ def _uniform_linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None
                                group_size=q.group_size, levels=t.get("levels"), rotation=rotation)
 
 
+@torch.library.custom_op("quantkit::codebook_matmul", mutates_args=())
+def codebook_matmul_triton(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    scales: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    dim: int,
+    bits: int,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for the vector-codebook format (``quantkit-vq``) through the Triton lookup-table kernels
+    (GEMV for decode-sized inputs, dequantize-then-GEMM beyond); ``[..., out]``, ``x.dtype``."""
+    try:
+        from quantkit.kernels.triton_codebook import triton_codebook_matmul
+    except ImportError as e:
+        raise ImportError(
+            "quantkit's fused kernels need Triton: pip install 'quantkit[triton]' (or use the PyTorch reference, "
+            "quantkit.formats.codebook.VQFormat.linear)"
+        ) from e
+    return triton_codebook_matmul(x, codes, codebook, scales, perm, bias, dim=dim, bits=bits)
+
+
+@codebook_matmul_triton.register_fake
+def _(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    scales: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    dim: int,
+    bits: int,
+) -> torch.Tensor:
+    torch._check(x.shape[-1] % dim == 0, lambda: f"vectors of {dim} do not tile {x.shape[-1]} input columns")
+    torch._check(codes.dim() == 2 and codes.shape[1] == packed_words(x.shape[-1] // dim, bits),
+                 lambda: f"codes {tuple(codes.shape)} do not hold {x.shape[-1] // dim} {bits}-bit codes per row")
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+def codebook_supports(x: torch.Tensor, codes: torch.Tensor, *, dim: int, bits: int) -> bool:
+    """The dispatch predicate of ``quantkit-vq``: CUDA tensors, a dtype, vector dimension and code width the
+    kernels handle, and a non-empty batch."""
+    return (
+        x.is_cuda
+        and codes.is_cuda
+        and x.dtype in _DTYPES
+        and codes.dtype == torch.int32
+        and 2 <= dim <= 8
+        and 2 <= bits <= 16
+        and x.shape[-1] % dim == 0
+        and x.numel() > 0
+    )
+
+
+def _codebook_supports(x: torch.Tensor, module) -> bool:
+    q = module.scheme.quantizer
+    return codebook_supports(x, module.tensors["codes"], dim=q.dim, bits=q.bits)
+
+
+def _codebook_linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
+    # The input rotation runs first (its own launch on CUDA): the GEMV gathers x by codes, not in Hadamard blocks.
+    if rotation is not None:
+        x = rotation.apply(x)
+    t, q = module.tensors, module.scheme.quantizer
+    return codebook_matmul_triton(x, t["codes"], t["codebook"], t["scales"], t.get("perm"), bias, dim=q.dim,
+                                  bits=q.bits)
+
+
 def register_triton_kernels() -> None:
     """The dispatch table's Triton entries (quantkit.kernels.dispatch calls this once, when Triton is installed):
-    the dequant-matmul of ``quantkit-uniform`` and the Hadamard transforms, for CUDA tensors."""
+    the dequant-matmul of ``quantkit-uniform``, the lookup-table matmul of ``quantkit-vq`` and the Hadamard
+    transforms, for CUDA tensors."""
     from quantkit.kernels import dispatch
     from quantkit.kernels.triton_hadamard import triton_fwht, triton_rotate
 
     dispatch.register_kernel("triton-uniform", "quantkit-uniform", _uniform_supports, _uniform_linear)
+    dispatch.register_kernel("triton-codebook", "quantkit-vq", _codebook_supports, _codebook_linear)
     dispatch.register_hadamard_kernel("triton-rotate", fused=True, impl=triton_rotate,
                                       supports=lambda x, layout: x.is_cuda and layout.small == 1)
     dispatch.register_hadamard_kernel("triton-fwht", fused=False, impl=triton_fwht,
