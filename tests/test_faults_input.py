@@ -89,7 +89,8 @@ def test_a_weight_that_overflows_a_vector_codebook_is_refused(model, tmp_path, c
 
 
 def test_the_largest_weights_fp16_scales_hold_still_quantize(model, tmp_path, calib_file):
-    """Not a fault: 9e5 fits (a 4-bit group's range over 15 steps stays under 65504), and the result is finite."""
+    """Not a fault: weights of ±4.5e5 fit (a 4-bit group's range over its 15 steps stays under fp16's 65504), and
+    every stored tensor is finite."""
     set_values(model, "model.layers.0.mlp.down_proj.weight", 4.5e5)
     set_values(model, "model.layers.0.mlp.up_proj.weight", -4.5e5)
     o = quantize(model, tmp_path / "q", calib_file, recipe="rtn-w4g128")
