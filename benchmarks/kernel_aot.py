@@ -10,7 +10,8 @@ and the real integer arguments), so the code compiled is the code a GPU would ru
 
 ``python -m benchmarks.kernel_aot`` prints, per variant, registers, spills, shared memory and the main loop's
 machine instructions (also per weight: over each thread's share of the tile): every autotune config of the GEMV
-and the GEMM for the Llama shapes of ``benchmarks/kernel_bench.py``, and the Hadamard kernel. With ``--warm`` (on
+and the GEMM for the Llama shapes of ``benchmarks/kernel_bench.py``, the Hadamard kernel, and the codebook
+kernels of ``quantkit-vq`` (GEMV configs and the dequantize kernel, ``--vq d4b8 d8b16``). With ``--warm`` (on
 the GPU machine) it only compiles them, in parallel, into Triton's on-disk cache, so that the autotuner of a benchmark
 that follows finds each config compiled instead of compiling a few hundred of them one after another. The test
 suite compiles a smaller grid (tests/test_kernel_aot.py).
@@ -38,14 +39,14 @@ from triton.backends.compiler import GPUTarget
 from benchmarks.kernel_bench import SHAPES, BenchScheme
 
 __all__ = ["Compiled", "Variant", "compile_variant", "fwht_variants", "gemm_variants", "gemv_variants",
-           "launch_variants", "loop_stats", "main"]
+           "launch_variants", "loop_stats", "main", "vq_dequant_variants", "vq_gemv_variants"]
 
 
 @dataclass(frozen=True)
 class Variant:
     """One launch of one kernel: its positional arguments (dtypes stand for tensors), constexprs and options."""
 
-    kernel: str  # "gemv", "gemm" or "fwht"
+    kernel: str  # "gemv", "gemm", "fwht", "vq_gemv" or "vq_dequant"
     label: str
     args: tuple[Any, ...]
     constexprs: dict[str, Any]
@@ -105,15 +106,16 @@ def _offline(target: GPUTarget) -> Iterator[None]:
 
 
 def _kernels() -> dict[str, Any]:
-    from quantkit.kernels import triton_hadamard, triton_uniform
+    from quantkit.kernels import triton_codebook, triton_hadamard, triton_uniform
 
-    if triton_uniform.is_interpreted():
+    if triton_uniform.is_interpreted() or triton_codebook.is_interpreted():
         raise RuntimeError(
             "the kernels were loaded for the Triton interpreter (TRITON_INTERPRET=1 when Triton was imported); "
             "ahead-of-time compilation needs a fresh process with TRITON_INTERPRET unset"
         )
     return {"gemv": triton_uniform._gemv_kernel, "gemm": triton_uniform._gemm_kernel,
-            "fwht": triton_hadamard._fwht_kernel}
+            "fwht": triton_hadamard._fwht_kernel, "vq_gemv": triton_codebook._gemv_kernel,
+            "vq_dequant": triton_codebook._dequant_kernel}
 
 
 def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -259,6 +261,79 @@ def fwht_variants(n_rows: int, block: int, dtype: torch.dtype = torch.float16, *
                    {"N": block, "ROWS": rows, "SIGNS": where}, num_warps)
 
 
+# The codebook kernels (quantkit.kernels.triton_codebook.triton_codebook_matmul / triton_codebook_dequantize):
+# ``dim`` and ``bits`` as a VQ scheme names them, e.g. d4b8 (256 entries of 4, the 2-bit preset), d8b16.
+DEFAULT_VQ = ("d4b8", "d8b16")
+
+
+def parse_vq(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"d([2-8])b(\d+)", text)
+    if m is None or not 2 <= int(m[2]) <= 16:
+        raise argparse.ArgumentTypeError(f"bad codebook {text!r}: expected d<dim>b<bits>, e.g. d4b8, d8b16")
+    return int(m[1]), int(m[2])
+
+
+def _perm_dtype(K: int) -> torch.dtype:
+    return torch.int16 if K < 2**15 else torch.int32  # quantkit.formats.uniform.perm_dtype
+
+
+def vq_gemv_variants(M: int, N: int, K: int, *, dim: int, bits: int, dtype: torch.dtype = torch.float16,
+                     perm: bool = False, bias: bool = False, configs: list[triton.Config] | None = None
+                     ) -> list[Variant]:
+    """The codebook GEMV launches for an ``M x K`` input (M <= GEMV_MAX_M), one per autotune config kept."""
+    from quantkit.formats.packing import packed_words
+    from quantkit.kernels import triton_codebook as tc
+
+    if not 1 <= M <= tc.GEMV_MAX_M:
+        raise ValueError(f"the GEMV takes 1 to {tc.GEMV_MAX_M} rows, got {M}")
+    block_m = triton.next_power_of_2(M)
+    if configs is None:
+        configs = tc._prune_gemv(tc._gemv_configs(dtype != torch.bfloat16), {}, BLOCK_M=block_m, DIM=dim)
+    # (x, codes, codebook, scales, perm, bias, out, M, N, stride_xm, stride_cn, stride_sn, stride_om); scales [N, 1]
+    args = (dtype, torch.int32, torch.float16, torch.float16, _perm_dtype(K) if perm else None,
+            dtype if bias else None, dtype, M, N, K, packed_words(K // dim, bits), 1, N)
+    flags = {"K": K, "DIM": dim, "BITS": bits, "HAS_PERM": perm, "HAS_BIAS": bias, "BLOCK_M": block_m}
+    return [Variant("vq_gemv", f"vq-gemv M={M} N={N} K={K} d{dim}b{bits} {str(dtype)[6:]}{' perm' if perm else ''} "
+                    f"BN={c.kwargs['BLOCK_N']} BV={c.kwargs['BLOCK_V']} SK={c.kwargs['SPLIT_K']} warps={c.num_warps}",
+                    args, {**flags, **c.kwargs}, c.num_warps, c.num_stages) for c in configs]
+
+
+def vq_dequant_variants(N: int, K: int, *, dim: int, bits: int, dtype: torch.dtype = torch.float16,
+                        perm: bool = False) -> list[Variant]:
+    """The codebook dequantize launch (before the cuBLAS GEMM of inputs longer than GEMV_MAX_M rows)."""
+    from quantkit.formats.packing import packed_words
+    from quantkit.kernels import triton_codebook as tc
+
+    block_n, block_v = tc.dequant_block(dim)
+    # (codes, codebook, scales, perm, w, N, stride_cn, stride_sn, stride_wn)
+    args = (torch.int32, torch.float16, torch.float16, _perm_dtype(K) if perm else None, dtype, N,
+            packed_words(K // dim, bits), 1, K)
+    return [Variant("vq_dequant", f"vq-dequant N={N} K={K} d{dim}b{bits} {str(dtype)[6:]}{' perm' if perm else ''} "
+                    f"BN={block_n} BV={block_v}", args,
+                    {"K": K, "DIM": dim, "BITS": bits, "HAS_PERM": perm, "BLOCK_N": block_n, "BLOCK_V": block_v})]
+
+
+def vq_launch_variants(shapes: list[tuple[int, int]], batches: list[int], codebooks: list[tuple[int, int]],
+                       dtype: torch.dtype = torch.float16) -> list[Variant]:
+    """Every distinct codebook kernel a launch on these shapes, batches and ``(dim, bits)`` codebooks compiles
+    (with act-order, as the presets store it)."""
+    from quantkit.kernels.triton_codebook import GEMV_MAX_M
+
+    seen: set[tuple] = set()
+    variants = []
+    for dim, bits in codebooks:
+        for n, k in shapes:
+            for M in batches:
+                vs = (vq_gemv_variants(M, n, k, dim=dim, bits=bits, dtype=dtype, perm=True) if M <= GEMV_MAX_M
+                      else vq_dequant_variants(n, k, dim=dim, bits=bits, dtype=dtype, perm=True))
+                for v in vs:
+                    key = (v.kernel, tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages, _specialization(v))
+                    if key not in seen:
+                        seen.add(key)
+                        variants.append(v)
+    return variants
+
+
 def launch_variants(shapes: list[tuple[int, int]], batches: list[int], formats: list[BenchScheme],
                     dtype: torch.dtype = torch.float16, *, rotated: bool = False,
                     gemm_decode: bool = False) -> list[Variant]:
@@ -359,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                    default=[BenchScheme.parse(f) for f in DEFAULT_FORMATS],
                    help="as benchmarks/kernel_bench.py takes them, e.g. w4g128, w3g-1 (per channel), w4g128-sym; "
                         f"default {' '.join(DEFAULT_FORMATS)}")
+    p.add_argument("--vq", nargs="*", type=parse_vq, default=[parse_vq(f) for f in DEFAULT_VQ],
+                   help="codebook kernels (quantkit-vq, with act-order) for these d<dim>b<bits>, e.g. d4b8 d8b16 "
+                        f"(default {' '.join(DEFAULT_VQ)}; none: --vq with no value)")
     p.add_argument("--warm", action="store_true",
                    help="only compile, in parallel, into Triton's cache (on a GPU machine before benchmarking: "
                         "the autotuner then finds every config compiled); no report")
@@ -374,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shapes:
         p.error("no shapes: give --models and/or --shapes")
     variants = launch_variants(shapes, args.batch, args.formats, rotated=args.rotated, gemm_decode=args.gemm_decode)
+    variants += vq_launch_variants(shapes, args.batch, args.vq)
     if args.warm:
         t0 = time.perf_counter()
         for _ in _pool_map(_warm_one, variants, target, jobs):
@@ -395,7 +474,9 @@ def _row(c: Compiled) -> str:
     per_weight = "-"
     if c.variant.kernel != "fwht" and loop.get("instructions"):
         # each thread's share of the tile's weights per iteration (one split's tile for split-K)
-        weights = c.variant.constexprs["BLOCK_N"] * c.variant.constexprs["BLOCK_K"] / (32 * c.variant.num_warps)
+        cx = c.variant.constexprs
+        block_k = cx["BLOCK_K"] if "BLOCK_K" in cx else cx["BLOCK_V"] * cx["DIM"]
+        weights = cx["BLOCK_N"] * block_k / (32 * c.variant.num_warps)
         per_weight = f"{loop['instructions'] / weights:.2f}"
     return (f"| {c.variant.label} | {c.registers} | {c.spill_stores} | {c.shared} | {loop.get('instructions', '-')} | "
             f"{per_weight} | {loop.get('shared_stores', '-')} | {loop.get('barriers', '-')} |")

@@ -72,6 +72,17 @@ CASES = [
     # the standalone Hadamard transform, signs before and after, short and long blocks
     *[(f"fwht-{n}-{w}", "fwht", {"shape": (rows, n), "where": w}, "first")
       for rows, n, w in ((16, 4096, 1), (300, 64, 2), (3, 128, 0), (1, 16384, 1))],
+    # the codebook kernels (quantkit-vq): every GEMV config for the 2-bit preset's codebook (4 dims, 256 entries) and
+    # for 8 dims x 2^16 entries, act-order, on Llama-2-7B; a straddling width (12 bits) with dim 3 padded to 4 lanes,
+    # bias and bf16; fp32; the dequantize kernel before the cuBLAS GEMM
+    ("vq-gemv-d4b8-configs", "vq_gemv", {"shape": LLAMA, "dim": 4, "bits": 8, "perm": True}, "all"),
+    ("vq-gemv-d8b16-configs", "vq_gemv", {"shape": LLAMA, "dim": 8, "bits": 16, "perm": True}, "all"),
+    ("vq-gemv-d3b12-bias-bf16", "vq_gemv", {"shape": (4, 1000, 576), "dim": 3, "bits": 12, "perm": True,
+                                            "bias": True, "dtype": "bf16"}, "first"),
+    ("vq-gemv-d2b4-f32", "vq_gemv", {"shape": (8, 4096, 11008), "dim": 2, "bits": 4, "dtype": "f32"}, "first"),
+    ("vq-dequant-d4b8", "vq_dequant", {"shape": (4096, 4096), "dim": 4, "bits": 8, "perm": True}, "all"),
+    ("vq-dequant-d8b16", "vq_dequant", {"shape": (11008, 4096), "dim": 8, "bits": 16, "perm": True}, "all"),
+    ("vq-dequant-d6b10-bf16", "vq_dequant", {"shape": (4096, 11008), "dim": 6, "bits": 10, "dtype": "bf16"}, "all"),
 ]
 
 
@@ -99,29 +110,31 @@ def test_compiles_for_sm90(compiled, case):
 def test_every_fp16_autotune_config_fits_in_registers(compiled):
     # A config that spills reads and writes local memory in its inner loop: the autotuner would only time it and
     # throw it away, so the lists should not offer one.
-    for case in ("gemv-configs", "gemm-configs", "gemv-rot4096"):
+    for case in ("gemv-configs", "gemm-configs", "gemv-rot4096", "vq-gemv-d4b8-configs", "vq-gemv-d8b16-configs"):
         spilling = [r["label"] for r in _rows(compiled, case) if r["spills"]]
         assert not spilling, spilling
 
 
 def test_gemm_runs_on_tensor_cores_and_gemv_split_k_on_atomics(compiled):
     assert all(r["mma"] for r in _rows(compiled, "gemm-configs"))
-    for r in _rows(compiled, "gemv-configs"):  # split-K partial sums are added atomically, one split stores
-        assert r["atomic"] == ("SK=1 " not in r["label"]), r["label"]
+    for case in ("gemv-configs", "vq-gemv-d4b8-configs", "vq-gemv-d8b16-configs"):
+        for r in _rows(compiled, case):  # split-K partial sums are added atomically, one split stores
+            assert r["atomic"] == ("SK=1 " not in r["label"]), r["label"]
 
 
 def test_warm_fills_the_cache_a_launch_reads(tmp_path):
     # `--warm` (gpu_session.sh's first step) compiles into Triton's on-disk cache; a second run must find every
-    # variant there. Batch 16 on Llama-2-7B's shapes: the GEMM's two 16-row configs for K = 4096 and K = 11008.
+    # variant there. Batch 16 on Llama-2-7B's shapes: the GEMM's two 16-row configs for K = 4096 and K = 11008, and
+    # the codebook dequantize kernel (d4b8) for each K.
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "benchmarks.kernel_aot", "--warm", "--models", "llama2-7b", "--batch", "16",
-           "--formats", "w4g128", "--jobs", "1"]
+           "--formats", "w4g128", "--vq", "d4b8", "--jobs", "1"]
     # From the repository root, where the tools live (they are not in the wheel).
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert first.returncode == 0, first.stderr[-4000:]
-    assert "compiled 4 kernel variants for sm_90" in first.stdout
+    assert "compiled 6 kernel variants for sm_90" in first.stdout
     entries = sorted(p.name for p in tmp_path.iterdir())
-    assert len(entries) == 4
+    assert len(entries) == 6
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert second.returncode == 0, second.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == entries  # all hits: nothing compiled again
