@@ -1,7 +1,9 @@
 """Benchmark: the fused dequant-matmul against ``torch.matmul`` with fp16 weights, on Llama linear shapes.
 
-    python -m benchmarks.kernel_bench                      # all shapes, batches 1..128, W4 g128, W3 g128, W2 g64
+    python -m benchmarks.kernel_bench                      # all shapes, batches 1..128, W4 g128, W3 g128, W2 g64,
+                                                           # and the 2-bit codebooks d4b8, d8b16
     python -m benchmarks.kernel_bench --formats w4g128 --batches 1,16 --peak-gbps 3350
+    python -m benchmarks.kernel_bench --models llama2-7b --formats "" --vq d4b8,d8b16 --batches 1   # VQ at batch 1
 
 For every weight shape ``[out, in]`` (Llama-2-7B: 4096x4096, 11008x4096, 4096x11008; Llama-3-8B: 1024x4096,
 14336x4096, 4096x14336), batch size and format it prints the time of ``torch.ops.quantkit.uniform_matmul`` (the op
@@ -9,6 +11,12 @@ For every weight shape ``[out, in]`` (Llama-2-7B: 4096x4096, 11008x4096, 4096x11
 each achieves (bytes of packed weights, scales, zeros, permutation, activations and output, divided by the time)
 as a fraction of the card's peak. For decode batches (the GEMV path) a last column times the same product on the
 tensor-core GEMM path instead, which decides where the switch between the two belongs.
+
+Vector-codebook rows (``--vq``, format ``quantkit-vq``, with act-order as the presets store it): ``dNbB`` is a
+codebook of ``2**B`` entries of ``N`` weights, ``B / N`` bits per weight for the codes: ``d4b8`` (256 entries of 4,
+the hadamard-gptq-vq2 preset) and ``d8b16`` (65,536 entries of 8, AQLM's 1x16) are both 2 bits. They time
+``torch.ops.quantkit.codebook_matmul`` (GEMV up to 8 rows, dequantize-then-cuBLAS beyond) against the same fp16
+``torch.matmul``; the last column is the dequantize-then-GEMM path at decode batches.
 
 Timing: each call is captured once in a CUDA graph (so Python and dispatcher overhead are not timed) and replayed
 by ``triton.testing.do_bench``, which clears the L2 cache before every replay; without that a 4096x4096 4-bit
@@ -31,7 +39,7 @@ from quantkit.formats.packing import pack_codes
 from quantkit.formats.uniform import uniform_matmul_ref
 from quantkit.quantizers.groups import num_groups
 
-__all__ = ["SHAPES", "BenchScheme", "main"]
+__all__ = ["SHAPES", "BenchScheme", "main", "parse_vq", "vq_packed_layer"]
 
 SHAPES = {  # weight shapes [out, in] of the linear layers
     "llama2-7b": [("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008)],
@@ -76,6 +84,35 @@ def packed_layer(N: int, K: int, fmt: BenchScheme, device: torch.device) -> dict
     }
 
 
+def parse_vq(text: str) -> tuple[int, int]:
+    """``d4b8``: vectors of 4 weights, codes of 8 bits (256 entries)."""
+    m = re.fullmatch(r"d([2-8])b(\d+)", text)
+    if m is None or not 2 <= int(m[2]) <= 16:
+        raise argparse.ArgumentTypeError(f"bad codebook {text!r}; expected d<dim>b<bits>, e.g. d4b8, d8b16")
+    return int(m[1]), int(m[2])
+
+
+def vq_packed_layer(N: int, K: int, dim: int, bits: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random ``quantkit-vq`` tensors of a [N, K] layer with act-order (codes, codebook, scales, perm)."""
+    from quantkit.formats.packing import pack_bits
+
+    return {
+        "codes": pack_bits(torch.randint(0, 2**bits, (N, K // dim), device=device), bits),
+        "codebook": (0.02 * torch.randn(2**bits, dim, device=device)).half(),
+        "scales": (0.5 + torch.rand(N, 1, device=device)).half(),
+        "perm": torch.randperm(K, device=device).to(torch.int16 if K < 2**15 else torch.int32),
+    }
+
+
+def _vq_reference(x: torch.Tensor, q: dict[str, torch.Tensor], dim: int, bits: int) -> torch.Tensor:
+    from quantkit.config import LayerScheme
+    from quantkit.formats import get_format
+
+    scheme = LayerScheme.from_dict({"method": {"name": "gptq", "act_order": True, "attention_weighted": False},
+                                    "quantizer": {"name": "vq", "dim": dim, "entries": 2**bits}})
+    return get_format("quantkit-vq").linear(x, q, scheme, None)
+
+
 def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -101,6 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128", help="comma-separated batch sizes (rows of x)")
     p.add_argument("--formats", default="w4g128,w3g128,w2g64", help="comma-separated, e.g. w4g128,w3g-1-sym-act")
+    p.add_argument("--vq", default="d4b8,d8b16",
+                   help="comma-separated vector codebooks d<dim>b<bits> (quantkit-vq, act-order); empty for none")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="activation dtype")
     p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth; default from the device name")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
@@ -108,7 +147,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
-        args.formats = [BenchScheme.parse(f) for f in args.formats.split(",")]
+        args.formats = [BenchScheme.parse(f) for f in args.formats.split(",") if f]
+        args.vq = [parse_vq(f) for f in args.vq.split(",") if f]
     except (ValueError, argparse.ArgumentTypeError) as e:
         p.error(str(e))
     return args
@@ -125,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("benchmarks/kernel_bench.py needs Triton: pip install 'quantkit[triton]'", file=sys.stderr)
         return 2
-    import quantkit.kernels.ops  # noqa: F401  (registers torch.ops.quantkit.uniform_matmul)
+    import quantkit.kernels.ops  # noqa: F401  (registers torch.ops.quantkit.uniform_matmul and codebook_matmul)
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
@@ -188,7 +228,46 @@ def main(argv: list[str] | None = None) -> int:
                           f"{t_q * 1e3:>9.1f} {t_16 / t_q:>7.2f} {gbps_q:>10.0f} {gbps_q / peak:>7.1%} "
                           f"{gbps_16:>9.0f} {gbps_16 / peak:>7.1%} "
                           f"{'-' if t_gemm is None else f'{t_gemm * 1e3:.1f}':>8}", flush=True)
+            for dim, bits in args.vq:
+                if _bench_vq(model, layer, N, K, W, dim, bits, args, peak) != 0:
+                    return 1
             del W
+    return 0
+
+
+def _bench_vq(model: str, layer: str, N: int, K: int, W: torch.Tensor, dim: int, bits: int,
+              args: argparse.Namespace, peak: float) -> int:
+    """The rows of one codebook on one shape (the same columns as the scalar formats'); 1 if it computes wrong."""
+    from quantkit.kernels.triton_codebook import GEMV_MAX_M, triton_codebook_matmul
+
+    q = vq_packed_layer(N, K, dim, bits, W.device)
+    name = f"vq-d{dim}b{bits}"
+    for M in {min(args.batches), max(args.batches)}:
+        x = torch.randn(M, K, device=W.device, dtype=W.dtype)
+        ref = _vq_reference(x, q, dim, bits)
+        outs = {"kernel": torch.ops.quantkit.codebook_matmul(x, **q, bias=None, dim=dim, bits=bits)}
+        if M <= GEMV_MAX_M:
+            outs["dequantize path"] = triton_codebook_matmul(x, **q, bias=None, dim=dim, bits=bits, gemv_max_m=0)
+        for what, out in outs.items():
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            if err > 2e-2:
+                print(f"{model} {layer} {name} batch {M}: the {what} disagrees with the reference ({err:.2e})")
+                return 1
+    for M in args.batches:
+        x = torch.randn(M, K, device=W.device, dtype=W.dtype)
+        t_q = time_ms(lambda x=x: torch.ops.quantkit.codebook_matmul(x, **q, bias=None, dim=dim, bits=bits),
+                      args.warmup, args.rep)
+        t_16 = time_ms(lambda x=x: torch.matmul(x, W.t()), args.warmup, args.rep)
+        t_deq = None if M > GEMV_MAX_M else time_ms(
+            lambda x=x: triton_codebook_matmul(x, **q, bias=None, dim=dim, bits=bits, gemv_max_m=0),
+            args.warmup, args.rep,
+        )
+        io = nbytes(x) + nbytes(x) * N // K
+        gbps_q = (nbytes(*q.values()) + io) / t_q / 1e6
+        gbps_16 = (nbytes(W) + io) / t_16 / 1e6
+        print(f"{model:<10} {layer:<8} {f'{N}x{K}':>12} {M:>5} {name:<10} {t_16 * 1e3:>9.1f} {t_q * 1e3:>9.1f} "
+              f"{t_16 / t_q:>7.2f} {gbps_q:>10.0f} {gbps_q / peak:>7.1%} {gbps_16:>9.0f} {gbps_16 / peak:>7.1%} "
+              f"{'-' if t_deq is None else f'{t_deq * 1e3:.1f}':>8}", flush=True)
     return 0
 
 
