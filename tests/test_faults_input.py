@@ -256,8 +256,6 @@ def test_eval_settings_out_of_range_are_one_line_before_loading(case, src, tmp_p
     assert not out.exists()
 
 
-@pytest.mark.xfail(reason="needs quantkit/cli.py change: argparse prints its usage block before the error line "
-                   "(several lines on stderr, not one `quantkit: error:` line)", strict=True)
 def test_eval_batch_size_junk_is_one_line(src, tmp_path):
     expect_clean(run_cli("eval", src, "--batch-size", "junk", "--out", tmp_path / "r.json"), "--batch-size")
 

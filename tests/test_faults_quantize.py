@@ -511,3 +511,32 @@ def test_a_truncated_gguf_is_one_line(tmp_path, monkeypatch):
     expect_clean(run_cli("quantize", "--model", bad, "--recipe", "rtn-w4g128", "--out", tmp_path / "q"),
                  str(bad), guard=guard)
     assert not (tmp_path / "q").exists()
+
+
+def test_a_layer_whose_outputs_are_not_finite_stops_the_walk(model, tmp_path, calib_file, monkeypatch):
+    """The next layer would calibrate on NaN: the walk names the layer that produced them, and leaves nothing."""
+    from quantkit.calibration import walk
+
+    real = walk.run_layer
+
+    def nan_after_layer_1(layer, calib, *, keep_outputs, **kw):
+        real(layer, calib, keep_outputs=keep_outputs, **kw)
+        if keep_outputs and layer is walk_layers[1]:
+            calib.hidden[0][0, 0, 0] = float("nan")
+
+    walk_layers = []
+    real_process = walk.LayerWalk._process
+
+    def remember(self, ctx):
+        walk_layers[:] = list(self.layers)
+        return real_process(self, ctx)
+
+    monkeypatch.setattr(walk, "run_layer", nan_after_layer_1)
+    monkeypatch.setattr(walk.LayerWalk, "_process", remember)
+    guard = Guard([model], tmp_path)
+    expect_clean(quantize(model, tmp_path / "q", calib_file), "model.layers.1", "NaN or inf", guard=guard)
+
+
+@pytest.mark.parametrize("args", [["--device", "tpu"], ["--nsamples", "many"], ["--frobnicate"]])
+def test_argparse_errors_are_one_line(args, model, tmp_path, calib_file):
+    expect_clean(quantize(model, tmp_path / "q", calib_file, *args), "--help)")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from quantkit.calibration.capture import Calibration, run_layer
 from quantkit.calibration.steps import LayerContext, LayerStep
+from quantkit.errors import QuantkitError
 from quantkit.loading import CheckpointReader
 from quantkit.model import load_into
 from quantkit.registry import COLLECTORS
@@ -85,6 +86,9 @@ class LayerWalk:
         last = ctx.index == len(self.layers) - 1
         if self.calib is not None and not last:
             run_layer(self.layers[ctx.index], self.calib, keep_outputs=True)
+            if not all(torch.isfinite(h).all() for h in self.calib.hidden):
+                raise QuantkitError(f"{ctx.prefix}: its outputs on the calibration batch hold NaN or inf, as "
+                                    "quantized (the next layer would calibrate on them); refusing to go on")
         next_inputs = self.calib.hidden if self.calib is not None and not last else None
         self.progress.save_layer(ctx.index, ctx.tensors, records, next_inputs)
         return records
