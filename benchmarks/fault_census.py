@@ -39,7 +39,7 @@ def classify(case: ET.Element) -> str:
     message = node.get("message") or ""
     text = message.split("\n")[0]  # the first failed assertion's own words
     if (error is not None or re.search(r"ModuleNotFoundError|ImportError|AttributeError: module", text)
-            or re.search(r"invalid choice: |unrecognized arguments: ", message)):  # argparse: no such command
+            or re.search(r"argument command: invalid choice: ", message)):  # argparse: no such subcommand
         return "not runnable"
     if re.match(r"""AssertionError: (['"]).*\1 not in (['"])quantkit: error""", text):
         return "clean"  # one clean line, in other words than the case expects
