@@ -169,6 +169,9 @@ def load_model(spec: str | os.PathLike | None, *, dtype: torch.dtype | str = "au
     source = resolve_model(spec)
     check_causal_lm(source.config)
     CheckpointReader(source.folder).shapes()  # every weight file's header reads: a damaged file is one clear error
+    hf_logger = logging.getLogger("transformers")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)  # its multi-line load report: any key it would list is refused below
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, device_map=device,
                                                            output_loading_info=True)
@@ -176,6 +179,8 @@ def load_model(spec: str | os.PathLike | None, *, dtype: torch.dtype | str = "au
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' own refusals of a damaged folder
         raise QuantkitError(f"{source.folder}: transformers cannot load it ({_first_line(e)})") from e
+    finally:
+        hf_logger.setLevel(level)
     # transformers initializes what the checkpoint lacks at random and drops what the model lacks, with a warning:
     # a folder whose config lost its quantization_config would run on random weights. Refuse instead.
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):

@@ -4,7 +4,7 @@ before the weights load, so the packed tensors fill the new modules directly.
 Loading is strict. transformers warns about a missing tensor and initializes it at random, and drops an unexpected
 one; for a quantized checkpoint either means running on weights it does not have (a missing ``scales``, a module
 left out of ``quantization_config`` whose dense weight is then random). So before any weight loads, the headers of
-the checkpoint files are checked against the model (quantkit.verify.check_tensors): every tensor present with its
+the checkpoint files are checked against the model (quantkit.hf.checks.check_tensors): every tensor present with its
 shape and dtype, nothing else, or one ``QuantkitError`` naming the tensor."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError
+from quantkit.hf.checks import check_checkpoint
 from quantkit.hf.config import QUANT_METHOD, QuantkitConfig
 from quantkit.nn import QuantizedLinear
-from quantkit.verify import check_checkpoint
 
 __all__ = ["QuantkitHfQuantizer", "register", "replace_linears"]
 
