@@ -45,8 +45,9 @@ def classify(case: ET.Element) -> str:
         return "clean"  # one clean line, in other words than the case expects
     if "data loss" in text:
         return "data loss"
-    if "got traceback" in text:
-        return "traceback"
+    if ("got traceback" in text or "exit None" in text or text.startswith("assert (None ==")
+            or re.match(r"(?!AssertionError|Failed|ExceptionGroup)\w+(Error|Exception): ", text)):
+        return "traceback"  # an exception escaped main (exit None), or the case's own call raised
     if "got ok" in text:
         return "silent"
     if "left behind" in text:
