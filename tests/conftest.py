@@ -109,3 +109,17 @@ def assert_round_trip(tmp_path):
         return loaded
 
     return check
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> Path:
+    """The tiny Llama's folder (shared: never modify it)."""
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture
+def tiny_llama_copy(tiny_model_factory, tmp_path) -> Path:
+    """A private copy of the tiny Llama (``tmp_path/model``), free to corrupt."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_model_factory("llama"), tmp_path / "model"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,9 @@ CAL = ["--nsamples", "4", "--seqlen", "32"]
 EVAL = ["--ppl", "wikitext2", "--ppl-windows", "2", "--seqlen", "64", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def src(tiny_model_factory) -> Path:
-    return tiny_model_factory("llama")
-
-
 @pytest.fixture
-def model(src, tmp_path) -> Path:
-    """A private copy of the tiny model, free to corrupt."""
-    return Path(shutil.copytree(src, tmp_path / "model"))
+def model(tiny_llama_copy) -> Path:
+    return tiny_llama_copy
 
 
 def set_values(model: Path, key: str, value: float, *, whole: bool = False) -> None:
@@ -151,9 +144,9 @@ def test_a_calibration_file_that_is_not_text_is_one_line(how, model, tmp_path):
 
 @pytest.mark.parametrize("args,phrase", [(["--nsamples", "0"], "--nsamples"), (["--seqlen", "1"], "--seqlen"),
                                          (["--seqlen", "513"], "max_position_embeddings = 512")])
-def test_quantize_settings_out_of_range_are_one_line(args, phrase, src, tmp_path, calib_file):
-    guard = Guard([src], tmp_path)
-    expect_clean(quantize(src, tmp_path / "q", calib_file, *args), phrase, guard=guard)
+def test_quantize_settings_out_of_range_are_one_line(args, phrase, tiny_llama, tmp_path, calib_file):
+    guard = Guard([tiny_llama], tmp_path)
+    expect_clean(quantize(tiny_llama, tmp_path / "q", calib_file, *args), phrase, guard=guard)
     assert not (tmp_path / "q").exists()
 
 
@@ -247,17 +240,18 @@ EVAL_SETTINGS = {
 
 
 @pytest.mark.parametrize("case", list(EVAL_SETTINGS))
-def test_eval_settings_out_of_range_are_one_line_before_loading(case, src, tmp_path, data_dir, no_model_load):
+def test_eval_settings_out_of_range_are_one_line_before_loading(case, tiny_llama, tmp_path, data_dir, no_model_load):
     args, phrases = EVAL_SETTINGS[case]
     out = tmp_path / "r.json"
-    guard = Guard([src], tmp_path)
-    o = run_cli("eval", src, "--ppl", "wikitext2", "--data-dir", data_dir, "--device", "cpu", *args, "--out", out)
+    guard = Guard([tiny_llama], tmp_path)
+    o = run_cli("eval", tiny_llama, "--ppl", "wikitext2", "--data-dir", data_dir, "--device", "cpu", *args,
+                "--out", out)
     expect_clean(o, *phrases, guard=guard)
     assert not out.exists()
 
 
-def test_eval_batch_size_junk_is_one_line(src, tmp_path):
-    expect_clean(run_cli("eval", src, "--batch-size", "junk", "--out", tmp_path / "r.json"), "--batch-size")
+def test_eval_batch_size_junk_is_one_line(tiny_llama, tmp_path):
+    expect_clean(run_cli("eval", tiny_llama, "--batch-size", "junk", "--out", tmp_path / "r.json"), "--batch-size")
 
 
 def test_eval_of_a_missing_model_path_is_one_line(tmp_path, no_model_load):
@@ -266,21 +260,21 @@ def test_eval_of_a_missing_model_path_is_one_line(tmp_path, no_model_load):
                  guard=Guard([], tmp_path))
 
 
-def test_eval_out_under_a_file_is_one_line(src, tmp_path, no_model_load):
+def test_eval_out_under_a_file_is_one_line(tiny_llama, tmp_path, no_model_load):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    guard = Guard([src, blocker], tmp_path)
-    expect_clean(run_cli("eval", src, *EVAL, "--out", blocker / "r.json"), "--out", str(blocker), guard=guard)
+    guard = Guard([tiny_llama, blocker], tmp_path)
+    expect_clean(run_cli("eval", tiny_llama, *EVAL, "--out", blocker / "r.json"), "--out", str(blocker), guard=guard)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
-def test_eval_out_in_a_read_only_folder_is_one_line(src, tmp_path, no_model_load):
+def test_eval_out_in_a_read_only_folder_is_one_line(tiny_llama, tmp_path, no_model_load):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        expect_clean(run_cli("eval", src, *EVAL, "--out", ro / "r.json"), "--out", str(ro),
-                     guard=Guard([src, ro], tmp_path))
+        expect_clean(run_cli("eval", tiny_llama, *EVAL, "--out", ro / "r.json"), "--out", str(ro),
+                     guard=Guard([tiny_llama, ro], tmp_path))
     finally:
         ro.chmod(0o755)
 

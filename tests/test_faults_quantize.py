@@ -23,15 +23,9 @@ from quantkit import resume
 CAL = ["--nsamples", "4", "--seqlen", "32"]
 
 
-@pytest.fixture(scope="module")
-def src(tiny_model_factory) -> Path:
-    return tiny_model_factory("llama")
-
-
 @pytest.fixture
-def model(src, tmp_path) -> Path:
-    """A private copy of the tiny model, free to corrupt."""
-    return Path(shutil.copytree(src, tmp_path / "model"))
+def model(tiny_llama_copy) -> Path:
+    return tiny_llama_copy
 
 
 def quantize(model: Path, out: Path, calib: Path, *extra: str, recipe: str = "gptq-w4g128"):
@@ -44,10 +38,10 @@ def files(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(src, calib_file, tmp_path_factory) -> dict[str, bytes]:
+def reference(tiny_llama, calib_file, tmp_path_factory) -> dict[str, bytes]:
     """The uninterrupted output of ``quantize(model copy)`` (same path name ``model``, so the same fingerprint)."""
     root = tmp_path_factory.mktemp("reference")
-    model = Path(shutil.copytree(src, root / "model"))
+    model = Path(shutil.copytree(tiny_llama, root / "model"))
     o = quantize(model, root / "out", calib_file)
     assert o.code == 0, str(o)
     return files(root / "out")
