@@ -14,12 +14,16 @@ __all__ = ["build_skeleton", "decoder_layers", "linears", "load_into", "nonfinit
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder layers: the one with ``num_hidden_layers`` entries."""
+    """The ModuleList of decoder layers: the one named ``*layers`` with ``num_hidden_layers`` entries (Llama,
+    Mistral, Qwen, Gemma, Phi-3 and the MoE families keep them in ``model.layers``)."""
     n = model.config.get_text_config().num_hidden_layers
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) == n and name.endswith("layers"):
+    lists = {name: m for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    for name, m in lists.items():
+        if len(m) == n and name.endswith("layers"):
             return name, m
-    raise QuantkitError(f"cannot find the decoder layers of {type(model).__name__} (a ModuleList of {n} layers)")
+    others = ", ".join(f"{name} ({len(m)})" for name, m in lists.items()) or "none"
+    raise QuantkitError(f"cannot find the decoder layers of {type(model).__name__}: looked for a ModuleList named "
+                        f"'*layers' with num_hidden_layers = {n} entries; its ModuleLists: {others}")
 
 
 def build_skeleton(source: ModelSource, device: torch.device) -> nn.Module:

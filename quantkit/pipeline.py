@@ -117,6 +117,7 @@ def quantize(
         done.remove()
     if keep_model:
         skeleton.tie_weights()
+        skeleton.config.use_cache = plan.source.config.use_cache  # off for the walk only: generate() as loaded
     return QuantizeOutput(out, report, model=skeleton if keep_model else None)
 
 

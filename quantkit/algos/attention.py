@@ -112,6 +112,14 @@ class HeadHessianAccumulator(HessianAccumulator):
         self.n += X.shape[0]
 
 
+def _eager(module: nn.Module, fallback: Callable) -> Callable:
+    """The model's own eager attention: "eager" is not in transformers' mapping but a function of each model's
+    file (Gemma-2's soft-caps the scores, which sdpa refuses); sdpa where a model file has none."""
+    import sys
+
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None) or fallback
+
+
 def _is_causal(module: nn.Module, kwargs: dict) -> bool:
     flag = kwargs.get("is_causal")
     return bool(getattr(module, "is_causal", True) if flag is None else flag)
@@ -129,8 +137,6 @@ def recording_attention(callbacks: dict[nn.Module, Callable[[torch.Tensor], None
     saved: dict[str, Callable | None] = {}
     for impl in impls:
         original = ALL_ATTENTION_FUNCTIONS._global_mapping.get(impl, None) if impl != "eager" else None
-        # "eager" is each model's own function, not in the mapping; sdpa computes the same attention
-        original = original or sdpa_attention_forward
 
         def wrapper(module, query, key, value, attention_mask, *args, _original=original, **kwargs):
             cb = callbacks.get(module)
@@ -138,7 +144,8 @@ def recording_attention(callbacks: dict[nn.Module, Callable[[torch.Tensor], None
                 cb(attention_received(query, key, attention_mask, scaling=kwargs.get("scaling"),
                                       is_causal=_is_causal(module, kwargs),
                                       softcap=kwargs.get("softcap")))
-            return _original(module, query, key, value, attention_mask, *args, **kwargs)
+            fn = _original or _eager(module, sdpa_attention_forward)
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
 
         saved[impl] = ALL_ATTENTION_FUNCTIONS._local_mapping.get(impl)
         ALL_ATTENTION_FUNCTIONS[impl] = wrapper

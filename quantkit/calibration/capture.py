@@ -1,5 +1,10 @@
-"""What the model feeds its decoder layers: the calibration batch's hidden states and keyword arguments (masks,
-position embeddings), captured at the first layer, and running a layer over them."""
+"""What the model feeds its decoder layers: the calibration batch's hidden states at the first layer, and the
+keyword arguments (masks, position embeddings) the model passes each layer, captured in one forward of the
+model with every layer stood in for; and running a layer over them.
+
+The keyword arguments are captured per layer, not once at the first layer: models mixing attention types give
+each layer its own (Gemma-2/3, Qwen2/3 with ``use_sliding_window``: a sliding-window or a full causal mask by
+``config.layer_types[i]``; Gemma-3: local or global rotary embeddings by layer type as well)."""
 
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ CHUNK_TOKENS = 8192
 @dataclass
 class Calibration:
     hidden: list[torch.Tensor]  # per chunk [b, seqlen, hidden]: the current layer's inputs
-    kwargs: list[dict[str, Any]] = field(default_factory=list)  # per chunk: what the model passes each layer
+    # per layer, per chunk: what the model passes that layer besides its hidden states (tensors shared between
+    # layers of one type are one object, stored once)
+    kwargs: list[list[dict[str, Any]]] = field(default_factory=list)
 
 
 class _Stop(Exception):
@@ -28,12 +35,12 @@ class _Stop(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for layer 0 to record what the model feeds its decoder layers, then stops the forward."""
+    """Stands in for decoder layer ``index``: records its keyword arguments (and, at the first layer, its hidden
+    states), returns the hidden states unchanged, and stops the forward after the last layer."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, index: int, last: bool, calib: Calibration):
         super().__init__()
-        self.layer = layer
-        self.captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        self.layer, self.index, self.last, self.calib = layer, index, last, calib
 
     def __getattr__(self, name: str):
         try:
@@ -43,15 +50,25 @@ class _Catcher(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
-            raise QuantkitError("decoder layer called with positional arguments beyond hidden_states; unsupported")
-        self.captured.append((hidden_states, kwargs))
-        raise _Stop
+            raise QuantkitError(f"decoder layer {self.index} called with positional arguments beyond "
+                                "hidden_states; unsupported")
+        if self.index == 0:
+            self.calib.hidden.append(hidden_states)
+        self.calib.kwargs[self.index].append(kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
 
 
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, device: torch.device) -> Calibration:
+    """The first layer's inputs and every layer's keyword arguments for the calibration ``ids`` [n, seqlen], in
+    chunks of at most ``CHUNK_TOKENS`` tokens. The layers themselves do not run (they may still be on the meta
+    device); the model's own forward builds the masks and position embeddings."""
     per_chunk = max(1, CHUNK_TOKENS // ids.shape[1])
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
+    calib = Calibration(hidden=[], kwargs=[[] for _ in layers])
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _Catcher(layer, i, i == len(originals) - 1, calib)
     try:
         with torch.no_grad():
             for chunk in ids.split(per_chunk):
@@ -60,14 +77,19 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, d
                 except _Stop:
                     pass
     finally:
-        layers[0] = catcher.layer
-    return Calibration(hidden=[h for h, _ in catcher.captured], kwargs=[kw for _, kw in catcher.captured])
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    if not all(len(kw) == len(calib.hidden) for kw in calib.kwargs):
+        raise QuantkitError("the model did not call each decoder layer once per forward; its layer loop is not "
+                            "one the walk can follow")
+    return calib
 
 
-def run_layer(layer: nn.Module, calib: Calibration, *, keep_outputs: bool, after_chunk=None) -> None:
-    """One pass of the calibration set through ``layer``; ``keep_outputs``: its outputs become the next inputs."""
+def run_layer(layer: nn.Module, calib: Calibration, *, keep_outputs: bool, index: int, after_chunk=None) -> None:
+    """One pass of the calibration set through ``layer`` (decoder layer ``index``, whose keyword arguments it
+    gets); ``keep_outputs``: its outputs become the next layer's inputs."""
     with torch.no_grad():
-        for i, (h, kw) in enumerate(zip(calib.hidden, calib.kwargs, strict=True)):
+        for i, (h, kw) in enumerate(zip(calib.hidden, calib.kwargs[index], strict=True)):
             out = layer(h, **kw)
             if keep_outputs:
                 calib.hidden[i] = out[0] if isinstance(out, tuple) else out
