@@ -5,13 +5,21 @@ Being an op with a fake (meta) implementation is what lets ``torch.compile`` tra
 lets models be built on the meta device. Defining the ops needs neither a GPU nor Triton; running one imports
 :mod:`quantkit.kernels.triton_uniform` (or ``triton_codebook``), which needs Triton.
 :mod:`quantkit.kernels.dispatch` routes CUDA calls here only when Triton is installed.
+
+Each op has a backward for its activation (and bias), so adapters trained on a packed model (quantkit.hf.peft) get
+their gradients through the fused forward: ``∂L/∂x = ∂L/∂y · W``, with ``W`` dequantized from the saved packed
+tensors in the backward (the dense weight is not kept between the two passes, as in bitsandbytes' 4-bit matmul for
+QLoRA). The packed tensors get no gradient. The Triton Hadamard transforms have no backward: their dispatch
+predicates leave a call that needs a gradient to the PyTorch transform, which autograd differentiates.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quantkit.formats.packing import SUPPORTED_BITS, packed_words
+from quantkit.formats.codebook import VQFormat
+from quantkit.formats.packing import SUPPORTED_BITS, packed_words, unpack_bits
+from quantkit.formats.uniform import dequantize_uniform
 
 __all__ = ["codebook_matmul_triton", "codebook_supports", "register_triton_kernels", "triton_supports",
            "uniform_matmul_cuda", "uniform_matmul_triton"]
@@ -66,6 +74,38 @@ def _(
     torch._check(qweight.dim() == 2 and qweight.shape[1] == packed_words(x.shape[-1], bits),
                  lambda: f"qweight {tuple(qweight.shape)} does not hold {x.shape[-1]} {bits}-bit codes per row")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _uniform_setup_context(ctx, inputs, keyword_only_inputs, output) -> None:
+    x, qweight, scales, zeros, perm, bias, levels, rot_signs = inputs
+    ctx.save_for_backward(qweight, scales, zeros, perm, levels, rot_signs)
+    ctx.kw = keyword_only_inputs
+    ctx.in_features = x.shape[-1]
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _uniform_backward(ctx, grad: torch.Tensor):
+    """``∂L/∂x = Rᵀ (∂L/∂y · W)`` (``R`` the input rotation when ``rot_signs`` is given) and ``∂L/∂bias``."""
+    qweight, scales, zeros, perm, levels, rot_signs = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        W = dequantize_uniform(qweight, scales, zeros, perm, bits=ctx.kw["bits"], group_size=ctx.kw["group_size"],
+                               in_features=ctx.in_features, dtype=grad.dtype, levels=levels)  # [out, in]
+        grad_x = grad @ W
+        if rot_signs is not None:
+            from quantkit.kernels.triton_hadamard import triton_rotate
+
+            grad_x = triton_rotate(grad_x, rot_signs, ctx.kw["rot_block"], transpose=True)
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias, None, None
+
+
+uniform_matmul_triton.register_autograd(_uniform_backward, setup_context=_uniform_setup_context)
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def triton_supports(x: torch.Tensor, qweight: torch.Tensor, *, bits: int, group_size: int) -> bool:
@@ -147,6 +187,31 @@ def _(
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
+def _codebook_setup_context(ctx, inputs, keyword_only_inputs, output) -> None:
+    x, codes, codebook, scales, perm, bias = inputs
+    ctx.save_for_backward(codes, codebook, scales, perm)
+    ctx.kw = keyword_only_inputs
+    ctx.in_features = x.shape[-1]
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _codebook_backward(ctx, grad: torch.Tensor):
+    """``∂L/∂x = ∂L/∂y · W`` with ``W`` decoded as quantkit.formats.codebook does, and ``∂L/∂bias``."""
+    codes, codebook, scales, perm = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        dim, bits = ctx.kw["dim"], ctx.kw["bits"]
+        tensors = {"codebook": codebook, "scales": scales} | ({"perm": perm} if perm is not None else {})
+        W = VQFormat._decode(unpack_bits(codes, bits, ctx.in_features // dim), tensors)  # [out, in] fp32
+        grad_x = grad @ W.to(grad.dtype)
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias
+
+
+codebook_matmul_triton.register_autograd(_codebook_backward, setup_context=_codebook_setup_context)
+
+
 def codebook_supports(x: torch.Tensor, codes: torch.Tensor, *, dim: int, bits: int) -> bool:
     """The dispatch predicate of ``quantkit-vq``: CUDA tensors, a dtype, vector dimension and code width the
     kernels handle, and a non-empty batch."""
@@ -179,13 +244,14 @@ def _codebook_linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = Non
 def register_triton_kernels() -> None:
     """The dispatch table's Triton entries (quantkit.kernels.dispatch calls this once, when Triton is installed):
     the dequant-matmul of ``quantkit-uniform``, the lookup-table matmul of ``quantkit-vq`` and the Hadamard
-    transforms, for CUDA tensors."""
+    transforms, for CUDA tensors (the transforms only where no gradient is needed: they have no backward)."""
     from quantkit.kernels import dispatch
     from quantkit.kernels.triton_hadamard import triton_fwht, triton_rotate
 
     dispatch.register_kernel("triton-uniform", "quantkit-uniform", _uniform_supports, _uniform_linear)
     dispatch.register_kernel("triton-codebook", "quantkit-vq", _codebook_supports, _codebook_linear)
     dispatch.register_hadamard_kernel("triton-rotate", fused=True, impl=triton_rotate,
-                                      supports=lambda x, layout: x.is_cuda and layout.small == 1)
+                                      supports=lambda x, layout: x.is_cuda and layout.small == 1
+                                      and not _needs_grad(x))
     dispatch.register_hadamard_kernel("triton-fwht", fused=False, impl=triton_fwht,
-                                      supports=lambda x, layout: x.is_cuda)
+                                      supports=lambda x, layout: x.is_cuda and not _needs_grad(x))

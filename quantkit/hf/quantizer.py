@@ -9,6 +9,8 @@ shape and dtype, nothing else, or one ``QuantkitError`` naming the tensor."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 
 from torch import nn
@@ -22,6 +24,8 @@ from quantkit.hf.config import QUANT_METHOD, QuantkitConfig
 from quantkit.nn import QuantizedLinear
 
 __all__ = ["QuantkitHfQuantizer", "register", "replace_linears"]
+
+logger = logging.getLogger(__name__)
 
 
 def replace_linears(model: nn.Module, schemes: dict[str, LayerScheme], *, device: str = "meta") -> None:
@@ -56,12 +60,26 @@ class QuantkitHfQuantizer(HfQuantizer):
         if files and all(f.suffix == ".safetensors" for f in files):  # a state dict in memory has no headers
             check_checkpoint(model, files)
 
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # LoRA on the packed layers (quantkit.hf.peft): PEFT is optional, and imported only when installed.
+        if importlib.util.find_spec("peft") is not None:
+            from quantkit.hf.peft import register as register_peft
+
+            try:
+                register_peft()
+            except QuantkitError as e:  # a PEFT whose internals moved: loading still works, LoRA does not
+                logger.warning("%s", e)
+        return model
+
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters train on top of the frozen packed weights (quantkit.hf.peft); transformers' Trainer accepts a
+        quantized model only with adapters attached. The packed weights themselves do not train
+        (``is_qat_trainable`` stays False)."""
+        return True
 
 
 def register() -> None:
