@@ -6,6 +6,7 @@ Triton interpreter."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -364,3 +365,15 @@ def test_hadamard_kernels_leave_gradients_to_pytorch():
             with torch.no_grad():
                 assert dispatch.hadamard_kernel(x, layout, fused=fused) is not None
             x = x.detach()
+
+
+def test_the_fine_tuning_example_runs(gptq_dir, capsys):
+    """examples/finetune_lora.py end to end on the tiny model (README, "Fine-tuning with LoRA")."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "finetune_lora.py"
+    spec = importlib.util.spec_from_file_location("finetune_lora", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main([str(gptq_dir), "--tokens", "128", "--seqlen", "32", "--steps", "3", "--batch", "2"])
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step")] == ["1", "2", "3"]
+    assert "4 blocks of 32 tokens" in out and "max |logit difference| 0\n" in out
