@@ -137,7 +137,7 @@ def evaluate(
         "model": str(source.name),
         "model_folder": str(source.folder),
         **info.to_dict(),
-        "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(next(p for p in lm.parameters() if p.is_floating_point()).dtype).removeprefix("torch."),
         "device": device,
         "data": "offline: " + str(data) if data is not None else "online: Hugging Face Hub",
         "perplexity": {},

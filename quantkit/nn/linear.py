@@ -4,9 +4,16 @@ the kernel dispatch (quantkit.kernels.dispatch), which falls back to the format'
 With a Hadamard rotation (quantkit.rotations) the stored weight is ``S W Rᵀ``: the forward rotates the input by
 ``R`` (the dispatch's kernel may do that inside the dequant-matmul) and the output by ``Sᵀ`` after it, then adds
 the bias.
+
+``kernel_cache`` is a plain attribute, not a buffer: a kernel keeps there what it derives from the stored tensors
+(the CPU kernels' repacked weight), so it is never saved with the state dict and ``to()`` never converts it; the
+kernel checks that the stored tensors are still the ones it derived it from. ``to(dtype)`` converts the bias only:
+the format's tensors keep the dtypes the format stores (fp16 scales rounded to bf16 would change the weight).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +26,12 @@ from quantkit.rotations import HadamardRotation
 __all__ = ["QuantizedLinear", "kernel_for"]
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)  # integer codes cannot require grad; scales are not trained either
+
+
 class QuantizedLinear(nn.Module):
-    """Drop-in for ``nn.Linear`` holding its format's tensors as buffers (they are not trainable)."""
+    """Drop-in for ``nn.Linear`` holding its format's tensors as frozen parameters (``requires_grad=False``)."""
 
     def __init__(
         self,
@@ -38,10 +49,20 @@ class QuantizedLinear(nn.Module):
         self.scheme = scheme
         self.format: Format = get_format(scheme.format)
         specs = self.format.layer_specs(scheme, in_features, out_features)
+        # Frozen parameters, not buffers: accelerate offloads parameters under a device_map (buffers only with
+        # offload_buffers=True), so the packed weights count against max_memory and leave memory with the layer.
         for name, (shape, tensor_dtype) in specs.items():
-            self.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device=device))
+            self.register_parameter(name, _frozen(torch.empty(shape, dtype=tensor_dtype, device=device)))
         self._tensor_names = tuple(specs)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.kernel_cache: dict[str, Any] = {}  # per-kernel derived layouts; see the module docstring
+
+    def __setattr__(self, name: str, value) -> None:
+        # The packed tensors stay frozen whoever assigns them: transformers' loader wraps each loaded tensor in a
+        # Parameter that requires grad when it is floating point (scales, zeros).
+        if isinstance(value, torch.Tensor) and name in self.__dict__.get("_tensor_names", ()):
+            value = value.requires_grad_(False) if isinstance(value, nn.Parameter) else _frozen(value)
+        super().__setattr__(name, value)
 
     @classmethod
     def from_packed(
@@ -55,6 +76,19 @@ class QuantizedLinear(nn.Module):
             m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return m
 
+    def _apply(self, fn, recurse: bool = True):
+        """``to``, ``cuda``, ``half``, ...: the format's tensors follow a device move but keep their dtype (an
+        unmoved one keeps its storage, so what a kernel derived from it stays valid)."""
+        stored = {id(t) for t in self.tensors.values()}
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in stored and out.dtype != t.dtype:
+                out = t.detach() if out.device == t.device else t.to(out.device)
+            return out
+
+        return super()._apply(keep_dtype, recurse)
+
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (the format's and the rotation signs; not the bias)."""
@@ -63,6 +97,8 @@ class QuantizedLinear(nn.Module):
     @property
     def rotations(self) -> tuple[HadamardRotation | None, HadamardRotation | None]:
         """The input-side and output-side rotations fused into the stored weight (None where there is none)."""
+        if "rot_in_signs" not in self._tensor_names:  # the forward asks on every call
+            return None, None
         t = self.tensors
         r_in = HadamardRotation(t["rot_in_signs"], "input") if "rot_in_signs" in t else None
         r_out = HadamardRotation(t["rot_out_signs"], "output") if "rot_out_signs" in t else None
