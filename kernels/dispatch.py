@@ -1,5 +1,5 @@
 """One dispatch point per operation: the first registered kernel whose predicate accepts the call wins; the
-PyTorch reference serves everything else (CPU, odd shapes, no Triton).
+PyTorch reference serves everything else (layouts no kernel takes, odd shapes, no Triton, kernels turned off).
 
 - ``linear(x, module, ...)``: a quantized linear's forward. Kernels register per format name and receive the
   module (its ``format``, ``scheme`` and packed ``tensors``); the reference is the format's own ``linear``
@@ -7,7 +7,9 @@ PyTorch reference serves everything else (CPU, odd shapes, no Triton).
 - ``hadamard_kernel(x, fused=...)``: the backend of a Hadamard rotation (quantkit.rotations asks, and falls back to
   its PyTorch transform when none applies): the Triton fast Walsh–Hadamard transform on CUDA.
 
-The Triton kernels register lazily, on first use, and only when Triton is installed.
+The kernels register lazily, on first use: the CPU kernels (:mod:`quantkit.kernels.cpu`, PyTorch's weight-only
+int4/int8 matmuls; ``QUANTKIT_CPU_KERNELS=0`` turns them off) always, the Triton kernels only when Triton is
+installed.
 """
 
 from __future__ import annotations
@@ -56,14 +58,18 @@ def register_hadamard_kernel(name: str, *, fused: bool, supports: Callable[..., 
 
 
 def _load_builtin_kernels() -> None:
-    """Register the kernels quantkit ships, once, on first use (not at ``import quantkit``: CPU users pay nothing).
+    """Register the kernels quantkit ships, once, on first use (not at ``import quantkit``).
 
-    The Triton kernels register only when Triton is installed; their predicates then accept CUDA tensors only.
+    The CPU kernels accept CPU tensors only; the Triton kernels register only when Triton is installed, and their
+    predicates accept CUDA tensors only.
     """
     global _builtins_loaded
     if _builtins_loaded:
         return
     _builtins_loaded = True
+    from quantkit.kernels.cpu import register_cpu_kernels
+
+    register_cpu_kernels()
     if importlib.util.find_spec("triton") is None:
         logger.debug("triton is not installed: quantized linears and rotations use the PyTorch reference")
         return
