@@ -182,16 +182,19 @@ def test_dense_linear_targets_still_work(rtn_dense_v_dir):
         assert attn.v_proj.base_layer.weight.grad is None
 
 
-def test_prepare_model_for_kbit_training_keeps_the_packed_tensors(gptq_dir):
+def test_prepare_model_for_kbit_training_keeps_the_packed_tensors(gptq_dir, tmp_path):
     """PEFT's QLoRA preparation freezes everything and upcasts fp16/bf16 parameters to fp32 (those of quantization
-    methods it knows excepted): the packed tensors must come out as stored, or the layer no longer matches its
-    format."""
+    methods it knows excepted), the fp16 scales and zeros included: their values must stay the stored ones, the
+    logits unchanged, and a base saved afterwards must hold the format's dtypes (the strict loader checks them)."""
     model = _load(gptq_dir)
     with torch.no_grad():
         packed, logits = _packed(model), model(input_ids=TOKENS).logits
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        assert _same(_packed(model), packed)
+        after = _packed(model)
+        assert after.keys() == packed.keys() and all(torch.equal(after[k].to(v.dtype), v) for k, v in packed.items())
         assert torch.equal(model(input_ids=TOKENS).logits, logits)
+        model.save_pretrained(tmp_path / "base")
+        assert _same(_packed(_load(tmp_path / "base")), packed)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(gptq_dir, monkeypatch):

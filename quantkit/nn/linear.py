@@ -89,6 +89,18 @@ class QuantizedLinear(nn.Module):
 
         return super()._apply(keep_dtype, recurse)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Saved in the dtypes the format stores. Code that casts parameters through ``.data`` bypasses ``_apply``:
+        PEFT's ``prepare_model_for_kbit_training`` upcasts every fp16 parameter to fp32 (unless it knows the
+        quantization method). The values are the stored fp16 ones, and these tensors are frozen, so the cast back
+        is exact and a base saved after that still loads."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        specs = self.format.layer_specs(self.scheme, self.in_features, self.out_features)
+        for name, (_, dtype) in specs.items():
+            t = destination.get(prefix + name)
+            if t is not None and t.dtype != dtype:
+                destination[prefix + name] = t.detach().to(dtype)
+
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (the format's and the rotation signs; not the bias)."""
