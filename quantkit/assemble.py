@@ -20,6 +20,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import get_format
 from quantkit.hf.config import QuantkitConfig
 from quantkit.loading import CheckpointReader, ModelSource
+from quantkit.nn.experts import SplitExperts
 from quantkit.outdir import OutputFolder
 from quantkit.resume import Progress
 
@@ -48,9 +49,11 @@ def stored_bits(schemes: dict[str, LayerScheme], shapes: dict[str, list[int]],
 
 def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, recipe: Recipe,
              schemes: dict[str, LayerScheme], progress: Progress, nlayers: int, records: dict[str, Any],
-             info: dict[str, Any], t0: float, *, overwrite: bool) -> dict[str, Any]:
+             info: dict[str, Any], t0: float, *, overwrite: bool,
+             dense_experts: dict[str, SplitExperts] | None = None) -> dict[str, Any]:
     """Write the checkpoint into ``out.tmp``, mark it complete and publish it (quantkit.outdir); returns the report.
-    A run killed in here leaves its progress, from which the next run assembles again."""
+    A run killed in here leaves its progress, from which the next run assembles again. ``dense_experts``: MoE
+    experts the recipe leaves unquantized, stored fused as the model holds them (quantkit.nn.experts)."""
     tmp = out.tmp
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -58,6 +61,8 @@ def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, r
         tensors = reader.load([k for k in reader.keys() if k not in {f"{n}.weight" for n in schemes}])
         for i in range(nlayers):
             tensors.update(progress.load_layer(i)[0])
+        for name, experts in (dense_experts or {}).items():
+            experts.fuse_weights(name, tensors)
         layers = {n: s for per_layer in records["quantize"].values() for n, s in per_layer.items()}
         bits, weights = stored_bits(schemes, {n: layers[n]["shape"] for n in schemes}, tensors)
         write_shards(tensors, tmp)

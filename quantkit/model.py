@@ -8,9 +8,10 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.loading import ModelSource
+from quantkit.loading import CheckpointReader, ModelSource
+from quantkit.nn.experts import split_experts
 
-__all__ = ["build_skeleton", "decoder_layers", "linears", "load_into", "nonfinite", "set_module"]
+__all__ = ["RenamedCheckpoint", "build_skeleton", "decoder_layers", "linears", "load_into", "nonfinite", "set_module"]
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -26,6 +27,41 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                         f"'*layers' with num_hidden_layers = {n} entries; its ModuleLists: {others}")
 
 
+class RenamedCheckpoint:
+    """A checkpoint's tensors under the names the model gives them: transformers' renamings for the model (the
+    ``WeightRenaming`` entries of its conversion mapping, e.g. Mixtral's ``block_sparse_moe.`` -> ``mlp.``)
+    applied to the stored keys. Same reading interface as :class:`quantkit.loading.CheckpointReader`."""
+
+    def __init__(self, reader: CheckpointReader, model: nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        self.reader, self.folder = reader, reader.folder
+        self.stored: dict[str, str] = {}  # model's name -> stored name
+        for key in reader.keys():
+            name = apply_renamings(key, renamings) if renamings else key
+            if name in self.stored:
+                raise QuantkitError(f"{reader.folder}: {self.stored[name]} and {key} are both {name} once renamed "
+                                    "as transformers renames this model's checkpoint keys")
+            self.stored[name] = key
+
+    def keys(self) -> list[str]:
+        return list(self.stored)
+
+    def shapes(self) -> dict[str, list[int]]:
+        shapes = self.reader.shapes()
+        return {name: shapes[key] for name, key in self.stored.items()}
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        tensors = self.reader.load([self.stored[k] for k in keys])
+        return {k: tensors[self.stored[k]] for k in keys}
+
+    def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors under ``prefix`` (a model name, e.g. ``model.layers.3.``), keyed without it."""
+        return {k[len(prefix):]: v for k, v in self.load([k for k in self.stored if k.startswith(prefix)]).items()}
+
+
 def build_skeleton(source: ModelSource, device: torch.device) -> nn.Module:
     """The model on the meta device (buffers real), in eval mode, without a KV cache."""
     from transformers import AutoModelForCausalLM
@@ -38,6 +74,7 @@ def build_skeleton(source: ModelSource, device: torch.device) -> nn.Module:
     for b in model.buffers():
         if b.is_meta:
             raise QuantkitError("model has buffers that cannot be built without weights; unsupported architecture")
+    split_experts(model)  # one linear per expert matrix, as the checkpoint stores them (quantkit.nn.experts)
     return model.to(device) if device.type != "cpu" else model
 
 
@@ -64,8 +101,14 @@ def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch
 
 
 def linears(layer: nn.Module, prefix: str) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules of ``layer`` by full name (``prefix.name``)."""
-    return {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    """The ``nn.Linear`` modules of ``layer`` by full name (``prefix.name``), routers left out: a linear directly
+    under an MoE block (a module with an ``experts`` child), such as Qwen2-MoE's ``shared_expert_gate``, decides
+    where tokens go rather than transforming them, and stays in full precision (the top-k routers of
+    transformers 5 hold a bare weight, not a Linear, and are never candidates)."""
+    routers = {f"{n}.{c}".lstrip(".") for n, m in layer.named_modules() if isinstance(getattr(m, "experts", None),
+                                                                                    nn.Module)
+               for c, child in m.named_children() if isinstance(child, nn.Linear)}
+    return {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n not in routers}
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:

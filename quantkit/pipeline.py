@@ -32,7 +32,8 @@ from quantkit.errors import QuantkitError, RecipeError
 from quantkit.fingerprint import fingerprint, text_digest
 from quantkit.formats import get_format
 from quantkit.loading import CheckpointReader, ModelSource, check_causal_lm, load_tokenizer, resolve_model
-from quantkit.model import build_skeleton, decoder_layers, linears, load_into
+from quantkit.model import RenamedCheckpoint, build_skeleton, decoder_layers, linears, load_into
+from quantkit.nn.experts import SplitExperts
 from quantkit.outdir import OutputFolder
 from quantkit.resume import Progress
 
@@ -76,8 +77,8 @@ def quantize(
     folder = OutputFolder(out)
     folder.check_not_source(*plan.sources)
     folder.holds(plan.fingerprint, overwrite)  # refuse at once, before taking the lock (checked again under it)
-    reader = CheckpointReader(plan.source.folder)
     skeleton = build_skeleton(plan.source, plan.device)
+    reader = RenamedCheckpoint(CheckpointReader(plan.source.folder), skeleton)
     layers_name, layers = decoder_layers(skeleton)
     schemes = recipe.resolve([n for i, layer in enumerate(layers) for n in linears(layer, f"{layers_name}.{i}")])
     if not schemes:
@@ -88,6 +89,7 @@ def quantize(
             get_format(scheme.format).check_layer(scheme, shapes[name].in_features, shapes[name].out_features)
         except RecipeError as e:
             raise RecipeError(f"recipe {recipe.name!r}: {name}: {e}") from None
+    _check_experts(skeleton, schemes)
     _check_complete(skeleton, reader)
 
     # Everything the user could get wrong has been checked: from here on, files are written, under the lock.
@@ -112,13 +114,28 @@ def quantize(
                 done.remove()
             raise
         info = {"fingerprint": plan.fingerprint, "calibration": plan.calib_info, "resumed_at_layer": start}
+        dense = {n: m for n, m in skeleton.named_modules()
+                 if isinstance(m, SplitExperts) and not any(k.startswith(n + ".") for k in schemes)}
         report = assemble(folder, plan.source, reader, recipe, schemes, done, len(layers), records, info, t0,
-                          overwrite=overwrite)
+                          overwrite=overwrite, dense_experts=dense)
         done.remove()
     if keep_model:
         skeleton.tie_weights()
         skeleton.config.use_cache = plan.source.config.use_cache  # off for the walk only: generate() as loaded
     return QuantizeOutput(out, report, model=skeleton if keep_model else None)
+
+
+def _check_experts(skeleton: nn.Module, schemes: dict[str, Any]) -> None:
+    """Each MoE block's experts are quantized all or none: a loader splits fused experts into per-expert linears
+    only for quantized ones, and transformers merges dense per-expert weights back into fused parameters."""
+    for name, m in skeleton.named_modules():
+        if isinstance(m, SplitExperts):
+            inner = [f"{name}.{n}" for n, lin in m.named_modules() if isinstance(lin, nn.Linear)]
+            left = [n for n in inner if n not in schemes]
+            if left and len(left) < len(inner):
+                raise RecipeError(f"the recipe quantizes some expert linears of {name} but not {left[0]} "
+                                  f"({len(left)} of {len(inner)} left out): quantize all of a block's experts, or "
+                                  "none")
 
 
 def _check_complete(skeleton: nn.Module, reader: CheckpointReader) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +19,8 @@ from quantkit.nn import QuantizedLinear
 from quantkit.rotations import HadamardRotation, random_signs
 
 __all__ = ["QuantizeStep", "layer_rotations", "quantize_linear"]
+
+logger = logging.getLogger(__name__)
 
 
 def layer_rotations(name: str, scheme: LayerScheme, W: torch.Tensor) -> dict[str, HadamardRotation]:
@@ -121,7 +124,16 @@ class QuantizeStep(LayerStep):
         for name, linear in self._targets(ctx).items():
             local = ctx.local(name)
             H = weighted.get(local, plain.get(local))
+            unseen = H is None and ctx.calibrated and self.schemes[name].method.needs_hessian
+            if unseen:
+                # An MoE expert the router sent no calibration token (quantkit.nn.experts): nothing measured its
+                # inputs. With the identity for H the second-order loop propagates no error: round to nearest.
+                logger.warning("%s: no calibration token reached it (an expert never routed to); rounding to "
+                               "nearest (identity Hessian)", name)
+                H = torch.eye(linear.in_features, device=ctx.device)
             packed, record[name] = quantize_linear(name, linear, self.schemes[name], H)
+            if unseen:
+                record[name]["hessian"] = "identity: no calibration token reached this linear"
             ctx.tensors.update({f"{name}.{k}": v for k, v in packed.items()})
             self._swap(ctx, name, linear, packed)
         return record

@@ -22,6 +22,7 @@ from quantkit.errors import QuantkitError
 from quantkit.hf.checks import check_checkpoint
 from quantkit.hf.config import QUANT_METHOD, QuantkitConfig
 from quantkit.nn import QuantizedLinear
+from quantkit.nn.experts import fused_experts, split_experts
 
 __all__ = ["QuantkitHfQuantizer", "register", "replace_linears"]
 
@@ -29,7 +30,11 @@ logger = logging.getLogger(__name__)
 
 
 def replace_linears(model: nn.Module, schemes: dict[str, LayerScheme], *, device: str = "meta") -> None:
-    """Replace each named ``nn.Linear`` with an empty ``QuantizedLinear`` of the given scheme."""
+    """Replace each named ``nn.Linear`` with an empty ``QuantizedLinear`` of the given scheme. Fused MoE experts
+    holding quantized linears are split into per-expert linears first, as ``quantkit quantize`` stored them
+    (quantkit.nn.experts)."""
+    fused = fused_experts(model)
+    split_experts(model, sorted({a for n in schemes for a in _ancestors(n) if a in fused}))
     for name, scheme in schemes.items():
         try:
             module = model.get_submodule(name)
@@ -46,6 +51,15 @@ def replace_linears(model: nn.Module, schemes: dict[str, LayerScheme], *, device
             module.in_features, module.out_features, scheme, bias=module.bias is not None, device=device, dtype=dtype
         )
         setattr(parent, child, new)
+
+
+def _ancestors(name: str) -> list[str]:
+    """``a.b.c`` -> ``["a.b", "a"]``."""
+    out = []
+    while "." in name:
+        name = name.rpartition(".")[0]
+        out.append(name)
+    return out
 
 
 class QuantkitHfQuantizer(HfQuantizer):
