@@ -132,6 +132,14 @@ def _verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    from quantkit.export import export
+
+    r = export(a.folder, a.to, a.out, overwrite=a.overwrite)
+    print(f"{'unchanged' if r.skipped else 'wrote'} {r.out} ({r.target}, {r.report.get('format', '')})")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line like every other (``--help`` shows the usage)."""
 
@@ -193,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "dtype, and the stored checksums (no model is run)")
     v.add_argument("folder", metavar="DIR", help="a folder written by `quantkit quantize`")
     v.set_defaults(fn=_verify)
+
+    x = sub.add_parser("export", help="rewrite a quantized checkpoint in a format serving engines load "
+                       "(compressed-tensors: transformers, vLLM); refuses layers the format cannot express exactly")
+    x.add_argument("folder", metavar="DIR", help="a folder written by `quantkit quantize` (only read)")
+    x.add_argument("--to", required=True, metavar="FORMAT",
+                   help="compressed-tensors (pack-quantized: uniform integer grids of 1-8 bits, no rotation); "
+                   "gptq is not implemented")
+    x.add_argument("--out", required=True, help="output folder (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace an output folder quantkit wrote earlier")
+    x.set_defaults(fn=_export)
 
     r = sub.add_parser("recipes", help="list preset recipes")
     r.set_defaults(fn=_recipes)
