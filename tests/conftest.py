@@ -28,6 +28,20 @@ def _import_tools() -> None:
     spec.loader.exec_module(module)
 
 
+def _drop_the_repository_root() -> None:
+    """``python -m pytest`` puts the working directory first on ``sys.path``. From the repository root its
+    ``kernels/`` (``quantkit.kernels`` once installed) then passes for the Hub's ``kernels`` package, which
+    transformers imports (a dependency since transformers 5.25), and ``quantkit/`` for the installed quantkit. The
+    tests import quantkit as installed and the tools through ``_import_tools``: nothing from the root."""
+    import sys
+
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != REPO]
+    shadow = sys.modules.get("kernels")
+    if shadow is not None and REPO in Path(getattr(shadow, "__file__", None) or "/").resolve().parents:
+        raise RuntimeError(f"the repository's kernels/ was imported as the top-level 'kernels' ({shadow.__file__})")
+
+
+_drop_the_repository_root()
 _import_tools()
 
 

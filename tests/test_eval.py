@@ -130,7 +130,9 @@ def test_quantized_folder_runs_through_packed_linears(quantized_results, tiny_qu
     params = dict(model.named_parameters())
     for name, m in qlinears.items():
         assert f"{name}.weight" not in params and not hasattr(m, "weight")
-        assert [n for n, _ in m.named_parameters()] == ([] if m.bias is None else ["bias"])
+        # The only parameters are the format's packed tensors (frozen) and the bias.
+        packed = {n: p for n, p in m.named_parameters() if n != "bias"}
+        assert sorted(packed) == sorted(m.tensors) and not any(p.requires_grad for p in packed.values())
         assert m.qweight.dtype == torch.int32
     # No parameter anywhere has a quantized layer's dense shape: nothing was dequantized into a weight.
     dense_shapes = {(m.out_features, m.in_features) for m in qlinears.values()}
