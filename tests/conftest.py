@@ -36,6 +36,8 @@ def _drop_the_repository_root() -> None:
     import sys
 
     sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != REPO]
+    # The same for the Python processes tests start (`python -c`, `python -m lm_eval`) from this working directory.
+    os.environ["PYTHONSAFEPATH"] = "1"
     shadow = sys.modules.get("kernels")
     if shadow is not None and REPO in Path(getattr(shadow, "__file__", None) or "/").resolve().parents:
         raise RuntimeError(f"the repository's kernels/ was imported as the top-level 'kernels' ({shadow.__file__})")

@@ -243,21 +243,22 @@ def test_damaged_source_is_refused(quantized, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_gptq_w4g128_actorder_export_matches_quantkit(smollm2_folder, calib_file, tmp_path, reference):
-    """The real SmolLM2, GPTQ 4-bit act-order (static groups) in groups of 128: 576 = 4·128 + 64 columns, so every
-    layer travels in groups of 64 (down_proj's 1536 too: one config group). A tiny calibration (2 × 64 tokens)."""
+@pytest.mark.parametrize("preset", ["gptq-w4g128-static", "rtn-w8"])
+def test_smollm2_preset_export_matches_quantkit(preset, smollm2_folder, calib_file, tmp_path, reference):
+    """The real SmolLM2 through two presets: GPTQ 4-bit act-order with static groups of 128 (576 = 4·128 + 64
+    columns, so every layer travels in groups of 64, down_proj's 1536 too: one config group; a tiny calibration,
+    2 × 64 tokens) and round-to-nearest 8-bit per channel."""
     from transformers import AutoTokenizer
 
-    scheme = _recipe_file(tmp_path, "gptq-w4g128-static", dict(method="gptq", bits=4, group_size=128,
-                                                                act_order=True, static_groups=True))
     src = tmp_path / "src"
-    pipeline.quantize(str(smollm2_folder), scheme, src, calib=str(calib_file), nsamples=2, seqlen=64,
+    pipeline.quantize(str(smollm2_folder), preset, src, calib=str(calib_file), nsamples=2, seqlen=64,
                       progress=False)
     out = tmp_path / "ct"
     assert cli(["export", str(src), "--to", "compressed-tensors", "--out", str(out)]) == 0
     tok = AutoTokenizer.from_pretrained(src)
     ids = tok(["The capital of France is Paris, and the capital of Italy is Rome."], return_tensors="pt")["input_ids"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert [g["weights"]["group_size"] for g in qc["config_groups"].values()] == [64]
+    assert [g["weights"]["group_size"] for g in qc["config_groups"].values()] == ([64] if preset.startswith("gptq")
+                                                                                    else [None])
     diffs = check_against_quantkit(src, out, ids, tmp_path)
     assert diffs["max_abs_logit"] > 5  # real logits, not a degenerate model

@@ -89,6 +89,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
+    env.pop("PYTHONSAFEPATH", None)  # the script imports the tools (benchmarks/) from the repository root
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
                           env=env, timeout=900, cwd=REPO)
     assert proc.returncode == 0, f"compiling for sm_90 failed:\n{proc.stderr[-6000:]}"
@@ -127,6 +128,7 @@ def test_warm_fills_the_cache_a_launch_reads(tmp_path):
     # variant there. Batch 16 on Llama-2-7B's shapes: the GEMM's two 16-row configs for K = 4096 and K = 11008, and
     # the codebook dequantize kernel (d4b8) for each K.
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    env.pop("PYTHONSAFEPATH", None)  # `-m benchmarks.kernel_aot` from the repository root
     cmd = [sys.executable, "-m", "benchmarks.kernel_aot", "--warm", "--models", "llama2-7b", "--batch", "16",
            "--formats", "w4g128", "--vq", "d4b8", "--jobs", "1"]
     # From the repository root, where the tools live (they are not in the wheel).
