@@ -15,10 +15,11 @@ from quantkit import quantizers as _quantizers  # noqa: F401  (registers the sca
 from quantkit.config import LayerScheme, Recipe
 from quantkit.errors import QuantkitError, RecipeError
 from quantkit.hf import QuantkitConfig, register
+from quantkit.kvcache import kv_cache
 from quantkit.nn import QuantizedLinear
 
 __all__ = ["LayerScheme", "QuantizedLinear", "QuantkitConfig", "QuantkitError", "Recipe", "RecipeError",
-           "__version__"]
+           "__version__", "kv_cache"]
 __version__ = "0.1.0"
 
 register()

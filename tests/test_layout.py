@@ -51,7 +51,7 @@ def test_no_library_module_imports_the_tools():
 LAYERS = {
     "errors": -1, "registry": 0, "checkpoint": 0, "loading": 0, "data": 0, "outdir": 0,
     "config": 1, "grids": 2, "quantizers": 3, "codebooks": 3.5, "algos": 4, "formats": 5, "kernels": 6,
-    "rotations": 7, "nn": 8,
+    "rotations": 7, "nn": 8, "kvcache": 8.5,
     "hf": 9, "model": 9, "resume": 9, "fingerprint": 9, "calibration": 10, "assemble": 10, "verify": 10,
     "pipeline": 11, "export": 11, "eval": 12, "cli": 13,
 }

@@ -1,0 +1,174 @@
+"""Quantized KV-cache layers on transformers' Cache API (``CacheLayerMixin`` via ``DynamicLayer``).
+
+One layer holds, in token order, three parts of each of its keys and values [B, H, T, D]:
+
+1. **sink**: the first ``sink`` tokens, in full precision, for good (attention sinks);
+2. **store**: quantized blocks (the method's packed codes and fp16 parameters), appended along the token axis;
+3. **residual**: the most recent tokens in full precision (``self.keys`` / ``self.values``).
+
+New tokens enter the residual. Whenever the residual holds at least ``residual + block`` tokens, its oldest
+``block``-multiple beyond the last ``residual`` is quantized and appended to the store (``block``: the key token
+group for KIVI, one token for CQ), so the most recent ``residual`` tokens are always exact and the residual stays
+below ``residual + block`` tokens. The split depends only on the number of tokens seen, not on how they were fed.
+``update`` returns ``sink ‖ dequantize(store) ‖ residual`` — what attention reads now and in every later step.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from quantkit.kvcache.codebook import cq_decode, cq_encode
+from quantkit.kvcache.uniform import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+
+__all__ = ["CQLayer", "KIVILayer", "QuantizedKVLayer"]
+
+Store = dict[str, torch.Tensor]
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """Sink, quantized store and residual window; subclasses say how a block of keys or values is stored."""
+
+    is_croppable = False
+
+    def __init__(self, *, residual: int, sink: int, block: int):
+        super().__init__()
+        self.residual, self.sink, self.block = residual, sink, block
+        self.cumulative_length = 0
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
+        self.store_keys: Store = {}
+        self.store_values: Store = {}
+        self.stored_tokens = 0
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, kind: str) -> Store:
+        """``x`` [B, H, n, D] (``n`` a multiple of ``block``), ``kind`` 'keys' or 'values' -> stored tensors, each
+        with a token-like axis 2 that concatenates across blocks."""
+
+    @abstractmethod
+    def decode(self, t: Store, kind: str) -> torch.Tensor:
+        """Inverse of :meth:`encode` over the whole store: float32 [B, H, stored_tokens, D]."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.head_dim = key_states.shape[-1]
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.sink_keys, self.sink_values = self.keys, self.values
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        K = torch.cat([self.keys, key_states], dim=-2)
+        V = torch.cat([self.values, value_states], dim=-2)
+        take = min(self.sink - self.sink_keys.shape[-2], K.shape[-2])
+        if take > 0:
+            self.sink_keys = torch.cat([self.sink_keys, K[..., :take, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, V[..., :take, :]], dim=-2)
+            K, V = K[..., take:, :], V[..., take:, :]
+        n = (K.shape[-2] - self.residual) // self.block * self.block
+        if n > 0:
+            self._append(self.store_keys, self.encode(K[..., :n, :], "keys"))
+            self._append(self.store_values, self.encode(V[..., :n, :], "values"))
+            self.stored_tokens += n
+            K, V = K[..., n:, :], V[..., n:, :]
+        self.keys, self.values = K, V
+        return self._read(self.sink_keys, self.store_keys, K, "keys"), \
+            self._read(self.sink_values, self.store_values, V, "values")
+
+    @staticmethod
+    def _append(store: Store, block: Store) -> None:
+        for name, t in block.items():
+            store[name] = torch.cat([store[name], t], dim=2) if name in store else t
+
+    def _read(self, sink: torch.Tensor, store: Store, recent: torch.Tensor, kind: str) -> torch.Tensor:
+        if not store:
+            return torch.cat([sink, recent], dim=-2)
+        return torch.cat([sink, self.decode(store, kind).to(recent.dtype), recent], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def stored_bytes(self) -> int:
+        """Bytes held for this layer's tokens: sink, store (codes and parameters) and residual."""
+        tensors = [self.sink_keys, self.sink_values, self.keys, self.values,
+                   *self.store_keys.values(), *self.store_values.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def reset(self) -> None:
+        super().reset()
+        self.sink_keys = self.sink_values = None
+        self.store_keys, self.store_values = {}, {}
+        self.stored_tokens = 0
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        self.store_keys = {k: fn(t) for k, t in self.store_keys.items()}
+        self.store_values = {k: fn(t) for k, t in self.store_values.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be cropped (quantized blocks are not split)")
+
+
+class KIVILayer(QuantizedKVLayer):
+    """KIVI blocks (quantkit.kvcache.uniform): keys per channel over ``group_size`` tokens, values per token over
+    ``value_group`` channels. The flush block is the key token group."""
+
+    def __init__(self, *, bits: int, group_size: int, value_group: int, residual: int, sink: int):
+        super().__init__(residual=residual, sink=sink, block=group_size)
+        self.bits, self.group_size, self.value_group = bits, group_size, value_group
+
+    def encode(self, x: torch.Tensor, kind: str) -> Store:
+        if kind == "keys":
+            return quantize_keys(x, self.bits, self.group_size)
+        return quantize_values(x, self.bits, self.value_group)
+
+    def decode(self, t: Store, kind: str) -> torch.Tensor:
+        return (dequantize_keys if kind == "keys" else dequantize_values)(t, self.bits, self.head_dim)
+
+
+class CQLayer(QuantizedKVLayer):
+    """Coupled-quantization blocks (quantkit.kvcache.codebook) with this layer's tables ``key_centroids`` and
+    ``value_centroids`` [H, D/c, 2^(c·b), c] (fp16) and optional channel weights [H, D/c, c] for the encoding
+    distance. Every token is coded on its own, so the flush block is one token."""
+
+    def __init__(self, *, code_bits: int, key_centroids: torch.Tensor, value_centroids: torch.Tensor,
+                 residual: int, sink: int, key_weights: torch.Tensor | None = None,
+                 value_weights: torch.Tensor | None = None):
+        super().__init__(residual=residual, sink=sink, block=1)
+        self.code_bits = code_bits
+        self.centroids = {"keys": key_centroids, "values": value_centroids}
+        self.weights = {"keys": key_weights, "values": value_weights}
+
+    def _table(self, kind: str, device: torch.device) -> torch.Tensor:
+        C = self.centroids[kind]
+        if C.device != device:
+            C = self.centroids[kind] = C.to(device)
+        return C
+
+    def encode(self, x: torch.Tensor, kind: str) -> Store:
+        w = self.weights[kind]
+        return {"codes": cq_encode(x, self._table(kind, x.device), self.code_bits,
+                                   None if w is None else w.to(x.device))}
+
+    def decode(self, t: Store, kind: str) -> torch.Tensor:
+        return cq_decode(t["codes"], self._table(kind, t["codes"].device), self.code_bits)

@@ -1,0 +1,319 @@
+"""Quantized KV caches (quantkit.kvcache) and the chunked KV-cache perplexity (quantkit.eval.kv_perplexity)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+import quantkit
+from quantkit.errors import QuantkitError
+from quantkit.eval.kv_perplexity import CHUNKED, KVProtocol, kv_perplexity
+from quantkit.eval.perplexity import perplexity
+from quantkit.kvcache import (
+    CQTables,
+    KIVILayer,
+    QuantizedKVCache,
+    bits_per_element,
+    calibrate_cq,
+    kv_cache,
+    parse_kv_scheme,
+)
+from quantkit.kvcache.codebook import cq_decode, cq_encode, fit_codebooks, kmeans_batched, nearest_centroid
+from quantkit.kvcache.packing import pack_uint8, packed_bytes, unpack_uint8
+from quantkit.kvcache.uniform import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama (3 layers, 2 KV heads of 24 channels)."""
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def tables(tiny):
+    ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
+    return calibrate_cq(tiny, None, {"method": "cq", "bits": 2, "channels": 4}, ids=ids, iters=8, progress=False)
+
+
+@torch.no_grad()
+def chunked_logits(model, x: torch.Tensor, cache, chunk: int = 16) -> torch.Tensor:
+    return torch.cat([model(x[:, s : s + chunk], cache=cache, use_cache=True).logits
+                      for s in range(0, x.shape[1], chunk)], dim=1)
+
+
+# ---- packing and the KIVI grid ----
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 7, 16, 33])
+def test_pack_round_trip_exact(bits, n):
+    codes = torch.randint(0, 2**bits, (3, 5, n), generator=torch.Generator().manual_seed(n))
+    packed = pack_uint8(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, packed_bytes(n, bits))
+    assert packed_bytes(n, bits) == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_uint8(packed, bits, n), codes.to(torch.uint8))
+
+
+def test_pack_layout_is_little_endian_within_a_byte():
+    assert pack_uint8(torch.tensor([1, 2, 3, 0]), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+    assert pack_uint8(torch.tensor([0xA, 0x5]), 4).tolist() == [0x5A]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kivi_error_within_half_a_step(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, 3, 64, 32, generator=g) * torch.linspace(0.1, 5, 32)  # channels of different ranges
+    k = quantize_keys(x, bits, 16)
+    v = quantize_values(x, bits, 8)
+    assert k["scale"].shape == (2, 3, 4, 32) and v["scale"].shape == (2, 3, 64, 4)
+    assert k["codes"].shape[-1] == 32 * bits // 8 and k["scale"].dtype == torch.float16
+    err_k = (dequantize_keys(k, bits, 32) - x).abs()
+    err_v = (dequantize_values(v, bits, 8 * 4) - x).abs()
+    step_k = k["scale"].float().repeat_interleave(16, dim=2)
+    step_v = v["scale"].float().repeat_interleave(8, dim=3)
+    tol = 1e-3 * x.abs().amax()  # fp16 rounding of zero + (2^b - 1)·scale at the top of a group
+    assert (err_k <= step_k / 2 + tol).all() and (err_v <= step_v / 2 + tol).all()
+    assert err_k.max() > step_k.min() / 8  # not trivially exact
+    # per-channel keys see each channel's own range: the narrow channels get small steps
+    assert step_k[..., 0].max() < step_k[..., -1].min()
+
+
+def test_kivi_constant_group_reads_back_exactly():
+    x = torch.full((1, 1, 16, 8), 0.3)
+    assert torch.equal(dequantize_keys(quantize_keys(x, 2, 16), 2, 8), torch.full_like(x, 0.3).half().float())
+
+
+# ---- the cache layer: sink, store, residual ----
+
+def test_layer_keeps_sink_and_residual_exact_and_split_is_feed_independent():
+    g = torch.Generator().manual_seed(0)
+    K, V = torch.randn(1, 2, 100, 16, generator=g), torch.randn(1, 2, 100, 16, generator=g)
+
+    def feed(sizes):
+        layer = KIVILayer(bits=2, group_size=8, value_group=16, residual=10, sink=4)
+        s = 0
+        for n in sizes:
+            k, v = layer.update(K[..., s : s + n, :], V[..., s : s + n, :])
+            s += n
+        return layer, k, v
+
+    layer, k, v = feed([100])
+    assert layer.get_seq_length() == 100 and k.shape == K.shape
+    # 4 sink tokens, then (100 - 4 - 10) // 8 * 8 = 80 quantized, then 16 exact
+    assert layer.stored_tokens == 80 and layer.keys.shape[-2] == 16
+    assert torch.equal(k[..., :4, :], K[..., :4, :]) and torch.equal(v[..., -16:, :], V[..., -16:, :])
+    assert not torch.equal(k[..., 4:84, :], K[..., 4:84, :])
+    for sizes in ([1] * 100, [7, 33, 60], [50, 50]):
+        _, k2, v2 = feed(sizes)
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+
+
+def test_residual_covering_the_sequence_equals_dynamic_cache(tiny, tokens):
+    ref = chunked_logits(tiny, tokens, DynamicCache(config=tiny.config))
+    for spec in ({"method": "kivi", "bits": 2, "group_size": 8, "residual": 96},
+                 {"method": "kivi", "bits": 2, "group_size": 8, "residual": 0, "sink": 96}):
+        assert torch.equal(chunked_logits(tiny, tokens, kv_cache(tiny, spec)), ref)
+
+
+def test_chunked_forward_error_shrinks_with_bits(tiny, tokens):
+    ref = chunked_logits(tiny, tokens, DynamicCache(config=tiny.config))
+    err = {}
+    for bits in (2, 4, 8):
+        cache = kv_cache(tiny, {"method": "kivi", "bits": bits, "group_size": 8, "residual": 0})
+        out = chunked_logits(tiny, tokens, cache)
+        assert cache.layers[0].stored_tokens == 96  # everything went through the quantized store
+        err[bits] = (out - ref).abs().max().item()
+    assert err[8] < 0.02 * ref.abs().max().item()
+    assert 0 < err[8] < err[4] < err[2]
+
+
+@pytest.mark.parametrize("spec", ["kivi:bits=4,group_size=8,residual=8,sink=2", "cq:bits=2,channels=4,residual=4"])
+def test_generate_through_the_cache(tiny, tokens, tables, spec):
+    cache = kv_cache(tiny, spec, tables)
+    out = tiny.generate(tokens[:1, :20], attention_mask=torch.ones(1, 20, dtype=torch.long), cache=cache,
+                        max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 44) and cache.get_seq_length() == 43
+    assert cache.layers[0].stored_tokens > 0
+    assert isinstance(cache, QuantizedKVCache)
+
+
+# ---- coupled quantization ----
+
+def test_nearest_centroid_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    X, C, w = torch.randn(3, 200, 4, generator=g), torch.randn(3, 32, 4, generator=g), torch.rand(3, 4, generator=g)
+    assert torch.equal(nearest_centroid(X, C), torch.cdist(X, C).argmin(-1))
+    brute = ((X.unsqueeze(2) - C.unsqueeze(1)) ** 2 * w[:, None, None, :]).sum(-1).argmin(-1)
+    assert torch.equal(nearest_centroid(X, C, w), brute)
+
+
+def test_kmeans_beats_a_random_codebook_and_is_deterministic():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(4, 2000, 4, generator=g) @ torch.randn(4, 4, generator=g)  # correlated channels
+    C = kmeans_batched(X, 64, iters=15, seed=0)
+    assert torch.equal(C, kmeans_batched(X, 64, iters=15, seed=0))
+    rand = X[:, torch.randperm(2000, generator=g)[:64]]
+
+    def mse(C):
+        a = nearest_centroid(X, C)
+        return ((X - torch.gather(C, 1, a.unsqueeze(-1).expand(-1, -1, 4))) ** 2).mean().item()
+
+    assert mse(C) < 0.8 * mse(rand)
+    # Lloyd's fixed point: each centroid is (close to) the mean of its cluster
+    a = nearest_centroid(X[0:1], C[0:1])[0]
+    used = a.unique()[:5]
+    means = torch.stack([X[0, a == k].mean(0) for k in used])
+    assert torch.allclose(means, C[0, used], atol=0.1)
+
+
+def test_cq_encode_decode_reads_centroids_back():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(2, 500, 16, generator=g)
+    C = fit_codebooks(X, 4, 4, iters=5)  # [H=2, G=4, 16, 4]
+    assert C.shape == (2, 4, 16, 4) and C.dtype == torch.float16
+    codes = torch.randint(0, 16, (3, 2, 7, 4), generator=g)
+    x = C[torch.arange(2).view(1, 2, 1, 1), torch.arange(4).view(1, 1, 1, 4), codes].float().reshape(3, 2, 7, 16)
+    packed = cq_encode(x, C, 4)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 2, 7, 2)
+    assert torch.equal(cq_decode(packed, C, 4), x)
+
+
+def test_cq_cache_tables_round_trip(tiny, tokens, tables, tmp_path):
+    path = tmp_path / "kv_tables.safetensors"
+    tables.save(path)
+    loaded = CQTables.load(path)
+    assert loaded.to_dict() == tables.to_dict()
+    pairs = zip(loaded.state_dict().items(), tables.state_dict().items(), strict=True)
+    assert all(ka == kb and torch.equal(a, b) for (ka, a), (kb, b) in pairs)
+    spec = {"method": "cq", "bits": 2, "channels": 4, "residual": 0}
+    a = chunked_logits(tiny, tokens, kv_cache(tiny, spec, tables))
+    assert torch.equal(a, chunked_logits(tiny, tokens, kv_cache(tiny, spec, loaded)))
+    ref = chunked_logits(tiny, tokens, DynamicCache(config=tiny.config))
+    kivi = chunked_logits(tiny, tokens, kv_cache(tiny, {"method": "kivi", "bits": 2, "group_size": 8,
+                                                        "residual": 0}))
+    assert 0 < (a - ref).abs().max() < 4 * (kivi - ref).abs().max()
+
+
+# ---- bits ----
+
+@pytest.mark.parametrize("spec", ["kivi:bits=2,group_size=8,residual=10,sink=3", "kivi:bits=4,group_size=12",
+                                  "cq:bits=2,channels=4,residual=5,sink=2", "cq:bits=1,channels=8,residual=0"])
+@pytest.mark.parametrize("context", [1, 40, 97])
+def test_bits_formula_matches_the_bytes_held(tiny, spec, context):
+    cfg = tiny.config
+    if spec.startswith("cq"):
+        s = parse_kv_scheme(spec)
+        C = {"key_centroids": [], "value_centroids": []}
+        for kind in C:
+            C[kind] = [torch.randn(2, 24 // s.channels, 2**s.code_bits, s.channels).half() for _ in range(3)]
+        cache = kv_cache(cfg, s, CQTables(s, C["key_centroids"], C["value_centroids"]))
+    else:
+        cache = kv_cache(cfg, spec)
+    g = torch.Generator().manual_seed(context)
+    for layer in cache.layers:
+        for s in range(0, context, 13):
+            n = min(13, context - s)
+            layer.update(torch.randn(1, 2, n, 24, generator=g).half(), torch.randn(1, 2, n, 24, generator=g).half())
+    elements = 2 * 3 * 2 * context * 24  # keys and values, layers, heads, tokens, channels
+    assert cache.stored_bits() / elements == pytest.approx(bits_per_element(spec, 24, context), rel=1e-12)
+
+
+def test_bits_hand_counted():
+    assert bits_per_element("kivi:bits=2,group_size=64,residual=0", 64, 4096) == 2.5
+    assert bits_per_element("kivi:bits=4,group_size=32,residual=0", 64, 4096) == 4 + 0.5 + 0.5
+    # 16 groups x 256 centroids x 4 channels x 16 bits per head and kind = 4096 bits per token-channel at 4096
+    assert bits_per_element("cq:bits=2,channels=4,residual=0", 64, 4096) == 3.0
+    assert bits_per_element("cq:bits=1,channels=8,residual=64", 64, 128) == pytest.approx(
+        (64 * 16 + 64 * 1 + 2 * 256 * 16 * 8 * 8 / 64 / 2) / 128)
+    assert bits_per_element("fp", 64, 100) == 16
+
+
+# ---- schemes ----
+
+@pytest.mark.parametrize("spec", [{"method": "kivi", "bits": 4, "group_size": 32, "residual": 128, "sink": 4},
+                                  {"method": "cq", "bits": 1, "channels": 8, "residual": 0, "sink": 0},
+                                  {"method": "quanto", "bits": 2, "group_size": 64, "residual": 128, "axis_key": 0,
+                                   "axis_value": 0},
+                                  {"method": "fp"}])
+def test_scheme_round_trips(spec):
+    s = parse_kv_scheme(spec)
+    assert s.to_dict() == spec and parse_kv_scheme(s.to_dict()) == s
+    short = spec["method"] + ":" + ",".join(f"{k}={v}" for k, v in spec.items() if k != "method")
+    assert parse_kv_scheme(short.rstrip(":")) == s
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"method": "kivi", "bits": 3}, "kv_cache.bits"),
+    ({"method": "kivi", "bits": "2"}, "kv_cache.bits"),
+    ({"method": "kivi", "group_size": 0}, "kv_cache.group_size"),
+    ({"method": "kivi", "residual": -1}, "kv_cache.residual"),
+    ({"method": "kivi", "sinks": 4}, "sinks"),
+    ({"method": "cq", "bits": 3}, "kv_cache.bits"),
+    ({"method": "cq", "bits": 2, "channels": 8}, "kv_cache.channels"),
+    ({"method": "cq", "channels": 3}, "kv_cache.channels"),
+    ({"method": "quanto", "bits": 8}, "kv_cache.bits"),
+    ({"method": "kivy"}, "kv_cache.method"),
+    ({"bits": 2}, "kv_cache.method"),
+])
+def test_bad_scheme_is_one_line_naming_the_field(spec, field):
+    with pytest.raises(QuantkitError) as e:
+        parse_kv_scheme(spec)
+    assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_model_dependent_checks(tiny, tables):
+    with pytest.raises(QuantkitError, match="kv_cache.group_size.*head size 24"):
+        kv_cache(tiny, "kivi:group_size=16")  # values grouped along 24 channels
+    with pytest.raises(QuantkitError, match="needs fitted tables"):
+        kv_cache(tiny, "cq:bits=2,channels=4")
+    with pytest.raises(QuantkitError, match="fitted for bits=2"):
+        kv_cache(tiny, "cq:bits=1,channels=8", tables)
+
+
+def test_top_level_export():
+    assert quantkit.kv_cache is kv_cache
+
+
+# ---- the chunked perplexity protocol ----
+
+def test_chunked_fp_perplexity_equals_the_plain_one(tiny):
+    ids = torch.randint(0, VOCAB, (4 * 512 + 7,), generator=torch.Generator().manual_seed(5))
+    r = kv_perplexity(tiny, ids, lambda: DynamicCache(config=tiny.config), windows=2, progress=False)
+    plain = perplexity(tiny, ids, seqlen=512, windows=2, progress=False)
+    assert r.tokens_scored == 2 * 511 and r.windows == 2 and CHUNKED.chunk == 64
+    assert r.nll == pytest.approx(plain.nll, abs=1e-5)
+    q = kv_perplexity(tiny, ids, lambda: kv_cache(tiny, "kivi:bits=2,group_size=8,residual=0"), windows=2,
+                      progress=False)
+    assert q.nll != r.nll
+
+
+def test_long_context_protocol_scores_only_the_tail(tiny):
+    ids = torch.randint(0, VOCAB, (3 * 256,), generator=torch.Generator().manual_seed(6))
+    p = KVProtocol(seqlen=256, chunk=32, score_from=224, windows=3)
+    r = kv_perplexity(tiny, ids, lambda: DynamicCache(config=tiny.config), protocol=p, progress=False)
+    assert r.tokens_scored == 3 * 32
+    with torch.no_grad():
+        logits = tiny(ids[:256].unsqueeze(0)).logits[0, 223:255]
+    nll0 = torch.nn.functional.cross_entropy(logits, ids[224:256]).item()
+    r1 = kv_perplexity(tiny, ids, lambda: DynamicCache(config=tiny.config), protocol=p, windows=1, progress=False)
+    assert r1.nll == pytest.approx(nll0, abs=1e-5)
+
+
+def test_transformers_quantized_cache_through_the_same_scheme(tiny, tokens):
+    pytest.importorskip("optimum.quanto")
+    cache = kv_cache(tiny, "quanto:bits=4,residual=16")
+    assert type(cache).__name__ == "QuantizedCache"
+    out = chunked_logits(tiny, tokens, cache)
+    assert torch.isfinite(out).all()
