@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from quantkit.errors import QuantkitError
 from quantkit.eval.perplexity import wikitext2_text
 
-__all__ = ["CHUNKED", "LONG", "KVProtocol", "KVPerplexity", "kv_perplexity", "wikitext2_ids"]
+__all__ = ["CHUNKED", "LONG", "KVProtocol", "KVPerplexity", "kv_evaluate", "kv_perplexity", "wikitext2_ids"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,36 @@ def kv_perplexity(model, ids: torch.Tensor, make_cache: Callable[[], Any], *, pr
     ppl = math.exp(mean) if math.isfinite(mean) and mean < 709 else (math.inf if mean > 0 else math.nan)
     return KVPerplexity(ppl=ppl, nll=mean, windows=n, tokens_scored=count,
                         protocol=protocol.describe(n, available))
+
+
+def kv_evaluate(model, tokenizer, scheme, *, ids: torch.Tensor | None = None, windows: int | None = None,
+                long_windows: int = 0, tables=None, data: str | os.PathLike | None = None,
+                calib: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """The ``kv_cache`` results entry for one scheme: its bits per element (at 512 and 4096 tokens of context)
+    and the chunked (and, with ``long_windows``, the long-context) perplexity. A CQ scheme without ``tables`` is
+    calibrated first (``calib``: keyword arguments of ``calibrate_cq``) and the settings recorded."""
+    from quantkit.kvcache import CQScheme, bits_per_element, calibrate_cq, head_dim_of, kv_cache, parse_kv_scheme
+
+    scheme = parse_kv_scheme(scheme)
+    hd = head_dim_of(model.config)
+    if isinstance(scheme, CQScheme) and tables is None:
+        scheme.check_model(hd)
+    else:
+        kv_cache(model, scheme, tables)  # refuses a scheme the model or tables cannot take, before any long run
+    if ids is None:
+        ids = wikitext2_ids(tokenizer, data)
+    entry: dict[str, Any] = {"scheme": scheme.to_dict(), "label": scheme.label}
+    if isinstance(scheme, CQScheme) and tables is None:
+        tables = calibrate_cq(model, tokenizer, scheme, data_dir=data, progress=progress, **(calib or {}))
+    if tables is not None:
+        entry["tables"] = tables.to_dict()
+    entry["bits_per_element"] = {str(n): bits_per_element(scheme, hd, n) for n in (512, 4096)}
+
+    def make():
+        return kv_cache(model, scheme, tables)
+
+    entry["chunked"] = kv_perplexity(model, ids, make, windows=windows, progress=progress).to_dict()
+    if long_windows:
+        entry["long_context"] = kv_perplexity(model, ids, make, protocol=LONG, windows=long_windows,
+                                              progress=progress).to_dict()
+    return entry

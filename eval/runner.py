@@ -104,9 +104,18 @@ def evaluate(
     dtype: str = "auto",
     command: str | None = None,
     keep_model: bool = False,
+    kv_cache: str | dict[str, Any] | None = None,
+    kv_windows: int | None = None,
+    kv_long_windows: int = 0,
+    kv_tables: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (anything ``quantize`` accepts). Returns the results dict (see ``write_results``);
-    with ``keep_model``, the loaded model is under the key ``"_model"`` (not serialized)."""
+    with ``keep_model``, the loaded model is under the key ``"_model"`` (not serialized).
+
+    ``kv_cache``: a KV-cache scheme (quantkit.kvcache.parse_kv_scheme: ``"kivi:bits=2"``, ``"cq:bits=2,channels=4"``,
+    ``"quanto:bits=4"``, ``"fp"``) scored by the chunked protocol (quantkit.eval.kv_perplexity) over the first
+    ``kv_windows`` windows (default 64), and the long-context figure over ``kv_long_windows`` windows (0: off);
+    results under ``"kv_cache"``. CQ reads its tables from ``kv_tables`` or calibrates them first (C4)."""
     t0 = time.time()
     for name, v in (("--ppl-windows", ppl_windows), ("--limit", limit)):
         if v is not None and v < 1:
@@ -118,8 +127,18 @@ def evaluate(
         raise QuantkitError(f"data folder not found: {data}")
     ppl_names = _parse_ppl(ppl, data)
     task_list = resolve_tasks(tasks, data) if tasks else []
-    if not ppl_names and not task_list:
-        raise QuantkitError("nothing to evaluate: give --ppl and/or --tasks")
+    kv_scheme = None
+    if kv_cache is not None:
+        from quantkit.kvcache import parse_kv_scheme
+
+        kv_scheme = parse_kv_scheme(kv_cache)
+        for name, v in (("--kv-windows", kv_windows), ("--kv-long-windows", kv_long_windows)):
+            if v is not None and v < (1 if name == "--kv-windows" else 0):
+                raise QuantkitError(f"{name} must be at least {1 if name == '--kv-windows' else 0}, got {v}")
+        if kv_tables is not None and not Path(kv_tables).is_file():
+            raise QuantkitError(f"--kv-tables file not found: {kv_tables}")
+    if not ppl_names and not task_list and kv_scheme is None:
+        raise QuantkitError("nothing to evaluate: give --ppl, --tasks and/or --kv-cache")
     source = resolve_model(model)
     check_causal_lm(source.config)
     limit_pos = getattr(source.config.get_text_config(), "max_position_embeddings", None)
@@ -151,6 +170,13 @@ def evaluate(
             if task_list:
                 results["error"] += f"; zero-shot tasks {', '.join(t.name for t in task_list)} skipped"
             break
+    if kv_scheme is not None and "error" not in results:
+        results["kv_cache"] = _kv_cache(lm, tokenizer, kv_scheme, data, windows=kv_windows,
+                                        long_windows=kv_long_windows, tables=kv_tables)
+        bad = [k for k in ("chunked", "long_context") if k in results["kv_cache"]
+               and not math.isfinite(results["kv_cache"][k]["ppl"])]
+        if bad:
+            results["error"] = f"KV-cache {bad[0]} perplexity of {source.name} is not finite"
     if task_list and "error" not in results:
         try:
             results.update(_zeroshot(lm, tokenizer, task_list, data, limit=limit, batch_size=batch_size))
@@ -162,6 +188,18 @@ def evaluate(
     if keep_model:
         results["_model"] = lm
     return results
+
+
+def _kv_cache(lm, tokenizer, scheme, data: Path | None, *, windows: int | None, long_windows: int,
+              tables: str | os.PathLike | None) -> dict[str, Any]:
+    from quantkit.eval.kv_perplexity import kv_evaluate
+    from quantkit.kvcache import CQTables
+
+    loaded = CQTables.load(tables) if tables is not None else None
+    entry = kv_evaluate(lm, tokenizer, scheme, windows=windows, long_windows=long_windows, tables=loaded, data=data)
+    logger.info("KV cache %s: chunked perplexity %.4f (%s)", entry["label"], entry["chunked"]["ppl"],
+                entry["chunked"]["protocol"])
+    return entry
 
 
 def _perplexity(name: str, lm, tokenizer, data: Path | None, *, seqlen: int, windows: int | None) -> dict[str, Any]:
@@ -253,6 +291,14 @@ def format_results(r: dict[str, Any]) -> str:
         for name, p in r["perplexity"].items():
             lines.append(f"  {name:14s}{_fmt(p['ppl']):>10s}  {p['protocol']}, seqlen {p['seqlen']}"
                          + (f" ({p['error']})" if p.get("error") else ""))
+    if r.get("kv_cache"):
+        kv = r["kv_cache"]
+        b = kv["bits_per_element"]
+        lines += ["", f"KV cache       {kv['label']}  ({b['512']:.3f} bits/element at 512 tokens, "
+                  f"{b['4096']:.3f} at 4096)"]
+        for key in ("chunked", "long_context"):
+            if key in kv:
+                lines.append(f"  {key:14s}{_fmt(kv[key]['ppl']):>10s}  {kv[key]['protocol']}")
     if r["tasks"]:
         s = r["zeroshot_settings"]
         lines += ["", f"zero-shot (lm-eval {s['lm_eval_version']}, {s['task_configs']} task configs"

@@ -47,6 +47,7 @@ def _eval(a: argparse.Namespace) -> int:
     r = evaluate(
         a.model or a.model_arg, ppl=a.ppl, ppl_windows=a.ppl_windows, seqlen=a.seqlen, tasks=a.tasks, limit=a.limit,
         batch_size=a.batch_size, data_dir=a.data_dir, device=a.device, dtype=a.dtype, command=a.command_line,
+        kv_cache=a.kv_cache, kv_windows=a.kv_windows, kv_long_windows=a.kv_long_windows, kv_tables=a.kv_tables,
     )
     path = write_results(r, a.out)
     print(format_results(r))
@@ -188,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype of the unquantized parts (default: as stored)")
+    e.add_argument("--kv-cache", default=None, metavar="SPEC",
+                   help="KV-cache scheme scored by the chunked protocol (WikiText-2 windows of 512 in chunks of 64): "
+                   "fp, kivi:bits=2,group_size=64,residual=64,sink=0, cq:bits=2,channels=4,residual=64, "
+                   "quanto:bits=4, hqq:bits=2 (or a JSON object)")
+    e.add_argument("--kv-windows", type=int, default=None, help="chunked protocol: first N windows (default 64)")
+    e.add_argument("--kv-long-windows", type=int, default=0,
+                   help="also the long-context figure (windows of 2048, last 256 scored) over N windows (default 0)")
+    e.add_argument("--kv-tables", default=None, help="CQ tables (safetensors); default: calibrate on C4 first")
     e.add_argument("--out", required=True, help="results JSON file")
     e.set_defaults(fn=_eval)
 

@@ -317,3 +317,24 @@ def test_transformers_quantized_cache_through_the_same_scheme(tiny, tokens):
     assert type(cache).__name__ == "QuantizedCache"
     out = chunked_logits(tiny, tokens, cache)
     assert torch.isfinite(out).all()
+
+
+# ---- the command line ----
+
+def test_quantkit_eval_kv_cache(tiny_model_factory, tmp_path, capsys):
+    import json
+
+    from quantkit.cli import main
+
+    folder = tiny_model_factory("llama")  # head size 24
+    out = tmp_path / "kv.json"
+    rc = main(["eval", str(folder), "--ppl", "none", "--kv-cache", "kivi:bits=4,group_size=8,residual=0",
+               "--kv-windows", "1", "--out", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())["kv_cache"]
+    assert r["scheme"] == {"method": "kivi", "bits": 4, "group_size": 8, "residual": 0, "sink": 0}
+    assert r["chunked"]["windows"] == 1 and r["chunked"]["tokens_scored"] == 511
+    assert math.isfinite(r["chunked"]["ppl"]) and "kivi-4 g8 r0" in capsys.readouterr().out
+    assert main(["eval", str(folder), "--ppl", "none", "--kv-cache", "kivi:bits=5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "field 'kv_cache.bits'" in err and err.count("\n") == 1
