@@ -6,8 +6,9 @@
 
 ``--compare`` loads the bundled SmolLM2 (``quantkit.loading.resolve_model("smollm2-135m")``) in fp32 and in bf16,
 then each quantized folder with bf16 activations (served by the CPU kernels, :mod:`quantkit.kernels.cpu`) and with
-fp32 activations (served by them with ``QUANTKIT_CPU_KERNELS=bf16``, computing in bf16: the kernel column says
-"(bf16)"), each again by the PyTorch reference (``QUANTKIT_CPU_KERNELS=0``) unless ``--no-reference``. For each
+fp32 activations (the exact fp32 path by default, ``cpu-dequant``; and the bf16 kernels with
+``QUANTKIT_CPU_KERNELS=bf16``: the kernel column says "(bf16)"), each dtype again by the PyTorch reference
+(``QUANTKIT_CPU_KERNELS=0``) unless ``--no-reference``. For each
 it times greedy decoding, batch 1: the prompt's forward (``--prompt-len`` tokens, untimed) gives the first token,
 then ``--new-tokens`` - 1 timed steps each run the model's forward on the last token with its KV cache and take the
 argmax (tokens/s = those steps / their time); and one forward of a [16, 64] batch. It prints one table: the ratios
@@ -110,22 +111,26 @@ def compare(args) -> list[Row]:
     try:
         for folder in args.compare:
             name = os.path.basename(os.path.normpath(folder))
-            # bf16 activations: the kernels' own dtype; fp32: served only with QUANTKIT_CPU_KERNELS=bf16
-            for act, mode in ((torch.bfloat16, "1"), (torch.float32, "bf16")):
+            # bf16 activations: the kernels' own dtype; fp32: the exact fp32 path by default, the bf16 kernels with
+            # QUANTKIT_CPU_KERNELS=bf16
+            for act, modes in ((torch.bfloat16, ("1",)), (torch.float32, ("1", "bf16"))):
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=act)
-                os.environ[ENV] = mode
-                fast = measure(name, model, act, args, args.reps)
-                if act == torch.float32:
-                    fast.kernel += " (bf16)"
-                rows.append(fast)
+                fast_rows = []
+                for mode in modes:
+                    os.environ[ENV] = mode
+                    fast_rows.append(measure(name, model, act, args, args.reps))
+                    if mode == "bf16":
+                        fast_rows[-1].kernel += " (bf16)"
+                rows += fast_rows
                 if args.no_reference:
                     continue
                 os.environ[ENV] = "0"
                 ref = measure(name, model, act, args, 1)
                 rows.append(ref)
-                diverge = [i for i, (a, b) in enumerate(zip(fast.tokens, ref.tokens, strict=True)) if a != b]
-                fast.same_tokens = f"from {diverge[0]}" if diverge else "yes"
-                fast.logit_diff = f"{((fast.logits - ref.logits).norm() / ref.logits.norm()).item():.1e}"
+                for fast in fast_rows:
+                    diverge = [i for i, (a, b) in enumerate(zip(fast.tokens, ref.tokens, strict=True)) if a != b]
+                    fast.same_tokens = f"from {diverge[0]}" if diverge else "yes"
+                    fast.logit_diff = f"{((fast.logits - ref.logits).norm() / ref.logits.norm()).item():.1e}"
     finally:
         if saved is None:
             os.environ.pop(ENV, None)

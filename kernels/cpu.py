@@ -9,8 +9,13 @@ Two paths, picked by the number of rows ``M`` of ``x`` (``LARGE_M``, by bits):
   (``QuantizedLinear.kernel_cache``), rebuilt only when one of the module's tensors is replaced, edited in place or
   moved (``_signature``).
 - **Long inputs** (prefill): the dense weight in the stored column order, dequantized from the module's own
-  tensors in fp32 exactly as the reference does and rounded once to bf16, then one bf16 GEMM (oneDNN, AMX where the
-  CPU has it). From ``LARGE_M`` rows on the dequantization costs less than tinygemm's per-row loop.
+  tensors in fp32 exactly as the reference does, then one GEMM: bf16 (the weight rounded once to bf16) where the CPU
+  multiplies bf16 natively (AMX or AVX512-BF16, ``NATIVE_BF16``), else fp32 with the output rounded to the
+  activations' dtype (without native bf16 a bf16 GEMM is several times slower than fp32: 121 ms against 11.8 ms for
+  [1024, 576] x [576, 1536] on a 2-core AVX2 box). From ``LARGE_M`` rows on the dequantization costs less than
+  tinygemm's per-row loop.
+- **fp32 activations** (default): the same dequantize-then-GEMM in fp32 at every ``M``, the reference's own
+  arithmetic bit for bit (a dense weight ``c * s - z * s``, each term and the sum exact), without its copies.
 
 Layout mapping (exact): our weight is ``s * (c - z)`` with fp16 ``s`` and integer ``z`` per group of ``g`` stored
 columns. Tinygemm's is ``(c - 8) * s' + z'`` per group of ``g'`` columns, so ``s' = s`` and ``z' = s * (8 - z)``
@@ -29,9 +34,10 @@ long-input path is the reference's own bf16 computation, bit for bit.
 
 ``QUANTKIT_CPU_KERNELS`` (read on each call) chooses what the kernels serve:
 
-- unset or ``1``: bf16 activations. fp32 activations keep the exact fp32 reference: quantkit never rounds an fp32
-  model's activations behind its back (load with ``dtype=torch.bfloat16`` for speed).
-- ``bf16``: fp32 activations too, computed in bf16 (the input rounded to bf16, the output returned in fp32).
+- unset or ``1``: bf16 activations; fp32 activations take the exact fp32 path (``cpu-dequant``): quantkit never
+  rounds an fp32 model's activations behind its back (load with ``dtype=torch.bfloat16`` for speed).
+- ``bf16``: fp32 activations through the bf16 kernels too (the input rounded to bf16, the output returned in fp32);
+  long inputs keep an fp32 GEMM where the CPU lacks native bf16.
 - ``0``: none (every CPU call takes the reference), for comparisons.
 
 Served layouts: 4-bit uniform (symmetric or asymmetric) whose group size is a multiple of 32 or per-channel, with
@@ -52,8 +58,8 @@ import torch.nn.functional as F
 from quantkit.formats.packing import unpack_codes
 from quantkit.quantizers.groups import group_size_of, num_groups
 
-__all__ = ["ENV_VAR", "LARGE_M", "CpuPlan", "linear", "plan_for", "register_cpu_kernels", "repack", "served_dtypes",
-           "supports"]
+__all__ = ["ENV_VAR", "LARGE_M", "NATIVE_BF16", "CpuPlan", "linear", "plan_for", "register_cpu_kernels", "repack",
+           "served_dtypes", "supports"]
 
 ENV_VAR = "QUANTKIT_CPU_KERNELS"
 # Rows from which dequantize-then-GEMM beats the weight-only kernels, by bits: measured on SmolLM2's shapes (1536 x
@@ -62,6 +68,15 @@ ENV_VAR = "QUANTKIT_CPU_KERNELS"
 LARGE_M = {4: 96, 8: 64}
 TINYGEMM_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
 _COMPUTE = torch.bfloat16
+
+
+def _native_bf16() -> bool:
+    cpu = getattr(torch._C, "_cpu", None)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return cpu is not None and any(getattr(cpu, p, lambda: False)() for p in probes)
+
+
+NATIVE_BF16 = _native_bf16()  # the CPU multiplies bf16 in hardware (AMX or AVX512-BF16): long inputs GEMM in bf16
 _CACHE_KEY = "cpu"
 _PLAN_KEY = "cpu-plan"
 
@@ -71,12 +86,23 @@ _int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 _int8_mm = torch.ops.aten._weight_int8pack_mm
 
 
-def served_dtypes() -> tuple[torch.dtype, ...]:
-    """The activation dtypes the CPU kernels serve now, from ``QUANTKIT_CPU_KERNELS`` (module docstring)."""
+def _mode() -> str:
     mode = os.environ.get(ENV_VAR, "1").strip().lower()
-    if mode in ("0", "false", "off", "no"):
+    return "0" if mode in ("0", "false", "off", "no") else mode
+
+
+def served_dtypes() -> tuple[torch.dtype, ...]:
+    """The activation dtypes the bf16 kernels (``cpu-int4pack``, ``cpu-int8pack``) serve now, from
+    ``QUANTKIT_CPU_KERNELS`` (module docstring)."""
+    mode = _mode()
+    if mode == "0":
         return ()
     return (torch.bfloat16, torch.float32) if mode == "bf16" else (torch.bfloat16,)
+
+
+def exact_fp32(x: torch.Tensor) -> bool:
+    """fp32 activations in the default mode: the exact fp32 path at every size (``cpu-dequant``)."""
+    return x.dtype == torch.float32 and _mode() not in ("0", "bf16")
 
 
 @dataclass(frozen=True)
@@ -117,16 +143,16 @@ def _plan(module) -> CpuPlan | None:
     return cache[_PLAN_KEY]
 
 
-def supports(x: torch.Tensor, module, bits: int | None = None) -> bool:
+def supports(x: torch.Tensor, module, bits: int | None = None, *, exact: bool = False) -> bool:
     """The dispatch predicate: a layout the kernels take (of ``bits`` bits, if given), a plain CPU tensor of a dtype
-    served now (:func:`served_dtypes`)."""
+    served now (:func:`served_dtypes`; with ``exact``, fp32 activations in the default mode, :func:`exact_fp32`)."""
     plan = _plan(module)
     return (
         plan is not None
         and (bits is None or plan.bits == bits)
         and type(x) is torch.Tensor  # not a FakeTensor or another subclass
         and x.device.type == "cpu"
-        and x.dtype in served_dtypes()
+        and (exact_fp32(x) if exact else x.dtype in served_dtypes() and not exact_fp32(x))
         and x.numel() > 0
         and not (x.requires_grad and torch.is_grad_enabled())  # the aten kernels have no backward
         and module.qweight.device.type == "cpu"
@@ -152,8 +178,10 @@ class CpuPack:
 
     signature: tuple
     plan: CpuPlan
-    weight: torch.Tensor  # 4 bits: tinygemm's uint8 layout [N, k_pad / 2]; 8 bits: int8 codes - 128 [N, k_pad]
-    scales: torch.Tensor  # 4 bits: bf16 [k_pad / tiny_group, N, 2] (s, s * (8 - z)); 8 bits: fp32 [N]
+    # None when built for the dequantize path only (kernel=False), else 4 bits: tinygemm's uint8 layout
+    # [N, k_pad / 2]; 8 bits: int8 codes - 128 [N, k_pad]
+    weight: torch.Tensor | None
+    scales: torch.Tensor | None  # 4 bits: bf16 [k_pad / tiny_group, N, 2] (s, s * (8 - z)); 8 bits: fp32 [N]
     offset: torch.Tensor | None  # 8 bits asymmetric: fp32 [N], s * (128 - z)
     ones: torch.Tensor | None  # 8 bits: bf16 ones [N], the kernel's scales (ours multiply its output in fp32)
     perm: torch.Tensor | None  # int64 [K]
@@ -168,21 +196,22 @@ def _zeros(module, plan: CpuPlan, scales: torch.Tensor) -> torch.Tensor:
     return torch.full_like(scales, float(2 ** (plan.bits - 1)))
 
 
-def repack(module, plan: CpuPlan) -> CpuPack:
-    """Build the kernels' layout of ``module``'s weight (what :func:`linear` caches)."""
+def repack(module, plan: CpuPlan, kernel: bool = True) -> CpuPack:
+    """Build the kernels' layout of ``module``'s weight (what :func:`linear` caches); without ``kernel``, only what
+    the dequantize path reads."""
     t = module.tensors
     K, N = module.in_features, module.out_features
     s = t["scales"].float()  # [N, ngroups]
     z = _zeros(module, plan, s)
-    codes = unpack_codes(t["qweight"], plan.bits, K, torch.int32)  # [N, K], stored column order
-    codes = F.pad(codes, (0, plan.k_pad - K))  # the padded columns meet zero columns of x
-    offset = ones = None
-    if plan.bits == 4:
+    weight = scales = offset = ones = None
+    if kernel and plan.bits == 4:
+        codes = F.pad(unpack_codes(t["qweight"], 4, K, torch.int32), (0, plan.k_pad - K))  # zero columns of x
         block = torch.arange(plan.k_pad // plan.tiny_group) * plan.tiny_group // plan.group  # scheme group of each
         sz = torch.stack([s[:, block], (s * (8.0 - z))[:, block]], dim=-1)  # [N, blocks, 2], exact in fp32
         weight = _convert_int4(codes.contiguous(), 2)
         scales = sz.transpose(0, 1).to(_COMPUTE).contiguous()
-    else:
+    elif kernel:
+        codes = F.pad(unpack_codes(t["qweight"], 8, K, torch.int32), (0, plan.k_pad - K))
         weight = (codes - 128).to(torch.int8).contiguous()
         scales = s[:, 0].contiguous()
         offset = (s * (128.0 - z))[:, 0].contiguous() if "zeros" in t else None
@@ -192,12 +221,13 @@ def repack(module, plan: CpuPlan) -> CpuPack:
                    (-z * s).unsqueeze(-1))
 
 
-def _pack_of(module, plan: CpuPlan) -> CpuPack:
+def _pack_of(module, plan: CpuPlan, kernel: bool) -> CpuPack:
     cache = module.kernel_cache
     pack = cache.get(_CACHE_KEY)
-    if pack is None or pack.plan is not plan or pack.signature != _signature(module):
+    if (pack is None or pack.plan is not plan or pack.signature != _signature(module)
+            or (kernel and pack.weight is None)):
         with torch.no_grad():
-            pack = cache[_CACHE_KEY] = repack(module, plan)
+            pack = cache[_CACHE_KEY] = repack(module, plan, kernel)
     return pack
 
 
@@ -215,13 +245,14 @@ def _codes_u8(qweight: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     return b[:, :K]
 
 
-def _dense(module, pack: CpuPack) -> torch.Tensor:
-    """The weight [N, K] in stored column order as bf16: ``c * s - z * s`` in fp32 (each term and the sum exact, so
-    the reference's ``s * (c - z)``), rounded once to bf16 as it is written; the short last group separately."""
+def _dense(module, pack: CpuPack, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in stored column order as ``dtype``: ``c * s - z * s`` in fp32 (each term and the sum
+    exact, so the reference's ``s * (c - z)``), rounded once to ``dtype`` as it is written; the short last group
+    separately."""
     plan = pack.plan
     N, K, g = module.out_features, module.in_features, plan.group
     c = _codes_u8(module.qweight, plan.bits, K)
-    W = torch.empty(N, K, dtype=_COMPUTE)
+    W = torch.empty(N, K, dtype=dtype)
     full = K // g
     for lo, hi, n in ((0, full, g), (full, plan.ngroups, K - full * g)):
         if hi > lo:
@@ -236,22 +267,29 @@ def linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None, rotatio
     if rotation is not None:
         x = rotation.apply(x)
     plan = _plan(module)
-    pack = _pack_of(module, plan)
     K, N = module.in_features, module.out_features
     lead = x.shape[:-1]
-    xb = x.reshape(-1, K).to(_COMPUTE)
-    if pack.perm is not None:
-        xb = xb.index_select(1, pack.perm)
-    M = xb.shape[0]
-    if M >= LARGE_M[plan.bits]:
-        W = _dense(module, pack)
-        if x.dtype == _COMPUTE:  # the reference's own bf16 GEMM (bias included), bit for bit
-            return F.linear(xb, W, bias).view(*lead, N)
-        y = F.linear(xb, W).to(x.dtype)
+    x2 = x.reshape(-1, K)
+    exact = exact_fp32(x)
+    dequantize = exact or x2.shape[0] >= LARGE_M[plan.bits]
+    pack = _pack_of(module, plan, kernel=not dequantize)
+    if dequantize:
+        dtype = _COMPUTE if NATIVE_BF16 and not exact else torch.float32
+        xd = x2.to(dtype)
+        if pack.perm is not None:
+            xd = xd.index_select(1, pack.perm)
+        W = _dense(module, pack, dtype)
+        if dtype == x.dtype:  # the reference's own GEMM (bias included), bit for bit
+            return F.linear(xd, W, bias).view(*lead, N)
+        y = F.linear(xd, W).to(x.dtype)
     elif plan.bits == 4:
+        xb = x2.to(_COMPUTE)
+        xb = xb.index_select(1, pack.perm) if pack.perm is not None else xb
         xb = F.pad(xb, (0, plan.k_pad - K)) if plan.k_pad != K else xb.contiguous()
         y = _int4_mm(xb, pack.weight, plan.tiny_group, pack.scales).to(x.dtype)
     else:
+        xb = x2.to(_COMPUTE)
+        xb = xb.index_select(1, pack.perm) if pack.perm is not None else xb
         xb = _aligned(F.pad(xb, (0, plan.k_pad - K)) if plan.k_pad != K else xb)
         y = _int8_mm(xb, pack.weight, pack.ones).float().mul_(pack.scales)
         if pack.offset is not None:
@@ -269,10 +307,16 @@ def _supports_bits(bits: int):
     return predicate
 
 
+def _supports_exact(x: torch.Tensor, module) -> bool:
+    return supports(x, module, exact=True)
+
+
 def register_cpu_kernels() -> None:
     """The dispatch table's CPU entries (quantkit.kernels.dispatch registers them on first use): ``cpu-int4pack``
-    and ``cpu-int8pack``, one implementation, named apart so ``quantkit.nn.kernel_for`` tells which serves."""
+    and ``cpu-int8pack`` (bf16), ``cpu-dequant`` (exact fp32), one implementation, named apart so
+    ``quantkit.nn.kernel_for`` tells which serves."""
     from quantkit.kernels import dispatch
 
     dispatch.register_kernel("cpu-int4pack", "quantkit-uniform", _supports_bits(4), linear)
     dispatch.register_kernel("cpu-int8pack", "quantkit-uniform", _supports_bits(8), linear)
+    dispatch.register_kernel("cpu-dequant", "quantkit-uniform", _supports_exact, linear)

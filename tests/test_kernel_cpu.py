@@ -8,10 +8,14 @@ weights are drawn like a real layer's, around the zero), so a wrong kernel canno
 sharper: probing with one-hot rows reads the kernel's effective weight, which must equal the reference's within
 bf16's rounding of the tinygemm scale and offset (4 bits: ``2**-8 * (8 s + |s (8 - z)|)`` per weight, s/16 at
 most, while a wrong zero is off by s) and exactly for 8 bits (scale applied in fp32). Long inputs
-(``M >= LARGE_M``, by bits) run the reference's own bf16 GEMM and must equal it bit for bit.
+(``M >= LARGE_M``, by bits) run the reference's own bf16 GEMM where the CPU has native bf16 and must equal it bit
+for bit; elsewhere an fp32 GEMM, within one bf16 rounding of the fp32 reference. fp32 activations in the default
+mode take the reference's own fp32 arithmetic at every size and must equal it bit for bit.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -94,15 +98,20 @@ def test_forward_matches_reference(bits, group_size, K, symmetric, act_order, mo
     large = cpu.LARGE_M[bits]
     for shape in ((1, K), (3, 7, K), (large - 1, K), (large + 5, K)):
         assert_close_to_reference(module, torch.randn(*shape).bfloat16(), monkeypatch, kernel)
-    x = torch.randn(large, K).bfloat16()  # dequantize-then-GEMM: the reference's bf16 GEMM itself
+    x = torch.randn(large, K).bfloat16()  # dequantize-then-GEMM
+    monkeypatch.setattr(cpu, "NATIVE_BF16", True)  # the reference's bf16 GEMM itself
     assert torch.equal(module(x), reference(module, x, monkeypatch))
+    monkeypatch.setattr(cpu, "NATIVE_BF16", False)  # an fp32 GEMM: one bf16 rounding off the fp32 reference
+    assert rel_err(module(x), reference(copy.deepcopy(module).float(), x.float(), monkeypatch)) < 2**-8
 
 
 @pytest.mark.parametrize("bits, group_size", [(4, 128), (8, -1)])
-def test_fp32_activations_served_only_when_asked(bits, group_size, monkeypatch):
+def test_fp32_activations_exact_by_default(bits, group_size, monkeypatch):
     module = make_linear(32, 576, bits, group_size, act_order=True, bias=True)
-    x = torch.randn(3, 7, 576)
-    assert dispatch.select(x, module) is None  # default: an fp32 model keeps the exact reference
+    for x in (torch.randn(1, 576), torch.randn(3, 7, 576), torch.randn(cpu.LARGE_M[bits] + 1, 576)):
+        assert dispatch.select(x, module).name == "cpu-dequant"  # default: the reference's fp32 arithmetic
+        assert torch.equal(module(x), reference(module, x, monkeypatch))
+    assert "cpu" not in module.kernel_cache or module.kernel_cache["cpu"].weight is None  # nothing repacked
     monkeypatch.setenv(cpu.ENV_VAR, "bf16")
     for x in (torch.randn(1, 576), torch.randn(3, 7, 576), torch.randn(cpu.LARGE_M[bits] + 1, 576)):
         assert_close_to_reference(module, x, monkeypatch, f"cpu-int{bits}pack")
@@ -276,12 +285,14 @@ def test_tiny_model_close_to_reference_saves_the_same_tensors(tiny_llama, calib_
     assert len(quantized) == 4 * 7 * 3
     assert all(resaved[k].dtype == saved[k].dtype and torch.equal(resaved[k], saved[k]) for k in quantized)
 
-    # fp32: the exact reference by default; with QUANTKIT_CPU_KERNELS=bf16 the kernels, within bf16's rounding
+    # fp32: the reference's arithmetic by default; with QUANTKIT_CPU_KERNELS=bf16 the kernels, within bf16's rounding
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     monkeypatch.setenv(cpu.ENV_VAR, "1")
-    assert kernel_for(model) == "pytorch-reference"
+    assert kernel_for(model) == "cpu-dequant"
     with torch.no_grad():
         ref_logits = model(ids).logits
+        monkeypatch.setenv(cpu.ENV_VAR, "0")
+        assert torch.equal(model(ids).logits, ref_logits)
         monkeypatch.setenv(cpu.ENV_VAR, "bf16")
         assert kernel_for(model) == "cpu-int4pack"
         assert rel_err(model(ids).logits, ref_logits) < TOL
