@@ -38,6 +38,36 @@ def _quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _budgets(v: str) -> list[float]:
+    try:
+        out = [float(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of bits per weight: {v!r}") from None
+    if not out or any(not 0 < b < 64 for b in out):
+        raise argparse.ArgumentTypeError(f"budgets are bits per weight between 0 and 64: {v!r}")
+    return sorted(set(out))
+
+
+def _allocate(a: argparse.Namespace) -> int:
+    from quantkit.allocate import SensitivitySettings, allocate, load_candidates
+
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise QuantkitError(f"--out {out} is a file; name a folder")
+    candidates = load_candidates(a.candidates)
+    settings = SensitivitySettings(a.kl_windows, a.kl_tokens, a.kl_noise)
+    m, results = allocate(a.model, candidates, a.budget, out, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
+                          seed=a.seed, device=a.device, data_dir=a.data_dir, settings=settings,
+                          granularity=a.granularity, sensitivity=a.sensitivity)
+    print(f"measurement {out / 'measurement.json'} ({len(m['linears'])} linears x {len(m['candidates'])} "
+          "candidates)")
+    unit = "nats/token" if a.sensitivity == "kl" else "(objective)"
+    for r in results:
+        print(f"  budget {r.budget:<5g} {r.bits_per_weight:.4f} bits per weight  predicted {r.predicted:.4g} "
+              f"{unit}  solved in {r.seconds:.2f} s  -> {r.recipe}")
+    return 0
+
+
 def _eval(a: argparse.Namespace) -> int:
     from quantkit.eval.runner import evaluate, format_results, write_results
 
@@ -220,6 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder (written atomically)")
     x.add_argument("--overwrite", action="store_true", help="replace an output folder quantkit wrote earlier")
     x.set_defaults(fn=_export)
+
+    al = sub.add_parser("allocate", help="mixed bit allocation: measure each linear's error per candidate scheme "
+                        "and its sensitivity once, then write one recipe per bits budget")
+    al.add_argument("--model", default=None, help="as for quantize (default: smollm2-135m, the bundled model)")
+    al.add_argument("--candidates", default="default",
+                    help="YAML list of candidate schemes (preset names, fp16, or scheme mappings); default: the "
+                    "built-in set (rtn and gptq at 2/3/4 bits, g64/g128, and 8 bits; hadamard-gptq at 2/3/4 bits; "
+                    "fp16)")
+    al.add_argument("--budget", required=True, type=_budgets,
+                    help="comma-separated budgets in stored bits per weight, e.g. 2.5,3.0,3.5,4.0")
+    al.add_argument("--out", required=True,
+                    help="folder: measurement.json (reused by later runs with other budgets), recipe-B.yaml, "
+                    "recipe-B.png, allocation.json")
+    al.add_argument("--granularity", default="linear", choices=["linear", "layer"],
+                    help="one candidate per linear (default) or per decoder layer")
+    al.add_argument("--sensitivity", default="kl", choices=["kl", "lwq", "none"],
+                    help="weight of each linear's relative error: its measured KL coefficient (default), the "
+                    "layer's LWQ score 1-cos(in, out), or none")
+    al.add_argument("--calib", default="c4", help="as for quantize (default c4)")
+    al.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    al.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--kl-windows", type=int, default=2,
+                    help="calibration sequences the KL sensitivity is measured on (default 2)")
+    al.add_argument("--kl-tokens", type=int, default=256, help="their first N tokens (default 256)")
+    al.add_argument("--kl-noise", type=float, default=0.01,
+                    help="relative output error of the injected noise (default 0.01)")
+    al.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    al.add_argument("--data-dir", default=None, help="local data folder (default: $QUANTKIT_DATA_DIR)")
+    al.set_defaults(fn=_allocate)
 
     r = sub.add_parser("recipes", help="list preset recipes")
     r.set_defaults(fn=_recipes)

@@ -67,4 +67,5 @@ def register_quantizer(name: str):
     return QUANTIZERS.register(name)
 
 
+from quantkit.quantizers import dense as _dense  # noqa: E402,F401  (registers fp16)
 from quantkit.quantizers import scalar as _scalar  # noqa: E402,F401  (registers the scalar grids)

@@ -1,0 +1,381 @@
+"""Measure once, for every linear of the decoder layers and every candidate: the exact stored bits and the relative
+output error, and the linear's sensitivity, in one layer walk (quantkit.calibration.walk).
+
+- **Bits**: ``Format.stored_bits`` of the candidate's scheme for the linear's shape (its tensors, rotation signs
+  and bias), the count ``quantkit quantize`` reports.
+- **Relative output error** ``‖(W − Ŵ) X‖² / ‖W X‖² = tr(Δ H Δᵀ) / tr(W H Wᵀ)`` with the layer-input Hessian
+  ``H ∝ XᵀX`` of the calibration batch (no need to keep ``X``); ``Ŵ`` is what the candidate stores, decoded by its
+  format and rotated back. The rounding itself is the quantize step's (``quantize_linear``), with the Hessian it
+  would use (attention-weighted for value projections where the scheme asks).
+- **Sensitivity** (HIGGS, "Pushing the Limits of Large Language Model Quantization via the Linearity Theorem"):
+  the increase of the KL divergence from the full-precision model's next-token distribution is close to
+  ``Σ_l α_l e_l`` for small relative errors ``e_l``. ``α_l`` is estimated by adding Gaussian noise of relative
+  output error ``e`` (exactly, on the calibration Hessian) to linear ``l`` alone and measuring the KL divergence on
+  a few calibration windows (the first ``windows`` sequences, first ``tokens`` tokens). At decoder layer ``i`` the
+  walk already holds the windows' inputs; the step runs the layer once per linear (plus once unperturbed), then
+  all those streams together through layers ``i+1 …`` (each materialized once per layer ``i``) and the head.
+- **Layer-Wise Quantization's score** (Dumitru et al., "Layer-Wise Quantization"): ``1 − cos(h_in, h_out)`` of
+  each decoder layer on the same windows, a measurement-free ranking.
+
+The walk's per-layer progress (quantkit.resume) makes the measurement resumable: a rerun after a kill continues
+at the next layer and writes the same ``measurement.json``. Its fingerprint covers the model's files, the
+candidates and the calibration (text, settings, sensitivity settings); a measurement with another is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from quantkit.algos.hessian import output_error
+from quantkit.allocate.candidates import Candidate
+from quantkit.calibration.capture import Calibration, capture_inputs
+from quantkit.calibration.quantize import QuantizeStep, layer_rotations, quantize_linear
+from quantkit.calibration.steps import LayerContext, LayerStep
+from quantkit.calibration.walk import LayerWalk, release_freed_memory
+from quantkit.checkpoint import atomic_write_text
+from quantkit.data import calibration_ids, load_calibration_texts
+from quantkit.errors import QuantkitError, RecipeError
+from quantkit.fingerprint import source_digests, text_digest
+from quantkit.formats import get_format
+from quantkit.loading import CheckpointReader, check_causal_lm, load_tokenizer, resolve_model
+from quantkit.model import RenamedCheckpoint, build_skeleton, decoder_layers, linears, load_into
+from quantkit.resume import Progress
+
+__all__ = ["MEASUREMENT_NAME", "MeasureStep", "Plan", "SensitivitySettings", "check_measurement", "measure", "plan",
+           "noise_kl"]
+
+logger = logging.getLogger(__name__)
+
+MEASUREMENT_NAME = "measurement.json"
+MEASUREMENT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SensitivitySettings:
+    windows: int = 2  # calibration sequences the KL divergence is measured on
+    tokens: int = 256  # their first tokens
+    noise: float = 0.01  # relative output error of the injected noise
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Plan:
+    """What a measurement is of, checked before any work: the model, its linears' shapes, each candidate's stored
+    bits per linear (None: the candidate cannot store that shape), the calibration ids and the fingerprint."""
+
+    source: Any
+    candidates: list[Candidate]
+    device: torch.device
+    linears: dict[str, dict[str, Any]]  # name -> {layer, kind, shape, bits: [int | None]}
+    ids: torch.Tensor
+    calibration: dict[str, Any]
+    settings: SensitivitySettings
+    fingerprint: dict[str, str]  # model, candidates, calibration
+
+    @property
+    def weights(self) -> int:
+        return sum(v["shape"][0] * v["shape"][1] for v in self.linears.values())
+
+
+def plan(model: str | None, candidates: list[Candidate], *, calib: str = "c4", nsamples: int = 128,
+         seqlen: int = 2048, seed: int = 0, device: str = "cpu", data_dir: str | Path | None = None,
+         settings: SensitivitySettings = SensitivitySettings()) -> Plan:
+    if nsamples < 1 or seqlen < 2:
+        raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
+    if not 1 <= settings.windows <= nsamples:
+        raise QuantkitError(f"--kl-windows {settings.windows}: must be 1 to --nsamples ({nsamples})")
+    if not 2 <= settings.tokens <= seqlen:
+        raise QuantkitError(f"--kl-tokens {settings.tokens}: must be 2 to --seqlen ({seqlen})")
+    if not 0 < settings.noise < 1:
+        raise QuantkitError(f"--kl-noise {settings.noise}: must be in (0, 1)")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuantkitError("--device cuda asked for, but no CUDA device is available")
+    source = resolve_model(model)
+    check_causal_lm(source.config)
+    limit = getattr(source.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise QuantkitError(f"--seqlen {seqlen} is longer than the model's position limit "
+                            f"(max_position_embeddings = {limit})")
+    tokenizer = load_tokenizer(source)
+    skeleton = build_skeleton(source, torch.device("cpu"))
+    reader = RenamedCheckpoint(CheckpointReader(source.folder), skeleton)
+    layers_name, layers = decoder_layers(skeleton)
+    table: dict[str, dict[str, Any]] = {}
+    for i, layer in enumerate(layers):
+        prefix = f"{layers_name}.{i}"
+        for name, lin in linears(layer, prefix).items():
+            bias = reader.load([f"{name}.bias"])[f"{name}.bias"].dtype if lin.bias is not None else None
+            bits: list[int | None] = []
+            for c in candidates:
+                fmt = get_format(c.scheme.format)
+                try:
+                    fmt.check_layer(c.scheme, lin.in_features, lin.out_features)
+                except RecipeError:
+                    bits.append(None)
+                    continue
+                bits.append(fmt.stored_bits(c.scheme, lin.in_features, lin.out_features, bias))
+            if all(b is None for b in bits):
+                raise RecipeError(f"{name}: no candidate can quantize a {lin.out_features}x{lin.in_features} linear")
+            table[name] = {"layer": i, "kind": name[len(prefix) + 1:], "shape": [lin.out_features, lin.in_features],
+                           "bits": bits}
+    if not table:
+        raise QuantkitError("the model has no linear layer in its decoder layers")
+    texts = load_calibration_texts(calib, data_dir)
+    ids = calibration_ids(tokenizer, texts, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    calibration = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    formats = sorted({(c.scheme.format, get_format(c.scheme.format).version) for c in candidates})
+    fp = {
+        "model": _sha(source_digests(source.folder)),
+        "candidates": _sha({"candidates": [c.to_dict() for c in candidates], "formats": formats}),
+        "calibration": _sha({**calibration, "calib": None, "text_sha256": text_digest(texts),
+                             "sensitivity": asdict(settings), "device": dev.type, "version": MEASUREMENT_VERSION}),
+    }
+    return Plan(source, candidates, dev, table, ids, calibration, settings, fp)
+
+
+_WHAT = {"model": "another model (its files differ)", "candidates": "another candidate set",
+         "calibration": "another calibration (text, settings or sensitivity settings)"}
+
+
+def check_measurement(m: dict[str, Any], fingerprint: dict[str, str], where: str) -> None:
+    """Refuse a measurement whose fingerprint is not ``fingerprint``, naming what differs."""
+    if not isinstance(m, dict) or m.get("quantkit_measurement") != MEASUREMENT_VERSION:
+        raise QuantkitError(f"{where} is not a quantkit measurement (version {MEASUREMENT_VERSION})")
+    got = m.get("fingerprint") or {}
+    for part in ("model", "candidates", "calibration"):
+        if got.get(part) != fingerprint[part]:
+            raise QuantkitError(f"{where} was measured on {_WHAT[part]}; measure again into another --out, or "
+                                "delete it")
+
+
+def _seed(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"quantkit-allocate-noise:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(Δ H Δᵀ) / tr(W H Wᵀ)``: the relative output error ``‖(W − Ŵ) X‖² / ‖W X‖²``."""
+    base = output_error(W, torch.zeros_like(W), H)
+    return output_error(W, W_hat, H) / base if base > 0 else 0.0
+
+
+def noise(name: str, W: torch.Tensor, H: torch.Tensor, e: float) -> torch.Tensor:
+    """Gaussian noise [out, in] (seeded by the linear's name) scaled so its relative output error is exactly ``e``."""
+    Z = torch.randn(W.shape, generator=torch.Generator().manual_seed(_seed(name))).to(W.device)
+    return Z * (e / relative_error(W, W - Z, H)) ** 0.5
+
+
+def _head(model: nn.Module):
+    """``hidden [.., d] -> logits``: the final norm and the output embedding (with Gemma's soft-capping)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    norm = getattr(decoder, "norm", None)
+    head = model.get_output_embeddings()
+    if norm is None or head is None:
+        raise QuantkitError(f"{type(model).__name__}: cannot find its final norm and output head for the KL "
+                            "sensitivity")
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        logits = head(norm(h)).float()
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return fn
+
+
+def _log_probs(stream: list[torch.Tensor], head) -> list[torch.Tensor]:
+    """Next-token log-probabilities [T, vocab] of each sequence of a stream (chunks of [b, T, d])."""
+    return [torch.log_softmax(head(h[s]).double(), -1) for h in stream for s in range(h.shape[0])]
+
+
+def _kl(ref: list[torch.Tensor], other: list[torch.Tensor], head) -> float:
+    """Mean over positions of KL(p_ref ‖ p_other); ``ref`` from :func:`_log_probs`, ``other`` a stream."""
+    total, n = 0.0, 0
+    for lp, lq in zip(ref, _log_probs(other, head), strict=True):
+        total += (lp.exp() * (lp - lq)).sum().item()
+        n += lp.shape[0]
+    return total / n
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+class MeasureStep(LayerStep):
+    """The measurement of one decoder layer (see the module docstring); its record holds each linear's errors per
+    candidate, KL divergence and sensitivity coefficient, and the layer's LWQ score."""
+
+    name: ClassVar[str] = "measure"
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, plan: Plan, model: nn.Module, layers_name: str, layers: nn.ModuleList, reader,
+                 windows: Calibration):
+        self.plan, self.model, self.layers_name, self.layers, self.reader = plan, model, layers_name, layers, reader
+        self.windows = windows  # the sensitivity windows: inputs of layer ``self.at`` (full precision)
+        self.at = 0
+        self.head = _head(model)
+        self.weighted = any(QuantizeStep._weighted(c.scheme) for c in plan.candidates)
+
+    def needs(self, ctx: LayerContext) -> dict[str, set[str]]:
+        lin = linears(ctx.layer, ctx.prefix)
+        return {"hessian": {ctx.local(n) for n in lin},
+                "attention_hessian": {ctx.local(n) for n in lin if n.endswith(".v_proj") and self.weighted}}
+
+    def run(self, ctx: LayerContext, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        self._advance(ctx.index)
+        plain, weighted = stats["hessian"], stats.get("attention_hessian", {})
+        targets = linears(ctx.layer, ctx.prefix)
+        record: dict[str, Any] = {"linears": {}}
+        for name, lin in targets.items():
+            H = plain[ctx.local(name)]
+            W = lin.weight.detach().float()
+            errors = []
+            for c, bits in zip(self.plan.candidates, self.plan.linears[name]["bits"], strict=True):
+                if bits is None:
+                    errors.append(None)
+                    continue
+                Hm = weighted.get(ctx.local(name)) if QuantizeStep._weighted(c.scheme) else None
+                errors.append(relative_error(W, self._stored_weight(name, lin, c, H if Hm is None else Hm), H))
+            record["linears"][name] = {"error": errors}
+        # Sensitivity: the unperturbed stream and one stream per linear with noise in that linear alone.
+        e = self.plan.settings.noise
+        streams = [self._run(ctx.layer, ctx.index, self.windows.hidden)]
+        for name, lin in targets.items():
+            W0 = lin.weight.data.clone()
+            lin.weight.data += noise(name, W0.float(), plain[ctx.local(name)], e).to(W0.dtype)
+            try:
+                streams.append(self._run(ctx.layer, ctx.index, self.windows.hidden))
+            finally:
+                lin.weight.data.copy_(W0)
+        record["lwq"] = self._lwq(self.windows.hidden, streams[0])
+        self.windows.hidden, self.at = streams[0], ctx.index + 1
+        for j in range(ctx.index + 1, len(self.layers)):
+            layer = self._materialize(j)
+            streams = [self._run(layer, j, s) for s in streams]
+            self.layers[j] = layer.to("meta")
+            release_freed_memory()
+        ref = _log_probs(streams[0], self.head)
+        for name, s in zip(targets, streams[1:], strict=True):
+            kl = _kl(ref, s, self.head)
+            # A KL divergence is >= 0; a linear whose noise does not move the output can round below it.
+            record["linears"][name].update({"kl": kl, "coeff": max(kl, 0.0) / e})
+        return record
+
+    def _stored_weight(self, name: str, lin: nn.Linear, c: Candidate, H: torch.Tensor) -> torch.Tensor:
+        """What the candidate stores for this linear, decoded and rotated back to the original basis."""
+        packed, _ = quantize_linear(name, lin, c.scheme, H)
+        fmt = get_format(c.scheme.format)
+        W_hat = fmt.dequantize({k: v for k, v in packed.items() if not k.startswith("rot_")}, c.scheme,
+                               lin.in_features)
+        for rot in reversed(layer_rotations(name, c.scheme, lin.weight).values()):
+            W_hat = rot.unfuse(W_hat)
+        return W_hat
+
+    def _materialize(self, j: int) -> nn.Module:
+        prefix = f"{self.layers_name}.{j}"
+        load_into(self.layers[j], self.reader.load_prefix(prefix + "."), self.plan.device, prefix)
+        return self.layers[j]
+
+    def _run(self, layer: nn.Module, j: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [_out(layer(h, **kw)) for h, kw in zip(hidden, self.windows.kwargs[j], strict=True)]
+
+    def _advance(self, i: int) -> None:
+        """Bring the sensitivity windows to layer ``i``'s inputs (a resumed run starts past layer 0)."""
+        while self.at < i:
+            layer = self._materialize(self.at)
+            self.windows.hidden = self._run(layer, self.at, self.windows.hidden)
+            self.layers[self.at] = layer.to("meta")
+            self.at += 1
+
+    @staticmethod
+    def _lwq(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+        """Layer-Wise Quantization's importance: 1 − the mean cosine similarity of a token's hidden state before
+        and after the layer."""
+        cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).flatten()
+               for a, b in zip(inputs, outputs, strict=True)]
+        return 1.0 - torch.cat(cos).double().mean().item()
+
+
+def measure(p: Plan, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Measure into ``out/measurement.json`` (resuming ``out/measurement.partial``), or return the measurement
+    already there when its fingerprint is this plan's; another one is refused."""
+    out = Path(out).expanduser()
+    path = out / MEASUREMENT_NAME
+    if path.exists():
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise QuantkitError(f"{path} is not a quantkit measurement (not JSON)") from None
+        check_measurement(m, p.fingerprint, str(path))
+        logger.info("%s: measured before with the same model, candidates and calibration; reusing it", path)
+        return m
+    out.mkdir(parents=True, exist_ok=True)
+    done = Progress(out / "measurement.partial", _sha(p.fingerprint))
+    skeleton = build_skeleton(p.source, p.device)
+    reader = RenamedCheckpoint(CheckpointReader(p.source.folder), skeleton)
+    layers_name, layers = decoder_layers(skeleton)
+    non_layer = reader.load([k for k in reader.keys() if not k.startswith(layers_name + ".")])
+    load_into(skeleton, non_layer, p.device, "model", complete=False)
+    skeleton.tie_weights()
+    calib = capture_inputs(skeleton, layers, p.ids, p.device)
+    s = p.settings
+    windows = capture_inputs(skeleton, layers, p.ids[: s.windows, : s.tokens].contiguous(), p.device)
+    step = MeasureStep(p, skeleton, layers_name, layers, reader, windows)
+    walk = LayerWalk(skeleton, layers_name, layers, reader, [step], done, p.device, calib)
+    records = walk.run(desc="measure", show=progress)["measure"]
+    linears_out: dict[str, Any] = {}
+    layer_scores: dict[str, float] = {}
+    for prefix, rec in records.items():
+        layer_scores[prefix] = rec["lwq"]
+        for name, r in rec["linears"].items():
+            linears_out[name] = {**p.linears[name], **r, "lwq": rec["lwq"]}
+    nlayers, members = len(layers), sum(len(rec["linears"]) + 1 for rec in records.values())
+    tokens = s.windows * s.tokens
+    m = {
+        "quantkit_measurement": MEASUREMENT_VERSION,
+        "fingerprint": p.fingerprint,
+        "model": str(p.source.name),
+        "calibration": p.calibration,
+        "sensitivity": {**asdict(s), "method": "KL divergence from the full-precision model under Gaussian noise "
+                        "of relative output error `noise` in one linear; coeff = kl / noise"},
+        "candidates": [c.to_dict() for c in p.candidates],
+        "weights": p.weights,
+        # Work, in tokens through one decoder layer: the calibration walk (statistics, then the next inputs) and
+        # the sensitivity streams (each layer's unperturbed and perturbed streams through the rest of the model).
+        "cost": {"calibration_layer_tokens": 2 * p.ids.numel() * nlayers,
+                 "sensitivity_layer_tokens": tokens * sum(
+                     (len(rec["linears"]) + 1) * (nlayers - i) for i, rec in enumerate(records.values())),
+                 "sensitivity_head_tokens": tokens * members},
+        "layers": layer_scores,
+        "linears": linears_out,
+    }
+    atomic_write_text(path, json.dumps(m, indent=1) + "\n")
+    done.remove()
+    return m
+
+
+def noise_kl(model: nn.Module, ids: torch.Tensor, name: str, e: float, H: torch.Tensor) -> float:
+    """KL divergence of a whole in-memory model's next-token distribution on ``ids`` when linear ``name`` gets the
+    noise :func:`noise` of relative output error ``e`` (for tests and checks; the walk does this batched)."""
+    lin = model.get_submodule(name)
+    W0 = lin.weight.data.clone()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+        lin.weight.data += noise(name, W0.float(), H, e).to(W0.dtype)
+        try:
+            got = model(input_ids=ids).logits.float()
+        finally:
+            lin.weight.data.copy_(W0)
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
