@@ -68,7 +68,7 @@ def test_main_prints_a_row_per_format_and_batch(capsys):
         [" w4g128 ", " 1 ", " eager "], [" w4g128 ", " 2 ", " eager "],
     ]
     assert all(float(r.split("|")[5]) > 0 for r in rows)  # tokens/s
-    assert rows[2].rstrip(" |").endswith("pytorch-reference")  # on CPU the packed layers run the reference
+    assert rows[2].rstrip(" |").endswith("cpu-dequant")  # fp32 on CPU: the exact fp32 path of kernels/cpu.py
 
 
 def test_bad_arguments():
