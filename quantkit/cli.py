@@ -55,7 +55,8 @@ def _allocate(a: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise QuantkitError(f"--out {out} is a file; name a folder")
     candidates = load_candidates(a.candidates)
-    settings = SensitivitySettings(a.kl_windows, a.kl_tokens, a.kl_noise)
+    settings = SensitivitySettings(min(2, a.nsamples) if a.kl_windows is None else a.kl_windows,
+                                   min(256, a.seqlen) if a.kl_tokens is None else a.kl_tokens, a.kl_noise)
     m, results = allocate(a.model, candidates, a.budget, out, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
                           seed=a.seed, device=a.device, data_dir=a.data_dir, settings=settings,
                           granularity=a.granularity, sensitivity=a.sensitivity)
@@ -272,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
     al.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
     al.add_argument("--seed", type=int, default=0)
-    al.add_argument("--kl-windows", type=int, default=2,
+    al.add_argument("--kl-windows", type=int, default=None,
                     help="calibration sequences the KL sensitivity is measured on (default 2)")
-    al.add_argument("--kl-tokens", type=int, default=256, help="their first N tokens (default 256)")
+    al.add_argument("--kl-tokens", type=int, default=None, help="their first N tokens (default 256, at most --seqlen)")
     al.add_argument("--kl-noise", type=float, default=0.01,
                     help="relative output error of the injected noise (default 0.01)")
     al.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -1,0 +1,291 @@
+"""quantkit allocate (quantkit/allocate): the solver against brute force, the measured relative errors and KL
+sensitivities against direct computations on the whole model, resume after a kill, the recipe quantize consumes
+(its stored bits exactly the solver's), and the clear errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+import quantkit  # noqa: F401
+from quantkit import pipeline
+from quantkit.algos.hessian import HessianAccumulator
+from quantkit.allocate import allocate, load_candidates, parse_candidates, solve
+from quantkit.allocate.candidates import default_candidates
+from quantkit.allocate.emit import items
+from quantkit.allocate.measure import MeasureStep, SensitivitySettings, noise_kl, plan, relative_error
+from quantkit.allocate.solve import Item
+from quantkit.calibration.quantize import quantize_linear
+from quantkit.cli import main
+from quantkit.config import Recipe
+from quantkit.data import calibration_ids, load_calibration_texts
+from quantkit.errors import QuantkitError, RecipeError
+from quantkit.formats import get_format
+from quantkit.loading import load_tokenizer, resolve_model
+
+CANDIDATES = [
+    "rtn-w2g64",
+    {"name": "gptq-w3g32", "method": "gptq", "bits": 3, "group_size": 32, "act_order": True},
+    {"name": "hgptq-w4g32", "method": "gptq", "bits": 4, "group_size": 32, "act_order": True,
+     "rotation": "hadamard"},
+    "fp16",
+]
+CALIB = dict(nsamples=6, seqlen=48, seed=0)
+WINDOWS = SensitivitySettings(windows=2, tokens=32, noise=0.01)
+
+
+# --- the solver -----------------------------------------------------------------------------------------------------
+
+
+def _brute(its: list[Item], max_bits: int) -> float:
+    best = float("inf")
+    for pick in itertools.product(*[range(len(it.bits)) for it in its]):
+        if sum(it.bits[k] for it, k in zip(its, pick, strict=True)) <= max_bits:
+            best = min(best, sum(it.cost[k] for it, k in zip(its, pick, strict=True)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_matches_brute_force(seed):
+    rng = random.Random(seed)
+    its = [Item(f"l{i}", tuple(rng.randrange(10, 200) for _ in range(4)), tuple(rng.random() for _ in range(4)))
+           for i in range(rng.randrange(2, 6))]
+    lo = sum(min(it.bits) for it in its)
+    hi = sum(max(it.bits) for it in its)
+    for max_bits in (lo, (lo + hi) // 2, lo + (hi - lo) // 5, hi):
+        sol = solve(its, max_bits)
+        assert sol.unit == 1 and sol.bits <= max_bits
+        assert sol.bits == sum(it.bits[sol.choice[it.name]] for it in its)
+        assert sol.cost == pytest.approx(_brute(its, max_bits), abs=1e-12)
+
+
+def test_dp_with_coarse_units_stays_within_budget():
+    rng = random.Random(0)
+    its = [Item(f"l{i}", tuple(rng.randrange(1000, 100000) for _ in range(5)), tuple(rng.random() for _ in range(5)))
+           for i in range(6)]
+    lo = sum(min(it.bits) for it in its)
+    hi = sum(max(it.bits) for it in its)
+    max_bits = (lo + hi) // 2
+    sol = solve(its, max_bits, resolution=50)
+    assert sol.unit > 1 and sol.bits <= max_bits
+    assert sol.cost >= _brute(its, max_bits) - 1e-12
+    assert sol.cost <= _brute(its, lo + (max_bits - lo) * 9 // 10)  # no worse than the optimum of a 10% tighter budget
+
+
+# --- the measurement ------------------------------------------------------------------------------------------------
+
+
+def test_relative_error_is_the_output_error_ratio():
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(24, 40, generator=g), torch.randn(300, 40, generator=g) * torch.linspace(0.1, 3, 40)
+    W_hat = W + 0.1 * torch.randn(24, 40, generator=g)
+    acc = HessianAccumulator(40)
+    acc.add(X)
+    direct = ((W - W_hat) @ X.T).pow(2).sum() / (W @ X.T).pow(2).sum()
+    assert relative_error(W, W_hat, acc.H) == pytest.approx(direct.item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_llama, calib_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("alloc")
+    cands = parse_candidates(CANDIDATES)
+    m, res = allocate(str(tiny_llama), cands, [3.0, 5.0], out, calib=str(calib_file), settings=WINDOWS,
+                      progress=False, **CALIB)
+    return out, m, res
+
+
+def _inputs(model, calib_file, n: int, seqlen: int) -> torch.Tensor:
+    tok = load_tokenizer(resolve_model(str(model)))
+    ids = calibration_ids(tok, load_calibration_texts(str(calib_file)), nsamples=CALIB["nsamples"],
+                          seqlen=CALIB["seqlen"], seed=0)
+    return ids[:n, :seqlen]
+
+
+def _captured(model, ids: torch.Tensor, name: str) -> torch.Tensor:
+    X = []
+    h = model.get_submodule(name).register_forward_hook(lambda m, i, o: X.append(i[0].detach().reshape(-1,
+                                                                                                   i[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    return torch.cat(X)
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"])
+def test_measured_errors_match_a_direct_computation_with_X(measured, tiny_llama, calib_file, name):
+    _, m, _ = measured
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    X = _captured(model, _inputs(tiny_llama, calib_file, CALIB["nsamples"], CALIB["seqlen"]), name)
+    lin = model.get_submodule(name)
+    W = lin.weight.detach()
+    cands = parse_candidates(CANDIDATES)
+    for k in (0, 3):  # rtn and fp16: data-free, so their stored weights do not depend on the walk's Hessian
+        packed, _ = quantize_linear(name, lin, cands[k].scheme, None)
+        W_hat = get_format(cands[k].scheme.format).dequantize(packed, cands[k].scheme, lin.in_features)
+        direct = ((W - W_hat) @ X.T).pow(2).sum() / (W @ X.T).pow(2).sum()
+        assert m["linears"][name]["error"][k] == pytest.approx(direct.item(), rel=1e-3)
+        fmt = get_format(cands[k].scheme.format)
+        assert m["linears"][name]["bits"][k] == fmt.stored_bits(cands[k].scheme, lin.in_features, lin.out_features)
+    errs = m["linears"][name]["error"]
+    assert errs[3] < errs[2] < errs[1] < errs[0]  # fp16 < 4-bit < 3-bit < 2-bit
+
+
+def test_batched_kl_matches_noise_in_the_whole_model_and_grows_with_the_noise(measured, tiny_llama, calib_file):
+    _, m, _ = measured
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    ids = _inputs(tiny_llama, calib_file, CALIB["nsamples"], CALIB["seqlen"])
+    windows = ids[: WINDOWS.windows, : WINDOWS.tokens]
+    for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj"):
+        acc = HessianAccumulator(model.get_submodule(name).in_features)
+        acc.add(_captured(model, ids, name))
+        kl = noise_kl(model, windows, name, WINDOWS.noise, acc.H)
+        assert m["linears"][name]["kl"] == pytest.approx(kl, rel=2e-3)
+        kls = [noise_kl(model, windows, name, e, acc.H) for e in (0.001, 0.01, 0.1, 0.5)]
+        assert all(a < b for a, b in zip(kls, kls[1:], strict=False)), kls
+        assert kls[1] / kls[0] == pytest.approx(10, rel=0.3)  # linear in the relative error while it is small
+
+
+def test_measurement_lwq_scores(measured):
+    _, m, _ = measured
+    assert set(m["layers"]) == {f"model.layers.{i}" for i in range(3)}
+    assert all(0 < v < 2 for v in m["layers"].values())
+
+
+def test_resume_after_a_kill_gives_an_identical_measurement(measured, tiny_llama, calib_file, tmp_path, monkeypatch):
+    out0, _, _ = measured
+    cands = parse_candidates(CANDIDATES)
+    run = MeasureStep.run
+    calls = []
+
+    def killed(self, ctx, stats):
+        calls.append(ctx.index)
+        if ctx.index == 2:
+            raise KeyboardInterrupt
+        return run(self, ctx, stats)
+
+    monkeypatch.setattr(MeasureStep, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        allocate(str(tiny_llama), cands, [3.0], tmp_path, calib=str(calib_file), settings=WINDOWS, progress=False,
+                 **CALIB)
+    assert not (tmp_path / "measurement.json").exists() and (tmp_path / "measurement.partial").is_dir()
+    assert not list(tmp_path.glob("recipe-*"))
+    monkeypatch.setattr(MeasureStep, "run", lambda self, ctx, stats: (calls.append(ctx.index), run(self, ctx,
+                                                                                                  stats))[1])
+    allocate(str(tiny_llama), cands, [3.0], tmp_path, calib=str(calib_file), settings=WINDOWS, progress=False,
+             **CALIB)
+    assert calls == [0, 1, 2, 2]  # the rerun measured only the layer the kill interrupted
+    assert (tmp_path / "measurement.json").read_bytes() == (out0 / "measurement.json").read_bytes()
+    assert not (tmp_path / "measurement.partial").exists()
+
+
+# --- the recipes ----------------------------------------------------------------------------------------------------
+
+
+def test_quantize_consumes_the_recipe_with_the_predicted_bits(measured, tiny_llama, calib_file, tmp_path):
+    out, m, res = measured
+    for a in res:
+        assert a.bits <= a.budget * m["weights"]
+        recipe = yaml.safe_load(a.recipe.read_text())
+        assert f"{a.predicted:.4g} nats/token" in recipe["description"]
+        assert a.plot.is_file()
+    a = res[0]
+    q = pipeline.quantize(str(tiny_llama), str(a.recipe), tmp_path / "q", calib=str(calib_file), progress=False,
+                          **CALIB)
+    assert q.report["quantized_bits"] == a.bits and q.report["quantized_weights"] == m["weights"]
+    assert q.report["bits_per_weight"] <= a.budget
+    chosen = {n: s["method"] + str(s["bits"]) for n, s in q.report["layers"].items()}
+    assert len(set(chosen.values())) > 1  # a mixed allocation
+
+
+def test_fp16_candidate_stores_the_float16_weight(tiny_llama, calib_file, tmp_path):
+    recipe = Recipe.from_dict({"name": "fp16", "schemes": [{"targets": ["re:.*"], "method": "rtn", "grid": "fp16"}]})
+    q = pipeline.quantize(str(tiny_llama), recipe, tmp_path / "q", calib=str(calib_file), progress=False, **CALIB)
+    assert q.report["bits_per_weight"] == 16
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    for n, mod in ref.named_modules():
+        if n.endswith("_proj"):
+            mod.weight.data = mod.weight.data.half().float()
+    x = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, ref(x).logits, atol=1e-5)
+
+
+def test_layer_granularity_gives_each_layer_one_scheme(measured):
+    _, m, _ = measured
+    its = items(m, granularity="layer")
+    assert [it.name for it in its] == ["layer:0", "layer:1", "layer:2"]
+    sol = solve(its, int(4 * m["weights"]))
+    assert sol.bits <= 4 * m["weights"]
+
+
+def test_default_candidates_parse_and_round_trip():
+    cands = default_candidates()
+    assert {"fp16", "gptq-w3g128", "hadamard-gptq-w2g64", "rtn-w8"} <= {c.name for c in cands}
+    again = parse_candidates([{"name": c.name, **c.scheme.to_dict()} for c in cands])
+    assert again == cands
+
+
+# --- clear errors ---------------------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    rc = main(list(args))
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_unknown_method_in_a_candidates_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"candidates": ["rtn-w4g128", {"method": "awq", "bits": 4}]}))
+    with pytest.raises(RecipeError, match=r"candidates\[1\]: field 'method': unknown method"):
+        load_candidates(path)
+    rc, err = _cli(capsys, "allocate", "--candidates", str(path), "--budget", "3", "--out", str(tmp_path / "o"))
+    assert rc == 2 and err.count("\n") == 0 and "unknown method" in err and "candidates[1]" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("budget, what", [("1", "below the cheapest"), ("17", "above the most expensive")])
+def test_budget_out_of_range(tiny_llama, calib_file, tmp_path, capsys, budget, what):
+    cands = tmp_path / "c.yaml"
+    cands.write_text(yaml.safe_dump(CANDIDATES))
+    rc, err = _cli(capsys, "allocate", "--model", str(tiny_llama), "--candidates", str(cands), "--budget",
+                   f"3,{budget}", "--out", str(tmp_path / "o"), "--calib", str(calib_file), "--nsamples", "6",
+                   "--seqlen", "48")
+    assert rc == 2 and err.count("\n") == 0 and what in err and f"--budget {budget}" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_measurement_of_another_model_or_candidate_set_is_refused(measured, tiny_model_factory, calib_file,
+                                                                  tmp_path):
+    out, _, _ = measured
+    before = sorted(p.name for p in out.iterdir())
+    other = parse_candidates(CANDIDATES[:3])
+    with pytest.raises(QuantkitError, match="another candidate set"):
+        allocate(str(tiny_model_factory("llama")), other, [3.0], out, calib=str(calib_file), settings=WINDOWS,
+                 progress=False, **CALIB)
+    with pytest.raises(QuantkitError, match="another model"):
+        allocate(str(tiny_model_factory("qwen2")), parse_candidates(CANDIDATES), [3.0], out, calib=str(calib_file),
+                 settings=WINDOWS, progress=False, **CALIB)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_measurement_serves_another_budget(measured, tiny_llama, calib_file):
+    out, m, _ = measured
+    stamp = (out / "measurement.json").stat().st_mtime_ns
+    m2, res = allocate(str(tiny_llama), parse_candidates(CANDIDATES), [4.0], out, calib=str(calib_file),
+                       settings=WINDOWS, progress=False, **CALIB)
+    assert m2 == m and (out / "measurement.json").stat().st_mtime_ns == stamp
+    assert res[0].recipe.name == "recipe-4.0.yaml" and res[0].bits <= 4 * m["weights"]
+    assert json.loads((out / "allocation.json").read_text())["measurement_seconds"] is None
+
+
+def test_plan_checks_the_sensitivity_windows(tiny_llama, calib_file):
+    with pytest.raises(QuantkitError, match="--kl-windows"):
+        plan(str(tiny_llama), parse_candidates(CANDIDATES), calib=str(calib_file), nsamples=2, seqlen=48,
+             settings=SensitivitySettings(windows=3))
