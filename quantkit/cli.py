@@ -91,7 +91,8 @@ def _report(a: argparse.Namespace) -> int:
     from quantkit.eval.report import load_results, markdown_table, pareto_plot
 
     inputs = {Path(r).resolve() for r in a.results}
-    for flag, path, suffixes in (("--out", a.out, (".md", ".markdown", ".txt")), ("--plot", a.plot, (".png",))):
+    for flag, path, suffixes in (("--out", a.out, (".md", ".markdown", ".txt")), ("--plot", a.plot, (".png",)),
+                                 ("--bits-plot", a.bits_plot, (".png",))):
         if path is None:
             continue
         if Path(path).resolve() in inputs:
@@ -101,6 +102,15 @@ def _report(a: argparse.Namespace) -> int:
         _check_writable(Path(path), flag)
     runs = load_results(a.results)
     text = markdown_table(runs)
+    if a.bits_plot:
+        from quantkit.allocate.emit import folder_cells, heatmap
+
+        folders = [r for r in runs if (Path(r.get("model_folder") or "") / "quantkit_report.json").is_file()]
+        if not folders:
+            raise QuantkitError("--bits-plot: no run is of a folder written by quantkit quantize")
+        heatmap([(f"{r['_label']}: {r['bits_per_weight']:.3f} bits per weight", folder_cells(r["model_folder"]))
+                 for r in folders], a.bits_plot)
+        text += f"\n![stored bits per weight of each linear]({Path(a.bits_plot).as_posix()})\n"
     if a.plot:
         plot = pareto_plot(runs, a.plot)
         if a.out:  # link the plot from the report, relative to it when possible
@@ -235,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("results", nargs="+", help="results files written by `quantkit eval --out`")
     rp.add_argument("--out", default=None, help="write the Markdown report here (default: print it)")
     rp.add_argument("--plot", default=None, help="write the plot (PNG) here")
+    rp.add_argument("--bits-plot", default=None,
+                    help="write the stored bits per weight of each linear (decoder layers x linear kinds) of the "
+                    "quantized runs here (PNG), one heat map per run")
     rp.set_defaults(fn=_report)
 
     v = sub.add_parser("verify", help="check a quantized checkpoint: config, every tensor's presence, shape and "

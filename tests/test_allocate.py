@@ -18,7 +18,7 @@ from quantkit import pipeline
 from quantkit.algos.hessian import HessianAccumulator
 from quantkit.allocate import allocate, load_candidates, parse_candidates, solve
 from quantkit.allocate.candidates import default_candidates
-from quantkit.allocate.emit import items
+from quantkit.allocate.emit import allocation_cells, folder_cells, heatmap, items
 from quantkit.allocate.measure import MeasureStep, SensitivitySettings, noise_kl, plan, relative_error
 from quantkit.allocate.solve import Item
 from quantkit.calibration.quantize import quantize_linear
@@ -187,20 +187,39 @@ def test_resume_after_a_kill_gives_an_identical_measurement(measured, tiny_llama
 # --- the recipes ----------------------------------------------------------------------------------------------------
 
 
-def test_quantize_consumes_the_recipe_with_the_predicted_bits(measured, tiny_llama, calib_file, tmp_path):
+@pytest.fixture(scope="module")
+def quantized(measured, tiny_llama, calib_file, tmp_path_factory):
+    _, _, res = measured
+    out = tmp_path_factory.mktemp("quantized") / "q"
+    return pipeline.quantize(str(tiny_llama), str(res[0].recipe), out, calib=str(calib_file), progress=False,
+                             **CALIB)
+
+
+def test_quantize_consumes_the_recipe_with_the_predicted_bits(measured, quantized, tmp_path):
     out, m, res = measured
     for a in res:
         assert a.bits <= a.budget * m["weights"]
         recipe = yaml.safe_load(a.recipe.read_text())
         assert f"{a.predicted:.4g} nats/token" in recipe["description"]
         assert a.plot.is_file()
-    a = res[0]
-    q = pipeline.quantize(str(tiny_llama), str(a.recipe), tmp_path / "q", calib=str(calib_file), progress=False,
-                          **CALIB)
+    a, q = res[0], quantized
     assert q.report["quantized_bits"] == a.bits and q.report["quantized_weights"] == m["weights"]
     assert q.report["bits_per_weight"] <= a.budget
     chosen = {n: s["method"] + str(s["bits"]) for n, s in q.report["layers"].items()}
     assert len(set(chosen.values())) > 1  # a mixed allocation
+    # The picture of the quantized folder is the allocation's.
+    assert folder_cells(q.out) == allocation_cells(m, a.choice)
+    assert heatmap([("a", folder_cells(q.out)), ("b", allocation_cells(m, res[1].choice))],
+                   tmp_path / "bits.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_draws_the_bits_of_each_linear(quantized, data_dir, tmp_path, capsys):
+    results = tmp_path / "r.json"
+    assert main(["eval", str(quantized.out), "--ppl", "wikitext2", "--ppl-windows", "1", "--seqlen", "64",
+                 "--device", "cpu", "--data-dir", str(data_dir), "--out", str(results)]) == 0
+    png, md = tmp_path / "bits.png", tmp_path / "r.md"
+    assert main(["report", str(results), "--out", str(md), "--bits-plot", str(png)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG") and "bits.png" in md.read_text()
 
 
 def test_fp16_candidate_stores_the_float16_weight(tiny_llama, calib_file, tmp_path):

@@ -40,6 +40,7 @@ class Allocation:
     weights: int
     predicted: float
     seconds: float
+    choice: dict[str, int]  # linear -> candidate index
 
     @property
     def bits_per_weight(self) -> float:
@@ -86,7 +87,7 @@ def solve_budgets(m: dict[str, Any], budgets: list[float], out: str | Path, *, g
         if plot:
             png = bits_plot(m, choice, out / f"recipe-{tag}.png",
                             f"{m['model']}: budget {b:g}, {bits / weights:.3f} bits per weight stored")
-        results.append(Allocation(b, path, png, bits, weights, cost, seconds))
+        results.append(Allocation(b, path, png, bits, weights, cost, seconds, choice))
     return results
 
 

@@ -4,6 +4,7 @@ linear kind over layer indices), and the picture of the bits per layer (layers �
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import defaultdict
@@ -15,7 +16,8 @@ from quantkit.config.recipe import Recipe, SchemeRule
 from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError
 
-__all__ = ["SENSITIVITIES", "bits_plot", "items", "predicted", "recipe_for"]
+__all__ = ["SENSITIVITIES", "allocation_cells", "bits_plot", "folder_cells", "heatmap", "items", "predicted",
+           "recipe_for"]
 
 SENSITIVITIES = ("kl", "lwq", "none")
 
@@ -102,8 +104,49 @@ def description(budget: float, bits: int, weights: int, cost: float, sensitivity
             f"{weights} weights), one candidate per {granularity}; {what}")
 
 
+Cells = dict[str, tuple[int, str, float]]  # linear -> (decoder layer, kind, stored bits per weight)
+
+_NAME = re.compile(r"^(.*)\.(\d+)\.([^.].*)$")
+
+
+def allocation_cells(m: dict[str, Any], choice: dict[str, int]) -> Cells:
+    out = {}
+    for n, k in choice.items():
+        r = m["linears"][n]
+        out[n] = (r["layer"], r["kind"], r["bits"][k] / (r["shape"][0] * r["shape"][1]))
+    return out
+
+
+def folder_cells(folder: str | Path) -> Cells:
+    """The stored bits per weight of each quantized linear of a ``quantkit quantize`` folder (its report's recipe
+    and shapes, counted by the formats; biases left out)."""
+    from quantkit.checkpoint import REPORT_NAME
+    from quantkit.formats import get_format
+
+    path = Path(folder) / REPORT_NAME
+    try:
+        rep = json.loads(path.read_text())
+        recipe = Recipe.from_dict(rep["recipe"], source=str(path))
+        shapes = {n: s["shape"] for n, s in rep["layers"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QuantkitError(f"{path}: not a quantkit quantize report ({type(e).__name__})") from None
+    out = {}
+    for n, scheme in recipe.resolve(list(shapes)).items():
+        match = _NAME.match(n)
+        if match is None:
+            continue
+        o, i = shapes[n]
+        out[n] = (int(match.group(2)), match.group(3), get_format(scheme.format).stored_bits(scheme, i, o) / (o * i))
+    return out
+
+
 def bits_plot(m: dict[str, Any], choice: dict[str, int], out: str | Path, title: str) -> Path:
-    """Heat map of the stored bits per weight of each linear: decoder layers × linear kinds."""
+    """Heat map of the stored bits per weight of each linear of an allocation: decoder layers × linear kinds."""
+    return heatmap([(title, allocation_cells(m, choice))], out)
+
+
+def heatmap(panels: list[tuple[str, Cells]], out: str | Path) -> Path:
+    """One heat map per panel (decoder layers × linear kinds, stored bits per weight), side by side, as PNG."""
     try:
         import matplotlib
 
@@ -113,26 +156,30 @@ def bits_plot(m: dict[str, Any], choice: dict[str, int], out: str | Path, title:
         raise QuantkitError("the plot needs matplotlib: pip install matplotlib") from e
     import numpy as np
 
-    kinds = list(dict.fromkeys(m["linears"][n]["kind"] for n in m["linears"]))
-    nlayers = 1 + max(r["layer"] for r in m["linears"].values())
-    grid = np.full((nlayers, len(kinds)), np.nan)
-    for n, k in choice.items():
-        r = m["linears"][n]
-        grid[r["layer"], kinds.index(r["kind"])] = r["bits"][k] / (r["shape"][0] * r["shape"][1])
-    fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2.5, 0.28 * nlayers + 1.8))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=np.nanmin(grid), vmax=max(np.nanmax(grid), 4.5))
-    for i in range(nlayers):
-        for j in range(len(kinds)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if grid[i, j] < np.nanmean(grid) else "black")
-    ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=30, ha="right")
-    ax.set_yticks(range(nlayers), [str(i) for i in range(nlayers)], fontsize=7)
-    ax.set_ylabel("decoder layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="stored bits per weight")
-    fig.tight_layout()
+    if not panels or not any(cells for _, cells in panels):
+        raise QuantkitError("no quantized linear to plot")
+    kinds = list(dict.fromkeys(kind for _, cells in panels for _, kind, _ in cells.values()))
+    nlayers = 1 + max(layer for _, cells in panels for layer, _, _ in cells.values())
+    vals = [v for _, cells in panels for _, _, v in cells.values()]
+    lo, hi = min(vals), max(max(vals), min(vals) + 1)
+    fig, axes = plt.subplots(1, len(panels), figsize=((1.0 * len(kinds) + 1.2) * len(panels) + 1.5,
+                                                      0.26 * nlayers + 1.9), squeeze=False)
+    for ax, (title, cells) in zip(axes[0], panels, strict=True):
+        grid = np.full((nlayers, len(kinds)), np.nan)
+        for layer, kind, v in cells.values():
+            grid[layer, kinds.index(kind)] = v
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
+        for i in range(nlayers):
+            for j in range(len(kinds)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if grid[i, j] < (lo + hi) / 2 else "black")
+        ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=30, ha="right")
+        ax.set_yticks(range(nlayers), [str(i) for i in range(nlayers)], fontsize=7)
+        ax.set_ylabel("decoder layer")
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), label="stored bits per weight")
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
