@@ -4,7 +4,9 @@ They plug into the quantizer protocol (quantkit.quantizers) with ``codesz = dim`
 
 from __future__ import annotations
 
+from quantkit.codebooks import aq as _aq  # noqa: F401  (registers "aq")
 from quantkit.codebooks import vq as _vq  # noqa: F401  (registers "vq")
+from quantkit.codebooks.aq import AQQuantizer, AQSpec
 from quantkit.codebooks.vq import VQQuantizer, VQSpec, weighted_kmeans
 
-__all__ = ["VQQuantizer", "VQSpec", "weighted_kmeans"]
+__all__ = ["AQQuantizer", "AQSpec", "VQQuantizer", "VQSpec", "weighted_kmeans"]

@@ -118,6 +118,6 @@ def get_format(name: str) -> Format:
     return FORMATS.get(name)
 
 
-from quantkit.formats import codebook as _codebook  # noqa: E402,F401  (registers "quantkit-vq")
+from quantkit.formats import codebook as _codebook  # noqa: E402,F401  (registers "quantkit-vq", "quantkit-aq")
 from quantkit.formats import dense as _dense  # noqa: E402,F401  (registers "quantkit-dense")
 from quantkit.formats import uniform as _uniform  # noqa: E402,F401  (registers "quantkit-uniform")
