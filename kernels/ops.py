@@ -241,6 +241,20 @@ def _codebook_linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = Non
                                   bits=q.bits)
 
 
+def _aq1_supports(x: torch.Tensor, module) -> bool:
+    """``quantkit-aq`` with one table is ``quantkit-vq`` with a leading axis of one: the same kernels serve it."""
+    q = module.scheme.quantizer
+    return q.codebooks == 1 and codebook_supports(x, module.tensors["codes"], dim=q.dim, bits=q.bits)
+
+
+def _aq1_linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
+    if rotation is not None:
+        x = rotation.apply(x)
+    t, q = module.tensors, module.scheme.quantizer
+    return codebook_matmul_triton(x, t["codes"][0], t["codebooks"][0], t["scales"], t.get("perm"), bias,
+                                  dim=q.dim, bits=q.bits)
+
+
 def register_triton_kernels() -> None:
     """The dispatch table's Triton entries (quantkit.kernels.dispatch calls this once, when Triton is installed):
     the dequant-matmul of ``quantkit-uniform``, the lookup-table matmul of ``quantkit-vq`` and the Hadamard
@@ -250,6 +264,7 @@ def register_triton_kernels() -> None:
 
     dispatch.register_kernel("triton-uniform", "quantkit-uniform", _uniform_supports, _uniform_linear)
     dispatch.register_kernel("triton-codebook", "quantkit-vq", _codebook_supports, _codebook_linear)
+    dispatch.register_kernel("triton-codebook-aq1", "quantkit-aq", _aq1_supports, _aq1_linear)  # M = 1 only
     dispatch.register_hadamard_kernel("triton-rotate", fused=True, impl=triton_rotate,
                                       supports=lambda x, layout: x.is_cuda and layout.small == 1
                                       and not _needs_grad(x))

@@ -317,3 +317,40 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     assert torch.equal(module(x), reference(x, tensors, b, 4, 8))
     names = [k.name for k in dispatch.KERNELS]
     assert ("triton-codebook" in names) == (importlib.util.find_spec("triton") is not None)
+
+
+def _aq_scheme(codebooks: int, dim: int, bits: int, act_order: bool) -> LayerScheme:
+    return LayerScheme.from_dict({"method": {"name": "gptq", "act_order": act_order, "attention_weighted": False},
+                                  "quantizer": {"name": "aq", "codebooks": codebooks, "dim": dim,
+                                                "entries": 2**bits}})
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["stored-order", "act-order"])
+def test_one_table_additive_codebooks_reuse_the_kernel(tc, act_order):
+    """``quantkit-aq`` with one table is ``quantkit-vq`` with a leading axis: ``triton-codebook-aq1`` runs the vq
+    kernels on it, against the aq format's own reference."""
+    from quantkit.kernels import ops
+    from quantkit.nn import QuantizedLinear
+
+    tensors, b = make_layer(40, 96, 4, 8, act_order=act_order, bias=True)
+    aq = {"codes": tensors["codes"][None], "codebooks": tensors["codebook"][None], "scales": tensors["scales"]}
+    aq |= {"perm": tensors["perm"]} if act_order else {}
+    scheme = _aq_scheme(1, 4, 8, act_order)
+    module = QuantizedLinear.from_packed({k: v.cpu() for k, v in aq.items()}, scheme, 96, 40, b.cpu()).to(DEVICE)
+    x = activations(3, 96)
+    ref = get_format("quantkit-aq").linear(x, module.tensors, scheme, b)
+    assert rel_error(ops._aq1_linear(x, module, bias=b), ref) < TOL[x.dtype]
+    assert torch.equal(ref, reference(x, tensors, b, 4, 8))  # and the two formats' references agree
+
+
+def test_dispatch_routes_one_table_aq_to_the_kernel_and_more_to_the_reference():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install 'quantkit[triton]')")
+    from quantkit.nn import QuantizedLinear
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(3, 96, dtype=torch.float16, device="cuda")
+        one = QuantizedLinear(96, 40, _aq_scheme(1, 4, 8, True), device="cuda", dtype=torch.float16)
+        two = QuantizedLinear(96, 40, _aq_scheme(2, 4, 8, True), device="cuda", dtype=torch.float16)
+        assert dispatch.select(x, one).name == "triton-codebook-aq1"
+        assert dispatch.select(x, two) is None
