@@ -22,7 +22,7 @@ from quantkit.nn import QuantizedLinear
 def _scheme(method="gptq", **q):
     return LayerScheme.from_dict({"method": {"name": method, "attention_weighted": False},
                                   "quantizer": {"name": "aq", "codebooks": 2, "entries": 16, "dim": 4,
-                                                "iters": 2, **q}})
+                                                "iters": 2, "beam": 2, "passes": 1, **q}})
 
 
 def _layer(out=48, n=128, seed=0):
