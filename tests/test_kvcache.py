@@ -338,3 +338,24 @@ def test_quantkit_eval_kv_cache(tiny_model_factory, tmp_path, capsys):
     assert main(["eval", str(folder), "--ppl", "none", "--kv-cache", "kivi:bits=5", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "field 'kv_cache.bits'" in err and err.count("\n") == 1
+
+
+# ---- SmolLM2 ----
+
+@pytest.mark.slow
+def test_smollm2_chunked_protocol(smollm2_folder, data_dir):
+    """fp through DynamicCache in chunks equals the plain 512-token windows; KIVI at 4 bits stays within 3%."""
+    from quantkit.eval.kv_perplexity import wikitext2_ids
+    from quantkit.loading import load_model
+
+    model, tok = load_model(smollm2_folder, dtype=torch.float32)
+    ids = wikitext2_ids(tok, data_dir)
+    assert ids.numel() == 304_986
+    fp = kv_perplexity(model, ids, lambda: DynamicCache(config=model.config), windows=2, progress=False)
+    plain = perplexity(model, ids, seqlen=512, windows=2, progress=False)
+    assert fp.nll == pytest.approx(plain.nll, abs=1e-4)
+    q4 = kv_perplexity(model, ids, lambda: kv_cache(model, "kivi:bits=4,group_size=64,residual=64"), windows=2,
+                       progress=False)
+    q2 = kv_perplexity(model, ids, lambda: kv_cache(model, "kivi:bits=2,group_size=64,residual=0"), windows=2,
+                       progress=False)
+    assert fp.ppl < q4.ppl < 1.03 * fp.ppl < q2.ppl
