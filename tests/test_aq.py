@@ -167,3 +167,27 @@ def test_aq_model_round_trips_and_counts_its_bits(tiny_model_factory, calib_file
     expected = sum(2 * o * (((i // 8) * 4 + 31) // 32) * 32 + 2 * 16 * 8 * 16 + o * 16 + i * 8 + i * 16
                    for o, i in (s["shape"] for s in res.report["layers"].values()))
     assert res.report["quantized_bits"] == expected
+    # save → reload → save is exact: the resaved folder holds the same packed tensors, bit for bit.
+    from safetensors.torch import load_file
+
+    first = load_file(tmp_path / "q" / "model.safetensors")
+    again = load_file(tmp_path / "resaved" / "model.safetensors")
+    packed = [k for k in first if k.rsplit(".", 1)[-1] in ("codes", "codebooks", "scales", "perm")]
+    assert len(packed) == 4 * len(res.report["layers"])  # codes, codebooks, scales, perm per linear
+    assert all(torch.equal(first[k], again[k]) for k in packed)
+
+
+@pytest.mark.parametrize("quantizer,field", [({"dim": 5}, "quantizer.dim"),
+                                             ({"dim": 8, "entries": 1024}, "quantizer.codebooks")])
+def test_an_impossible_aq_is_refused_before_any_work(quantizer, field, tiny_model_factory, tmp_path):
+    """The tiny Llama: q_proj 96 → 96, k/v 96 → 48 (576 vectors of 8), up 96 → 160, down 160 → 96."""
+    import yaml
+    from faultkit import expect_clean, run_cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "impossible", "schemes": [
+        {"method": {"name": "rtn"}, "quantizer": {"name": "aq", **quantizer}}]}))
+    out = tmp_path / "q"
+    o = run_cli("quantize", "--model", tiny_model_factory("llama"), "--recipe", recipe, "--out", out)
+    line = expect_clean(o, f"field '{field}'", "model.layers.0.")
+    assert not out.exists() and not list(tmp_path.glob("q.*")), line
