@@ -56,7 +56,8 @@ def _allocate(a: argparse.Namespace) -> int:
         raise QuantkitError(f"--out {out} is a file; name a folder")
     candidates = load_candidates(a.candidates)
     settings = SensitivitySettings(min(2, a.nsamples) if a.kl_windows is None else a.kl_windows,
-                                   min(256, a.seqlen) if a.kl_tokens is None else a.kl_tokens, a.kl_noise)
+                                   min(256, a.seqlen) if a.kl_tokens is None else a.kl_tokens, a.kl_noise,
+                                   a.kl_probe)
     m, results = allocate(a.model, candidates, a.budget, out, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
                           seed=a.seed, device=a.device, data_dir=a.data_dir, settings=settings,
                           granularity=a.granularity, sensitivity=a.sensitivity)
@@ -290,7 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calibration sequences the KL sensitivity is measured on (default 2)")
     al.add_argument("--kl-tokens", type=int, default=None, help="their first N tokens (default 256, at most --seqlen)")
     al.add_argument("--kl-noise", type=float, default=0.01,
-                    help="relative output error of the injected noise (default 0.01)")
+                    help="relative output error of the injected noise, with --kl-probe noise (default 0.01)")
+    al.add_argument("--kl-probe", default=None, metavar="CANDIDATE|noise",
+                    help="whose error measures each linear's sensitivity: a candidate's rounding, or Gaussian "
+                         "noise (default gptq-w3g128 when it is a candidate, else noise)")
     al.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     al.add_argument("--data-dir", default=None, help="local data folder (default: $QUANTKIT_DATA_DIR)")
     al.set_defaults(fn=_allocate)

@@ -149,6 +149,59 @@ def test_batched_kl_matches_noise_in_the_whole_model_and_grows_with_the_noise(me
         kls = [noise_kl(model, windows, name, e, acc.H) for e in (0.001, 0.01, 0.1, 0.5)]
         assert all(a < b for a, b in zip(kls, kls[1:], strict=False)), kls
         assert kls[1] / kls[0] == pytest.approx(10, rel=0.3)  # linear in the relative error while it is small
+        assert m["linears"][name]["probe"] == "noise" and m["linears"][name]["probe_error"] == WINDOWS.noise
+
+
+def _kl_with(model, ids: torch.Tensor, name: str, W_hat: torch.Tensor) -> float:
+    lin = model.get_submodule(name)
+    W0 = lin.weight.data.clone()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        lin.weight.data.copy_(W_hat)
+        got = model(input_ids=ids).logits
+        lin.weight.data.copy_(W0)
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+def test_a_candidate_probe_measures_the_kl_of_that_candidates_own_error(tiny_llama, calib_file, tmp_path):
+    """--kl-probe rtn-w2g64: each linear's KL is that of the model with this linear alone rounded by the candidate
+    (data-free, so the stored weight is exactly reproducible here), and coeff = KL / the candidate's error."""
+    cands = parse_candidates(CANDIDATES)
+    settings = SensitivitySettings(windows=2, tokens=32, probe="rtn-w2g64")
+    m, _ = allocate(str(tiny_llama), cands, [3.0], tmp_path, calib=str(calib_file), settings=settings,
+                    progress=False, **CALIB)
+    assert m["sensitivity"]["probe"] == "rtn-w2g64"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    windows = _inputs(tiny_llama, calib_file, 2, 32)
+    for name in ("model.layers.0.self_attn.v_proj", "model.layers.2.mlp.down_proj"):
+        r = m["linears"][name]
+        lin = model.get_submodule(name)
+        packed, _ = quantize_linear(name, lin, cands[0].scheme, None)
+        W_hat = get_format(cands[0].scheme.format).dequantize(packed, cands[0].scheme, lin.in_features)
+        assert r["probe"] == "rtn-w2g64" and r["probe_error"] == r["error"][0]
+        assert r["kl"] == pytest.approx(_kl_with(model, windows, name, W_hat), rel=2e-3)
+        assert r["coeff"] == pytest.approx(r["kl"] / r["error"][0])
+
+
+def test_the_default_probe_is_gptq_w3g128_when_it_is_a_candidate(tiny_llama, calib_file):
+    from quantkit.allocate.measure import resolve_probe
+
+    assert resolve_probe(None, default_candidates()) == "gptq-w3g128"
+    assert resolve_probe(None, parse_candidates(CANDIDATES)) == "noise"
+    p = plan(str(tiny_llama), default_candidates(), calib=str(calib_file), nsamples=2, seqlen=48,
+             settings=SensitivitySettings(windows=1, tokens=32))
+    assert p.settings.probe == "gptq-w3g128"
+    with pytest.raises(QuantkitError, match="--kl-probe gptq-w9: not a candidate"):
+        resolve_probe("gptq-w9", parse_candidates(CANDIDATES))
+
+
+def test_a_measurement_of_an_older_version_is_refused_naming_it(measured, tiny_llama, calib_file, tmp_path):
+    out, m, _ = measured
+    (tmp_path / "measurement.json").write_text(json.dumps({**m, "quantkit_measurement": 1}))
+    with pytest.raises(QuantkitError, match="older quantkit .measurement version 1"):
+        allocate(str(tiny_llama), parse_candidates(CANDIDATES), [4.0], tmp_path, calib=str(calib_file),
+                 settings=WINDOWS, progress=False, **CALIB)
 
 
 def test_measurement_lwq_scores(measured):

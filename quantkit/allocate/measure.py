@@ -9,11 +9,19 @@ output error, and the linear's sensitivity, in one layer walk (quantkit.calibrat
   would use (attention-weighted for value projections where the scheme asks).
 - **Sensitivity** (HIGGS, "Pushing the Limits of Large Language Model Quantization via the Linearity Theorem"):
   the increase of the KL divergence from the full-precision model's next-token distribution is close to
-  ``Σ_l α_l e_l`` for small relative errors ``e_l``. ``α_l`` is estimated by adding Gaussian noise of relative
-  output error ``e`` (exactly, on the calibration Hessian) to linear ``l`` alone and measuring the KL divergence on
-  a few calibration windows (the first ``windows`` sequences, first ``tokens`` tokens). At decoder layer ``i`` the
-  walk already holds the windows' inputs; the step runs the layer once per linear (plus once unperturbed), then
-  all those streams together through layers ``i+1 …`` (each materialized once per layer ``i``) and the head.
+  ``Σ_l α_l e_l`` for small relative errors ``e_l``. ``α_l`` is estimated by putting one known error into linear
+  ``l`` alone and measuring the KL divergence on a few calibration windows (the first ``windows`` sequences, first
+  ``tokens`` tokens): ``α_l = KL / e``. At decoder layer ``i`` the walk already holds the windows' inputs; the step
+  runs the layer once per linear (plus once unperturbed), then all those streams together through layers
+  ``i+1 …`` (each materialized once per layer ``i``) and the head.
+- **Which error** (``probe``). By default the rounding error of one candidate itself, ``gptq-w3g128`` when the set
+  has it: ``α_l`` is then measured on an error shaped as the candidates' errors are. Gaussian noise of relative
+  output error ``noise`` (``probe: noise``, HIGGS's own procedure) costs the same, and fits data-free rounding,
+  whose error is close to isotropic after a rotation. It does not fit GPTQ on a linear whose inputs carry massive
+  activations (SmolLM2's ``layers.11.mlp.down_proj``: token norms up to 3,293 against a median of 5.8). There
+  ``‖WX‖²`` and the noise are both dominated by a few tokens, while GPTQ spends its error on the others, so the
+  noise's ``α`` under-predicted the KL of gptq-w2g64 there 3.3-fold (0.0092 against 0.0306 measured) and the
+  allocation gave that linear 2 bits.
 - **Layer-Wise Quantization's score** (Dumitru et al., "Layer-Wise Quantization"): ``1 − cos(h_in, h_out)`` of
   each decoder layer on the same windows, a measurement-free ranking.
 
@@ -27,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,19 +58,21 @@ from quantkit.model import RenamedCheckpoint, build_skeleton, decoder_layers, li
 from quantkit.resume import Progress
 
 __all__ = ["MEASUREMENT_NAME", "MeasureStep", "Plan", "SensitivitySettings", "check_measurement", "measure", "plan",
-           "noise_kl"]
+           "noise_kl", "resolve_probe"]
 
 logger = logging.getLogger(__name__)
 
 MEASUREMENT_NAME = "measurement.json"
-MEASUREMENT_VERSION = 1
+MEASUREMENT_VERSION = 2  # 2: the sensitivity's probe
+DEFAULT_PROBE = "gptq-w3g128"
 
 
 @dataclass(frozen=True)
 class SensitivitySettings:
     windows: int = 2  # calibration sequences the KL divergence is measured on
     tokens: int = 256  # their first tokens
-    noise: float = 0.01  # relative output error of the injected noise
+    noise: float = 0.01  # relative output error of the injected noise (probe "noise")
+    probe: str | None = None  # the candidate whose error measures the sensitivity, "noise"; None: see resolve_probe
 
 
 def _sha(obj: Any) -> str:
@@ -99,6 +109,7 @@ def plan(model: str | None, candidates: list[Candidate], *, calib: str = "c4", n
         raise QuantkitError(f"--kl-tokens {settings.tokens}: must be 2 to --seqlen ({seqlen})")
     if not 0 < settings.noise < 1:
         raise QuantkitError(f"--kl-noise {settings.noise}: must be in (0, 1)")
+    settings = replace(settings, probe=resolve_probe(settings.probe, candidates))
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QuantkitError("--device cuda asked for, but no CUDA device is available")
@@ -145,13 +156,28 @@ def plan(model: str | None, candidates: list[Candidate], *, calib: str = "c4", n
     return Plan(source, candidates, dev, table, ids, calibration, settings, fp)
 
 
+def resolve_probe(probe: str | None, candidates: list[Candidate]) -> str:
+    """The sensitivity's probe: a candidate's name or ``"noise"``; None picks ``DEFAULT_PROBE`` when the set has
+    it, else noise."""
+    names = [c.name for c in candidates]
+    if probe is None:
+        return DEFAULT_PROBE if DEFAULT_PROBE in names else "noise"
+    if probe != "noise" and probe not in names:
+        raise QuantkitError(f"--kl-probe {probe}: not a candidate ({', '.join(names)}), nor 'noise'")
+    return probe
+
+
 _WHAT = {"model": "another model (its files differ)", "candidates": "another candidate set",
          "calibration": "another calibration (text, settings or sensitivity settings)"}
 
 
 def check_measurement(m: dict[str, Any], fingerprint: dict[str, str], where: str) -> None:
     """Refuse a measurement whose fingerprint is not ``fingerprint``, naming what differs."""
-    if not isinstance(m, dict) or m.get("quantkit_measurement") != MEASUREMENT_VERSION:
+    version = m.get("quantkit_measurement") if isinstance(m, dict) else None
+    if type(version) is int and 1 <= version < MEASUREMENT_VERSION:
+        raise QuantkitError(f"{where} was written by an older quantkit (measurement version {version}, now "
+                            f"{MEASUREMENT_VERSION}); measure again into another --out, or delete it")
+    if version != MEASUREMENT_VERSION:
         raise QuantkitError(f"{where} is not a quantkit measurement (version {MEASUREMENT_VERSION})")
     got = m.get("fingerprint") or {}
     for part in ("model", "candidates", "calibration"):
@@ -236,6 +262,7 @@ class MeasureStep(LayerStep):
         plain, weighted = stats["hessian"], stats.get("attention_hessian", {})
         targets = linears(ctx.layer, ctx.prefix)
         record: dict[str, Any] = {"linears": {}}
+        probes: dict[str, tuple[torch.Tensor, float, str]] = {}  # name -> (weight with the probe's error, e, probe)
         for name, lin in targets.items():
             H = plain[ctx.local(name)]
             W = lin.weight.detach().float()
@@ -245,14 +272,19 @@ class MeasureStep(LayerStep):
                     errors.append(None)
                     continue
                 Hm = weighted.get(ctx.local(name)) if QuantizeStep._weighted(c.scheme) else None
-                errors.append(relative_error(W, self._stored_weight(name, lin, c, H if Hm is None else Hm), H))
+                W_hat = self._stored_weight(name, lin, c, H if Hm is None else Hm)
+                errors.append(relative_error(W, W_hat, H))
+                if c.name == self.plan.settings.probe and errors[-1] > 0:
+                    probes[name] = (W_hat, errors[-1], c.name)
+            if name not in probes:  # noise, asked for or where the probe cannot store this linear
+                e = self.plan.settings.noise
+                probes[name] = (W + noise(name, W, H, e), e, "noise")
             record["linears"][name] = {"error": errors}
-        # Sensitivity: the unperturbed stream and one stream per linear with noise in that linear alone.
-        e = self.plan.settings.noise
+        # Sensitivity: the unperturbed stream and one stream per linear with the probe's error in that linear alone.
         streams = [self._run(ctx.layer, ctx.index, self.windows.hidden)]
         for name, lin in targets.items():
             W0 = lin.weight.data.clone()
-            lin.weight.data += noise(name, W0.float(), plain[ctx.local(name)], e).to(W0.dtype)
+            lin.weight.data.copy_(probes[name][0].to(W0.dtype))
             try:
                 streams.append(self._run(ctx.layer, ctx.index, self.windows.hidden))
             finally:
@@ -267,8 +299,10 @@ class MeasureStep(LayerStep):
         ref = _log_probs(streams[0], self.head)
         for name, s in zip(targets, streams[1:], strict=True):
             kl = _kl(ref, s, self.head)
-            # A KL divergence is >= 0; a linear whose noise does not move the output can round below it.
-            record["linears"][name].update({"kl": kl, "coeff": max(kl, 0.0) / e})
+            _, e, probe = probes[name]
+            # A KL divergence is >= 0; a linear whose probe does not move the output can round below it.
+            record["linears"][name].update({"kl": kl, "coeff": max(kl, 0.0) / e, "probe": probe,
+                                            "probe_error": e})
         return record
 
     def _stored_weight(self, name: str, lin: nn.Linear, c: Candidate, H: torch.Tensor) -> torch.Tensor:
@@ -347,8 +381,9 @@ def measure(p: Plan, out: str | Path, *, progress: bool = True) -> dict[str, Any
         "fingerprint": p.fingerprint,
         "model": str(p.source.name),
         "calibration": p.calibration,
-        "sensitivity": {**asdict(s), "method": "KL divergence from the full-precision model under Gaussian noise "
-                        "of relative output error `noise` in one linear; coeff = kl / noise"},
+        "sensitivity": {**asdict(s), "method": "KL divergence from the full-precision model with one linear given "
+                        "the probe's error (a candidate's rounding, or Gaussian noise of relative output error "
+                        "`noise`); coeff = kl / probe_error"},
         "candidates": [c.to_dict() for c in p.candidates],
         "weights": p.weights,
         # Work, in tokens through one decoder layer: the calibration walk (statistics, then the next inputs) and
