@@ -38,6 +38,22 @@ def _quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(a: argparse.Namespace) -> int:
+    from quantkit.finetune import finetune
+
+    r = finetune(a.model, a.out, steps=a.steps, lr=a.lr, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
+                 seed=a.seed, teacher=a.teacher, checkpoint_every=a.checkpoint_every, data_dir=a.data_dir,
+                 overwrite=a.overwrite)
+    f = r.report["finetune"]
+    print(f"{'unchanged' if r.skipped else 'wrote'} {r.out}\n"
+          f"  bits per weight  {r.report['bits_per_weight']:.4f} (unchanged)\n"
+          f"  KL (nats/token)  {f['loss_first_mean']:.4f} -> {f['loss_last_mean']:.4f} "
+          f"(mean of the first and last {f['loss_mean_of']} steps)\n"
+          f"  time             {f['seconds']:.1f} s\n"
+          f"  peak RSS         {f['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return 0
+
+
 def _budgets(v: str) -> list[float]:
     try:
         out = [float(x) for x in v.split(",") if x.strip()]
@@ -208,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir", default=None, help="local data folder (default: $QUANTKIT_DATA_DIR)")
     q.add_argument("--overwrite", action="store_true", help="replace an output folder that holds another model")
     q.set_defaults(fn=_quantize)
+
+    ft = sub.add_parser("finetune", help="tune a quantized checkpoint's codebooks, scales and norms end to end "
+                        "(KL to its fp source model on calibration windows); codes stay as they are")
+    ft.add_argument("--model", required=True, metavar="QDIR", help="a folder written by `quantkit quantize`")
+    ft.add_argument("--out", required=True, help="output folder (written atomically; resumable)")
+    ft.add_argument("--steps", type=int, default=200, help="Adam steps, one calibration window each (default 200)")
+    ft.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    ft.add_argument("--teacher", default=None,
+                    help="the fp model to match (default: the source model QDIR's report records)")
+    ft.add_argument("--calib", default="c4", help="as for quantize (default c4)")
+    ft.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
+    ft.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--checkpoint-every", type=int, default=25, help="save the state every N steps (default 25)")
+    ft.add_argument("--data-dir", default=None, help="local data folder (default: $QUANTKIT_DATA_DIR)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an output folder quantkit wrote earlier")
+    ft.set_defaults(fn=_finetune)
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy (lm-eval) of a model, quantized or not")
     e.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="same as --model")

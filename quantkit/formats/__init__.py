@@ -75,8 +75,14 @@ class Format:
         raise NotImplementedError
 
     def dequantize(self, tensors: dict[str, torch.Tensor], scheme, in_features: int) -> torch.Tensor:
-        """The dense weight [out, in] as stored (rotated basis, original column order), fp32."""
+        """The dense weight [out, in] as stored (rotated basis, original column order), fp32. Differentiable with
+        respect to the ``trainable`` tensors when they are given as fp32 tensors that require grad."""
         raise NotImplementedError
+
+    def trainable(self, scheme) -> tuple[str, ...]:
+        """The stored float tensors that fine-tuning may change (quantkit.finetune): codebooks and scales, never
+        codes. ``dequantize`` is differentiable with respect to them. By default none."""
+        return ()
 
     def linear(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], scheme,
                bias: torch.Tensor | None) -> torch.Tensor:

@@ -39,6 +39,9 @@ class VQFormat(Format):
         if scheme.method.static_groups:
             raise FieldError("method.static_groups", "a codebook has no groups to fit statically", True)
 
+    def trainable(self, scheme) -> tuple[str, ...]:
+        return ("codebook", "scales")
+
     def tensor_specs(self, scheme, in_features: int, out_features: int) -> TensorSpecs:
         q = scheme.quantizer
         specs: TensorSpecs = {
@@ -102,6 +105,9 @@ class AQFormat(Format):
         super().check_scheme(scheme)
         if scheme.method.static_groups:
             raise FieldError("method.static_groups", "a codebook has no groups to fit statically", True)
+
+    def trainable(self, scheme) -> tuple[str, ...]:
+        return ("codebooks", "scales")
 
     def tensor_specs(self, scheme, in_features: int, out_features: int) -> TensorSpecs:
         q = scheme.quantizer

@@ -50,6 +50,11 @@ class UniformFormat(Format):
     version = 2
     stores = (ScalarSpec,)
 
+    def trainable(self, scheme) -> tuple[str, ...]:
+        """The per-group scales. Zeros stay: the format stores them integer valued (the kernels and the
+        compressed-tensors export rely on it); a level table is shared by every layer of a grid and stays too."""
+        return ("scales",)
+
     def tensor_specs(self, scheme, in_features: int, out_features: int) -> TensorSpecs:
         q = scheme.quantizer
         ng = num_groups(q.group_size, in_features)

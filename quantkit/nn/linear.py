@@ -56,6 +56,7 @@ class QuantizedLinear(nn.Module):
         self._tensor_names = tuple(specs)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.kernel_cache: dict[str, Any] = {}  # per-kernel derived layouts; see the module docstring
+        self.tuning: dict[str, nn.Parameter] | None = None  # fp32 copies being fine-tuned (start_tuning)
 
     def __setattr__(self, name: str, value) -> None:
         # The packed tensors stay frozen whoever assigns them: transformers' loader wraps each loaded tensor in a
@@ -129,8 +130,32 @@ class QuantizedLinear(nn.Module):
                 W = rot.unfuse(W)
         return W.to(dtype)
 
+    def start_tuning(self) -> dict[str, nn.Parameter]:
+        """fp32 trainable copies of the format's ``trainable`` tensors (quantkit.finetune). Until
+        :meth:`stop_tuning`, the forward is the format's reference dequantization of them, differentiable, then an
+        ordinary matmul; the stored tensors are left as they are."""
+        self.tuning = {n: nn.Parameter(self.tensors[n].detach().float().clone())
+                       for n in self.format.trainable(self.scheme)}
+        return self.tuning
+
+    def stop_tuning(self) -> None:
+        """Store the tuned copies in the format's dtypes (fp16: rounded to nearest) and forward as before."""
+        if self.tuning is None:
+            return
+        specs = self.format.layer_specs(self.scheme, self.in_features, self.out_features)
+        for name, p in self.tuning.items():
+            setattr(self, name, p.detach().to(specs[name][1]).clone())
+        self.tuning = None
+        self.kernel_cache.clear()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r_in, r_out = self.rotations
+        if self.tuning is not None:
+            W = self.format.dequantize({**self.tensors, **self.tuning}, self.scheme, self.in_features)
+            y = torch.nn.functional.linear(r_in.apply(x) if r_in is not None else x, W.to(x.dtype))
+            if r_out is not None:
+                y = r_out.online(y)
+            return y if self.bias is None else y + self.bias
         # applies r_in to x (a kernel may do it inside the matmul)
         y = dispatch.linear(x, self, bias=self.bias if r_out is None else None, rotation=r_in)
         if r_out is not None:
