@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from quantkit import pipeline
 from quantkit.config import Recipe
-from quantkit.errors import QuantkitError
 from quantkit.finetune import finetune, kl_loss
 from quantkit.formats import get_format
 from quantkit.nn.linear import QuantizedLinear
