@@ -53,7 +53,7 @@ LAYERS = {
     "config": 1, "grids": 2, "quantizers": 3, "codebooks": 3.5, "algos": 4, "formats": 5, "kernels": 6,
     "rotations": 7, "nn": 8, "kvcache": 8.5,
     "hf": 9, "model": 9, "resume": 9, "fingerprint": 9, "calibration": 10, "assemble": 10, "verify": 10,
-    "pipeline": 11, "export": 11, "allocate": 11, "eval": 12, "cli": 13,
+    "pipeline": 11, "export": 11, "allocate": 11, "finetune": 11, "eval": 12, "cli": 13,
 }
 
 
