@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from quantkit import pipeline
 from quantkit.config import Recipe
+from quantkit.errors import QuantkitError
 from quantkit.finetune import finetune, kl_loss
 from quantkit.formats import get_format
 from quantkit.nn.linear import QuantizedLinear
@@ -173,3 +174,38 @@ def test_errors_are_one_line_and_leave_nothing(quantized, tiny_model_factory, ca
         o = run_cli("finetune", *args, "--out", out, "--calib", calib_file, "--nsamples", "2", "--seqlen", "16")
         expect_clean(o, needle)
         assert not out.exists() and not list(tmp_path.glob(f"o{i}.*"))
+
+
+def test_the_fingerprint_covers_settings_and_input(quantized, calib_file, tmp_path):
+    """Other settings never resume another run's state nor replace its output without --overwrite; other input
+    content (same path) is another run too."""
+    import shutil
+
+    q = tmp_path / "q"
+    shutil.copytree(quantized("uniform"), q)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, loss):
+        if step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _run(q, tmp_path / "ft", calib_file, steps=4, checkpoint_every=2, on_step=kill)
+    r = _run(q, tmp_path / "ft", calib_file, steps=4, checkpoint_every=2, lr=1e-3)  # another lr: starts over
+    assert r.report["finetune"]["resumed_at_step"] == 0
+    with pytest.raises(QuantkitError, match="already holds a different result"):
+        _run(q, tmp_path / "ft", calib_file, steps=4, checkpoint_every=2)
+    assert _run(q, tmp_path / "ft", calib_file, steps=4, checkpoint_every=2, lr=1e-3).skipped
+    # the same path, other content: another run
+    from quantkit.checkpoint import write_shards
+
+    t = {k: v.clone() for k, v in load_file(q / "model.safetensors").items()}
+    (q / "model.safetensors").unlink()  # a new file, not the mapped one rewritten
+
+    k = next(k for k in t if k.endswith("norm.weight"))
+    t[k] = t[k] * 2
+    write_shards(t, q)
+    with pytest.raises(QuantkitError, match="already holds a different result"):
+        _run(q, tmp_path / "ft", calib_file, steps=4, checkpoint_every=2, lr=1e-3)
