@@ -277,7 +277,7 @@ def finetune(
         from tqdm.auto import tqdm
 
         bar = tqdm(range(start, steps), total=steps, initial=start, desc="finetune", disable=not progress)
-        teacher_seconds = 0.0
+        teacher_seconds, t_train = 0.0, time.time()
         for step in bar:
             if step % len(ids) == 0 and step > 0:
                 order = torch.randperm(len(ids), generator=gen)
@@ -298,16 +298,17 @@ def finetune(
                 on_step(step, losses[-1])
         bar.close()
         _stop_tuning(student)
-
+        times = {"teacher_forward_seconds": teacher_seconds, "train_seconds": time.time() - t_train,
+                 "steps_this_run": steps - start}
         report = _publish(folder, qdir, qreport, reader, student, list(params), settings, losses, fp, t0,
-                          teacher_seconds, start, overwrite)
+                          times, start, overwrite)
         state.remove()
     return FinetuneOutput(out, report, model=student)
 
 
 def _publish(folder: OutputFolder, qdir: Path, qreport: dict[str, Any], reader: CheckpointReader,
              student: nn.Module, tuned: list[str], settings: dict[str, Any], losses: list[float], fp: str,
-             t0: float, teacher_seconds: float, resumed_at: int, overwrite: bool) -> dict[str, Any]:
+             t0: float, times: dict[str, Any], resumed_at: int, overwrite: bool) -> dict[str, Any]:
     """The input folder with the tuned tensors replaced (each in its stored dtype), a report, published."""
     tmp = folder.tmp
     shutil.rmtree(tmp, ignore_errors=True)
@@ -335,7 +336,7 @@ def _publish(folder: OutputFolder, qdir: Path, qreport: dict[str, Any], reader: 
                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                 "loss_first_mean": sum(losses[:k]) / k if losses else None,
                 "loss_last_mean": sum(losses[-k:]) / k if losses else None, "loss_mean_of": k,
-                "losses": losses, "seconds": time.time() - t0, "teacher_forward_seconds": teacher_seconds,
+                "losses": losses, "seconds": time.time() - t0, **times,
                 "resumed_at_step": resumed_at,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             },
