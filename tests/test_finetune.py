@@ -16,6 +16,7 @@ from quantkit.errors import QuantkitError
 from quantkit.finetune import finetune, kl_loss
 from quantkit.formats import get_format
 from quantkit.nn.linear import QuantizedLinear
+from quantkit.verify import verify
 
 _VQ = {"targets": ["re:.*"], "method": "gptq", "act_order": True, "grid": "vq", "dim": 4, "entries": 16,
        "rotation": "hadamard"}
@@ -62,6 +63,7 @@ def test_kl_decreases_and_only_trainable_tensors_change(kind, quantized, calib_f
     for k in before:
         assert before[k].dtype == after[k].dtype and before[k].shape == after[k].shape
     assert r.report["bits_per_weight"] == json.loads((q / "quantkit_report.json").read_text())["bits_per_weight"]
+    verify(tmp_path / "ft")  # config, every tensor's shape and dtype, checksums
     # save → reload gives the tuned model's logits
     assert_round_trip(r.model, tmp_path / "ft")
 
