@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from quantkit.checkpoint import REPORT_NAME, copy_side_files, folder_size, write_shards
+from quantkit.checkpoint import REPORT_NAME, copy_side_files, folder_size, guard_key, guard_tensor, write_shards
 from quantkit.config.recipe import Recipe
 from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError
@@ -65,9 +65,12 @@ def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, r
             experts.fuse_weights(name, tensors)
         layers = {n: s for per_layer in records["quantize"].values() for n, s in per_layer.items()}
         bits, weights = stored_bits(schemes, {n: layers[n]["shape"] for n in schemes}, tensors)
+        kv = _kv_cache(recipe, tensors, nlayers, info, tmp)
+        if schemes:
+            tensors[guard_key(schemes)] = guard_tensor()  # transformers without quantkit refuses the folder
         write_shards(tensors, tmp)
         config = json.loads((source.folder / "config.json").read_text())
-        config["quantization_config"] = QuantkitConfig.for_schemes(schemes, recipe.name).to_dict()
+        config["quantization_config"] = QuantkitConfig.for_schemes(schemes, recipe.name, kv).to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_side_files(source.folder, tmp)
         report = {
@@ -75,7 +78,7 @@ def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, r
             "model": str(source.name),
             "recipe": recipe.to_dict(),
             "formats": {s.format: get_format(s.format).version for s in schemes.values()},
-            "bits_per_weight": bits / weights,
+            "bits_per_weight": bits / weights if weights else None,
             "quantized_weights": weights,
             "quantized_bits": bits,
             "size_on_disk_bytes": folder_size(tmp),
@@ -91,6 +94,25 @@ def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, r
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote %s: %.3f bits per weight, %.1f MB, %.0f s", out.out, report["bits_per_weight"],
-                report["size_on_disk_bytes"] / 1e6, report["seconds"])
+    logger.info("wrote %s: %s bits per weight, %.1f MB, %.0f s", out.out,
+                "-" if not weights else f"{report['bits_per_weight']:.3f}", report["size_on_disk_bytes"] / 1e6,
+                report["seconds"])
     return report
+
+
+def _kv_cache(recipe: Recipe, tensors: dict[str, torch.Tensor], nlayers: int, info: dict[str, Any],
+              folder) -> dict[str, Any] | None:
+    """The recipe's KV-cache scheme for ``quantization_config``; CQ tables (left among ``tensors`` by the
+    KV-cache step) moved into their own file (quantkit.kvcache.stored)."""
+    if recipe.kv_cache is None:
+        return None
+    from quantkit.calibration.kvcache import tables_from_tensors
+    from quantkit.kvcache.scheme import CQScheme
+    from quantkit.kvcache.stored import config_entry, write_tables
+
+    tables = None
+    if isinstance(recipe.kv_cache, CQScheme):
+        calib = {**(info.get("calibration") or {}), "keys": "post-RoPE", "model": "quantized layers"}
+        tables = tables_from_tensors(recipe.kv_cache, tensors, nlayers, calib)
+        write_tables(tables, folder)
+    return config_entry(recipe.kv_cache, tables)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["CHECKSUMS_KEY", "write_shards", "atomic_path", "atomic_write_text", "save_tensors", "folder_size",
+__all__ = ["CHECKSUMS_KEY", "GUARD_SHAPE", "guard_key", "guard_tensor",
+           "write_shards", "atomic_path", "atomic_write_text", "save_tensors", "folder_size",
            "REPORT_NAME"]
 
 REPORT_NAME = "quantkit_report.json"
@@ -25,6 +26,23 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
                        torch.float8_e5m2: "F8_E5M2"}
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
+GUARD_SHAPE = (1,)
+
+
+def guard_key(quantized) -> str:
+    """Where a checkpoint stores its guard: the ``weight`` of its first quantized linear by name.
+
+    The guard is a float32 tensor of shape ``GUARD_SHAPE`` stored under that name. transformers without quantkit
+    (not installed, or ``QUANTKIT_AUTOLOAD=0``) does not know ``quant_method: "quantkit"``. It would build plain
+    ``nn.Linear`` layers and initialize them at random, since their weights are missing. With the guard, the
+    ``[1]`` tensor does not fit the layer's ``[out, in]`` weight, and transformers raises. quantkit's loader
+    expects the guard where it is written (quantkit.hf.checks) and keeps it out of the model. Checkpoints written
+    before the guard load as before."""
+    return f"{min(quantized)}.weight"
+
+
+def guard_tensor() -> torch.Tensor:
+    return torch.zeros(GUARD_SHAPE, dtype=torch.float32)
 
 
 @contextmanager

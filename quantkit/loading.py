@@ -179,6 +179,13 @@ def load_model(spec: str | os.PathLike | None, *, dtype: torch.dtype | str = "au
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' own refusals of a damaged folder
         raise QuantkitError(f"{source.folder}: transformers cannot load it ({_first_line(e)})") from e
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        # A stored shape that fits no parameter: a quantkit folder whose config lost its quantization_config
+        # meets its guard (quantkit.checkpoint.guard_key) here.
+        raise QuantkitError(f"{source.folder}: the weights do not fit the model its config.json describes "
+                            "(mismatched keys: a tensor's shape is not its parameter's)") from e
     finally:
         hf_logger.setLevel(level)
     # transformers initializes what the checkpoint lacks at random and drops what the model lacks, with a warning:
@@ -209,7 +216,8 @@ class CheckpointReader:
                 if not (self.folder / name).is_file():
                     raise QuantkitError(f"{index}: names {name}, which is not in {self.folder}")
         else:
-            files = sorted(self.folder.glob("*.safetensors"))
+            # not the tables of a quantized KV cache (quantkit.kvcache.stored.KV_FILE)
+            files = sorted(f for f in self.folder.glob("*.safetensors") if f.name != "quantkit_kv_cache.safetensors")
             if not files:
                 raise QuantkitError(f"{self.folder}: no safetensors weights found")
             weight_map = {}

@@ -76,12 +76,34 @@ def test_a_process_that_loads_another_model_never_imports_quantkit(tiny_model_fa
     assert got["before"] is False and got["after"] is False and got["q_proj"] == "Linear"
 
 
-def test_autoload_off_leaves_transformers_alone(quantized, tmp_path):
-    """QUANTKIT_AUTOLOAD=0: nothing registers quantkit, and transformers does what it does with a method it does not
-    know (warns and loads the linears uninitialized): the reason the hook exists."""
-    got = _child(quantized, tmp_path, QUANTKIT_AUTOLOAD="0")
+def test_without_quantkit_transformers_refuses_the_folder(quantized, tmp_path):
+    """QUANTKIT_AUTOLOAD=0 stands for a machine without quantkit: transformers does not know the method, skips it and
+    builds plain linears, then meets the guard (a [1] tensor where a linear's weight would be) and raises instead of
+    running on linears initialized at random."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(quantized), str(tmp_path / "child.pt")],
+                          capture_output=True, text=True, env={**os.environ, "QUANTKIT_AUTOLOAD": "0"}, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode != 0 and not (tmp_path / "child.pt").exists()
+    assert "Unknown quantization type, got quantkit" in proc.stderr
+    assert "ignore_mismatched_sizes" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_without_the_guard_transformers_would_run_on_random_linears(quantized, tmp_path):
+    """The reason for the guard: the same folder with the guard removed loads without quantkit, silently wrong."""
+    from safetensors.torch import load_file, save_file
+
+    from quantkit.checkpoint import guard_key
+
+    bare = tmp_path / "bare"
+    shutil.copytree(quantized, bare)
+    tensors = load_file(bare / "model.safetensors")
+    config = json.loads((bare / "config.json").read_text())
+    del tensors[guard_key(config["quantization_config"]["modules"])]
+    save_file(tensors, bare / "model.safetensors", metadata={"format": "pt"})
+    got = _child(bare, tmp_path, QUANTKIT_AUTOLOAD="0")
     assert got["after"] is False and got["q_proj"] == "Linear"
     assert not torch.allclose(got["logits"], _own_logits(quantized), atol=1e-2)
+    assert torch.equal(_own_logits(bare), _own_logits(quantized))  # quantkit itself loads it (written before the guard)
 
 
 def _continuation_logprob(model, tok, context: str, continuation: str) -> float:

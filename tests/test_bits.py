@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import quantkit  # noqa: F401
 from quantkit import pipeline
-from quantkit.checkpoint import REPORT_NAME
+from quantkit.checkpoint import REPORT_NAME, guard_key
 from quantkit.cli import main
 from quantkit.eval.model_info import describe_model
 from quantkit.loading import load_model, resolve_model
@@ -37,6 +37,8 @@ def _recount(folder) -> float:
     with safe_open(folder / "model.safetensors", "pt") as f:
         for key in f.keys():
             module, field = key.rsplit(".", 1)
+            if key == guard_key(modules):  # the checkpoint's guard, not a weight's bits (quantkit.checkpoint)
+                continue
             if module in modules:
                 t = f.get_tensor(key)
                 bits += t.numel() * t.element_size() * 8

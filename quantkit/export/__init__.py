@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.checkpoint import copy_side_files, write_shards
+from quantkit.checkpoint import copy_side_files, guard_key, write_shards
 from quantkit.config.scheme import LayerScheme
 from quantkit.fingerprint import source_digests
 from quantkit.hf.config import QuantkitConfig
@@ -64,13 +64,14 @@ class Source:
 
     def module_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The stored tensors of quantized linear ``name`` by field (``qweight``, ``scales``, ...; not its bias)."""
-        keys = [k for k in self.reader.keys() if k.rsplit(".", 1)[0] == name and k != f"{name}.bias"]
+        keys = [k for k in self.reader.keys()
+                if k.rsplit(".", 1)[0] == name and k not in (f"{name}.bias", guard_key(self.schemes))]
         return {k[len(name) + 1:]: v for k, v in self.reader.load(keys).items()}
 
     def other_keys(self) -> list[str]:
         """Every stored key that is not a quantized linear's format tensor: embeddings, norms, heads, biases."""
         return [k for k in self.reader.keys()
-                if not (k.rsplit(".", 1)[0] in self.schemes and not k.endswith(".bias"))]
+                if not (k.rsplit(".", 1)[0] in self.schemes and not k.endswith(".bias"))]  # nor the guard
 
 
 def _linears(folder: Path) -> dict[str, tuple[int, int]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.checkpoint import GUARD_SHAPE, guard_key
 from quantkit.errors import QuantkitError
 from quantkit.nn import QuantizedLinear
 
@@ -171,6 +172,9 @@ def expected_tensors(model: nn.Module) -> dict[str, Expected]:
         exact = owner is not None and leaf != "bias" or not t.is_floating_point()
         optional = key in tied or (owner is None and any(p.search(key) for p in may_miss))
         out[key] = Expected(tuple(t.shape), t.dtype if exact else None, optional, owner)
+    if owners:  # the guard (quantkit.checkpoint.guard_key); optional: checkpoints written before it lack it
+        guard = guard_key(name[:-1] for name in owners)
+        out[guard] = Expected(GUARD_SHAPE, torch.float32, True, owners[guard.rpartition(".")[0] + "."])
     return out
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from pathlib import Path
 
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
+from quantkit.checkpoint import guard_key, guard_tensor
 from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError
 from quantkit.hf.checks import check_checkpoint
@@ -69,12 +71,26 @@ class QuantkitHfQuantizer(HfQuantizer):
     quantization_config: QuantkitConfig
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        replace_linears(model, self.quantization_config.schemes())
+        schemes = self.quantization_config.schemes()
+        replace_linears(model, schemes)
         files = [Path(f) for f in checkpoint_files or ()]
+        self.folder = files[0].parent if files else None  # where a stored KV cache's tables are
         if files and all(f.suffix == ".safetensors" for f in files):  # a state dict in memory has no headers
             check_checkpoint(model, files)
+        if schemes:  # a KV-only folder has no quantized linear, and no guard
+            # The guard (quantkit.checkpoint.guard_key), checked above, has no parameter to load into.
+            ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())  # a set in transformers 5
+            model._keys_to_ignore_on_load_unexpected = ignore | {f"^{re.escape(guard_key(schemes))}$"}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        entry = self.quantization_config.kv_cache
+        if entry is not None:  # the stored KV cache becomes the default one (quantkit.kvcache.stored)
+            from quantkit.kvcache.stored import load_stored, use_kv_cache
+
+            if getattr(self, "folder", None) is None:
+                raise QuantkitError("this checkpoint quantizes the KV cache, whose tables are read from its folder; "
+                                    "load it from a folder of safetensors files")
+            use_kv_cache(model, *load_stored(self.folder, entry, model.config))
         # LoRA on the packed layers (quantkit.hf.peft): PEFT is optional, and imported only when installed.
         if importlib.util.find_spec("peft") is not None:
             from quantkit.hf.peft import register as register_peft
@@ -84,6 +100,14 @@ class QuantkitHfQuantizer(HfQuantizer):
             except QuantkitError as e:  # a PEFT whose internals moved: loading still works, LoRA does not
                 logger.warning("%s", e)
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        """``save_pretrained`` writes the guard too (quantkit.checkpoint.guard_key)."""
+        names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+        state_dict = model.state_dict()
+        if names:
+            state_dict[guard_key(names)] = guard_tensor()
+        return state_dict, {}
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
