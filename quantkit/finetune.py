@@ -249,21 +249,21 @@ def finetune(
         try:
             student, _ = load_model(qdir, dtype=torch.float32)
             tmodel, _ = load_model(tsource.folder, dtype=torch.float32)
+            params = _trainable(student)
+            if not params:
+                raise QuantkitError(f"{qdir}: nothing to tune (no quantized linear with trainable tensors, no "
+                                    "RMSNorm)")
+            reader = CheckpointReader(qdir)
+            missing = [k for k in params if k not in reader.shapes()]
+            if missing:
+                raise QuantkitError(f"{qdir}: the checkpoint stores no {missing[0]} (a name the model gives a "
+                                    "tuned tensor)")
         except QuantkitError:
-            if state.created:
+            if state.created:  # bad input found on the way: leave nothing behind
                 state.remove()
             raise
         for p in tmodel.parameters():
             p.requires_grad_(False)
-        params = _trainable(student)
-        if not params:
-            raise QuantkitError(f"{qdir}: nothing to tune (no quantized linear with trainable tensors, no RMSNorm)")
-        reader = CheckpointReader(qdir)
-        stored = reader.shapes()
-        missing = [k for k in params if k not in stored]
-        if missing:
-            raise QuantkitError(f"{qdir}: the checkpoint stores no {missing[0]} (a name the model gives a tuned "
-                                "tensor)")
         opt = torch.optim.Adam(list(params.values()), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(ids), generator=gen)
