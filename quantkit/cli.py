@@ -24,9 +24,12 @@ def _quantize(a: argparse.Namespace) -> int:
         device=a.device, overwrite=a.overwrite, data_dir=a.data_dir,
     )
     rep = r.report
+    bpw = rep["bits_per_weight"]
+    kv = rep["recipe"].get("kv_cache")
     print(
         f"{'unchanged' if r.skipped else 'wrote'} {r.out}\n"
-        f"  bits per weight  {rep['bits_per_weight']:.4f}\n"
+        f"  bits per weight  {'weights not quantized' if bpw is None else f'{bpw:.4f}'}\n"
+        + (f"  KV cache         {kv['method']} {kv['bits']} bits\n" if kv else "") +
         f"  size on disk     {rep['size_on_disk_bytes'] / 2**20:.1f} MiB\n"
         f"  time             {rep['seconds']:.1f} s\n"
         f"  peak RSS         {rep['peak_rss_bytes'] / 2**30:.2f} GiB"

@@ -22,6 +22,7 @@ from torch import nn
 
 from quantkit.assemble import assemble
 from quantkit.calibration.capture import capture_inputs
+from quantkit.calibration.kvcache import KVCacheStep
 from quantkit.calibration.quantize import QuantizeStep
 from quantkit.calibration.steps import LayerStep
 from quantkit.calibration.walk import LayerWalk
@@ -71,7 +72,8 @@ def quantize(
     t0 = time.time()
     out = Path(out).expanduser().absolute()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    extra = list(steps or [])
+    kv_steps = [KVCacheStep(recipe.kv_cache, seed=seed)] if recipe.kv_cache is not None else []
+    extra = kv_steps + list(steps or [])
     plan = _plan(model, recipe, extra, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                  data_dir=data_dir)
     folder = OutputFolder(out)
@@ -81,8 +83,10 @@ def quantize(
     reader = RenamedCheckpoint(CheckpointReader(plan.source.folder), skeleton)
     layers_name, layers = decoder_layers(skeleton)
     schemes = recipe.resolve([n for i, layer in enumerate(layers) for n in linears(layer, f"{layers_name}.{i}")])
-    if not schemes:
+    if not schemes and recipe.kv_cache is None:
         raise QuantkitError(f"recipe {recipe.name!r} quantizes no linear layer of this model")
+    if recipe.kv_cache is not None:
+        _check_kv(recipe, plan.source.config, nsamples * seqlen)
     shapes = {n: m for i, layer in enumerate(layers) for n, m in linears(layer, f"{layers_name}.{i}").items()}
     for name, scheme in schemes.items():
         try:
@@ -122,6 +126,11 @@ def quantize(
     if keep_model:
         skeleton.tie_weights()
         skeleton.config.use_cache = plan.source.config.use_cache  # off for the walk only: generate() as loaded
+        if recipe.kv_cache is not None:  # the cache as from_pretrained(out) attaches it
+            from quantkit.kvcache.stored import load_stored, use_kv_cache
+
+            config = json.loads((out / "config.json").read_text())
+            use_kv_cache(skeleton, *load_stored(out, config["quantization_config"]["kv_cache"], skeleton.config))
     return QuantizeOutput(out, report, model=skeleton if keep_model else None)
 
 
@@ -136,6 +145,25 @@ def _check_experts(skeleton: nn.Module, schemes: dict[str, Any]) -> None:
                 raise RecipeError(f"the recipe quantizes some expert linears of {name} but not {left[0]} "
                                   f"({len(left)} of {len(inner)} left out): quantize all of a block's experts, or "
                                   "none")
+
+
+def _check_kv(recipe: Recipe, config, tokens: int) -> None:
+    """The recipe's KV-cache scheme fits the model, and CQ has calibration vectors enough to fill its tables."""
+    from quantkit.kvcache.cache import _check_full_attention, head_dim_of
+
+    where = f"recipe {recipe.name!r}"
+    try:
+        recipe.kv_cache.check_model(head_dim_of(config))
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    try:
+        _check_full_attention(config, recipe.kv_cache)
+    except QuantkitError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    need = 2 ** getattr(recipe.kv_cache, "code_bits", 0)
+    if recipe.kv_cache.method == "cq" and tokens < need:
+        raise QuantkitError(f"{where}: kv_cache {recipe.kv_cache.label} fits tables of {need} centroids; "
+                            f"--nsamples x --seqlen gives {tokens} calibration tokens")
 
 
 def _check_complete(skeleton: nn.Module, reader: CheckpointReader) -> None:

@@ -17,7 +17,8 @@ def test_presets_exist_and_validate():
     for name in presets:
         r = load_recipe(name)
         assert r.name == name and r.description
-        assert set(r.resolve(NAMES)) == set(NAMES)
+        assert set(r.resolve(NAMES)) == (set(NAMES) if r.schemes else set())  # KV-only presets: no linear
+        assert r.schemes or r.kv_cache is not None
     assert load_recipe("gptq-w8").schemes[0].scheme.quantizer.group_size == -1
     assert load_recipe("gptq-w2g64").schemes[0].scheme.quantizer.bits == 2
 
@@ -31,7 +32,7 @@ def test_recipe_round_trip(tmp_path, name):
     assert load_recipe(p) == r
     save_recipe(r, tmp_path / "saved.yaml")
     assert load_recipe(tmp_path / "saved.yaml") == r
-    assert r.to_dict()["version"] == 1 and r.schemes[0].to_dict()["version"] == 1
+    assert r.to_dict()["version"] == 1 and all(s.to_dict()["version"] == 1 for s in r.schemes)
 
 
 FLAT = dict(method="gptq", bits=3, group_size=64, symmetric=True, act_order=True, static_groups=True, damp=0.05,
@@ -82,9 +83,11 @@ def test_scheme_and_config_round_trip():
         QuantkitConfig(modules={"model.layers.0.mlp.up_proj": entry})
 
 
-def test_recipe_reserves_kv_cache_and_checks_its_version():
-    with pytest.raises(NotImplementedError, match="kv_cache"):
-        Recipe.from_dict({"schemes": [{"method": "rtn", "bits": 4}], "kv_cache": {"method": "kivi"}})
+def test_recipe_kv_cache_section_and_version():
+    r = Recipe.from_dict({"schemes": [{"method": "rtn", "bits": 4}], "kv_cache": {"method": "kivi"}})
+    assert r.kv_cache.method == "kivi" and Recipe.from_dict(r.to_dict()) == r  # more in test_kvcache_recipe.py
+    with pytest.raises(RecipeError, match="field 'schemes'"):
+        Recipe.from_dict({"schemes": []})
     with pytest.raises(RecipeError, match="field 'version'"):
         Recipe.from_dict({"schemes": [{"method": "rtn", "bits": 4}], "version": 2})
 

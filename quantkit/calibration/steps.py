@@ -27,6 +27,7 @@ class LayerContext:
     model: nn.Module  # the whole model (skeleton); modules are swapped in place
     device: torch.device
     calibrated: bool  # calibration activations flow through the walk (statistics can be collected)
+    calib: Any = None  # the walk's quantkit.calibration.capture.Calibration (this layer's inputs), or None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> tensor, for the checkpoint
 
     def local(self, name: str) -> str:

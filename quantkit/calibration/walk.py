@@ -85,7 +85,7 @@ class LayerWalk:
 
     def _context(self, i: int) -> LayerContext:
         return LayerContext(i, f"{self.layers_name}.{i}", self.layers[i], self.model, self.device,
-                            calibrated=self.calib is not None)
+                            calibrated=self.calib is not None, calib=self.calib)
 
     def _materialize(self, ctx: LayerContext) -> None:
         load_into(ctx.layer, self.reader.load_prefix(ctx.prefix + "."), self.device, ctx.prefix)

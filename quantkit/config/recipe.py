@@ -12,7 +12,10 @@
         bits: 4
         group_size: 128
         act_order: true
-    kv_cache: null             # reserved for KV-cache quantization (not implemented yet)
+    kv_cache: null             # or a KV-cache scheme (quantkit.kvcache.scheme), fitted in the same pass:
+                               #   {method: cq, bits: 2, channels: 4, residual: 64, sink: 0}
+
+A recipe may quantize the KV cache only: ``schemes: []`` (or every linear ignored) with a ``kv_cache`` section.
 
 A recipe round-trips through ``to_dict``/``from_dict`` and YAML (``to_yaml``, ``save_recipe``), so tools that
 choose schemes (bit allocation) write ordinary recipes.
@@ -29,7 +32,7 @@ from typing import Any
 import yaml
 
 from quantkit.config.scheme import LayerScheme
-from quantkit.errors import RecipeError
+from quantkit.errors import QuantkitError, RecipeError
 
 __all__ = ["RECIPE_VERSION", "Recipe", "SchemeRule", "load_recipe", "list_presets", "matches", "save_recipe"]
 
@@ -59,10 +62,12 @@ class Recipe:
     ignore: tuple[str, ...] = ()
     description: str = ""
     source: str = field(default="", compare=False)
+    kv_cache: Any = None  # a quantkit.kvcache.KVScheme (kivi or cq), or None: the cache stays full precision
 
     @property
     def needs_calibration(self) -> bool:
-        return any(r.scheme.method.needs_hessian for r in self.schemes)
+        cq = getattr(self.kv_cache, "method", None) == "cq"  # CQ fits tables; KIVI needs no data
+        return cq or any(r.scheme.method.needs_hessian for r in self.schemes)
 
     def resolve(self, linear_names: list[str]) -> dict[str, LayerScheme]:
         """Scheme of each linear that the recipe quantizes; linears it does not match stay full precision."""
@@ -91,6 +96,7 @@ class Recipe:
             "version": RECIPE_VERSION,
             "ignore": list(self.ignore),
             "schemes": [r.to_dict() for r in self.schemes],
+            "kv_cache": self.kv_cache.to_dict() if self.kv_cache is not None else None,
         }
 
     def to_yaml(self) -> str:
@@ -108,11 +114,13 @@ class Recipe:
         if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= RECIPE_VERSION:
             raise RecipeError(f"{where}: field 'version': this quantkit reads recipe version {RECIPE_VERSION} "
                               f"(got {version!r})")
-        if d.get("kv_cache") is not None:
-            raise NotImplementedError(f"{where}: field 'kv_cache': KV-cache quantization is not implemented yet")
+        kv = _kv_section(d.get("kv_cache"), where)
         rules = d.get("schemes")
-        if not isinstance(rules, list) or not rules:
-            raise RecipeError(f"{where}: field 'schemes' must be a non-empty list")
+        if rules is None and kv is not None:
+            rules = []
+        if not isinstance(rules, list) or not (rules or kv is not None):
+            raise RecipeError(f"{where}: field 'schemes' must be a non-empty list (or empty, with a 'kv_cache' "
+                              "section)")
         ignore = d.get("ignore") or []
         if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
             raise RecipeError(f"{where}: field 'ignore' must be a list of names or 're:' patterns")
@@ -136,7 +144,25 @@ class Recipe:
         for p in ignore:
             _check_target(p, f"{where}: ignore", allow_outside=True)
         name = d.get("name") or (Path(source).stem if source else "recipe")
-        return cls(str(name), tuple(parsed), tuple(ignore), str(d.get("description", "")), source)
+        return cls(str(name), tuple(parsed), tuple(ignore), str(d.get("description", "")), source, kv)
+
+
+def _kv_section(d: Any, where: str) -> Any:
+    """The ``kv_cache`` section as a scheme; methods the quantize pass can store (kivi, cq) only."""
+    if d is None:
+        return None
+    from quantkit.kvcache.scheme import CQScheme, KIVIScheme, parse_kv_scheme
+
+    if not isinstance(d, dict):
+        raise RecipeError(f"{where}: field 'kv_cache' must be a mapping (method, bits, ...) or null")
+    try:
+        scheme = parse_kv_scheme(d)
+    except (RecipeError, QuantkitError) as e:
+        raise RecipeError(f"{where}: {e}") from None
+    if not isinstance(scheme, (CQScheme, KIVIScheme)):
+        raise RecipeError(f"{where}: field 'kv_cache.method': {scheme.method!r} is not stored with a model; a "
+                          "recipe takes 'kivi' or 'cq'")
+    return scheme
 
 
 def _check_target(pattern: str, where: str, *, allow_outside: bool = False) -> None:

@@ -11,7 +11,12 @@ are read as version 3 with that format at that version for every module.
 Since the strict loader, a written config also holds ``modules_sha256``, the sha256 of the canonical JSON of
 ``modules``: a field edited by hand or damaged on disk (a group size that leaves every tensor's shape as it was
 reads the packed weights wrong) is refused. Configs without it (written earlier) are read as before. A config
-without ``modules``, or with none, is refused: there would be nothing to load the packed tensors into.
+without ``modules``, or with none, is refused: there would be nothing to load the packed tensors into — unless
+it quantizes the KV cache.
+
+A recipe with a ``kv_cache`` section adds ``"kv_cache": {"scheme": KVScheme.to_dict(), "file": NAME or null,
+"tables": CQTables header or null}`` (quantkit.kvcache.stored); ``modules`` may then be empty (a KV-only recipe:
+dense weights, quantized cache).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class QuantkitConfig(QuantizationConfigMixin):
         quant_method: str = QUANT_METHOD,
         format: str | None = None,
         modules_sha256: str | None = None,
+        kv_cache: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         if quant_method != QUANT_METHOD:
@@ -53,24 +59,26 @@ class QuantkitConfig(QuantizationConfigMixin):
             raise QuantkitError("quantization_config has no 'modules': it does not say which layers are quantized")
         if not isinstance(modules, dict) or not all(isinstance(k, str) for k in modules):
             raise QuantkitError("quantization_config: 'modules' must map module names to their entries")
-        if not modules:
+        if not modules and kv_cache is None:
             raise QuantkitError("quantization_config: 'modules' is empty: no layer is quantized")
         self.quant_method = QUANT_METHOD
         self.version = version
         self.recipe = recipe
         self.format = format  # layout versions 1–2 only
         self.modules = dict(modules)
+        self.kv_cache = kv_cache
         if modules_sha256 is not None and modules_sha256 != modules_digest(self.modules):
             raise QuantkitError("quantization_config: 'modules' does not match its modules_sha256: the config was "
                                 "edited or damaged after quantkit wrote it")
         self.post_init()
 
     @classmethod
-    def for_schemes(cls, schemes: dict[str, LayerScheme], recipe: str | None = None) -> QuantkitConfig:
+    def for_schemes(cls, schemes: dict[str, LayerScheme], recipe: str | None = None,
+                    kv_cache: dict[str, Any] | None = None) -> QuantkitConfig:
         modules = {name: {"scheme": s.to_dict(),
                           "format": {"name": s.format, "version": FORMATS.get(s.format).version}}
                    for name, s in schemes.items()}
-        return cls(modules=modules, recipe=recipe)
+        return cls(modules=modules, recipe=recipe, kv_cache=kv_cache)
 
     def post_init(self) -> None:
         if type(self.version) is not int or self.version < 1:
@@ -84,6 +92,20 @@ class QuantkitConfig(QuantizationConfigMixin):
             raise QuantkitError(f"unknown quantkit format {self.format!r}; version {self.version} checkpoints are "
                                 f"{_LEGACY_FORMAT!r}")
         self.schemes()  # validate every entry now, not at first forward
+        self.kv_scheme()
+
+    def kv_scheme(self):
+        """The stored KV-cache scheme (quantkit.kvcache.KVScheme), or None."""
+        if self.kv_cache is None:
+            return None
+        from quantkit.kvcache.scheme import parse_kv_scheme
+
+        if not isinstance(self.kv_cache, dict) or not isinstance(self.kv_cache.get("scheme"), dict):
+            raise QuantkitError("quantization_config: 'kv_cache' must be a mapping with a 'scheme'")
+        try:
+            return parse_kv_scheme(self.kv_cache["scheme"])
+        except (RecipeError, QuantkitError) as e:
+            raise QuantkitError(f"quantization_config: {e}") from None
 
     def _entry(self, name: str, entry: Any) -> tuple[LayerScheme, int]:
         if self.version < 3:
@@ -126,6 +148,8 @@ class QuantkitConfig(QuantizationConfigMixin):
             d["modules_sha256"] = modules_digest(d["modules"])
         if self.format is not None:
             d["format"] = self.format
+        if self.kv_cache is not None:
+            d["kv_cache"] = self.kv_cache
         return d
 
 

@@ -1,0 +1,265 @@
+"""The KV cache as a recipe step (issue 19, part 2): the recipe's ``kv_cache`` section, the tables fitted in the
+quantize pass on the quantized layers' keys and values, stored with the model, and used by ``from_pretrained``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import quantkit  # noqa: F401
+from quantkit import pipeline, resume
+from quantkit.config.recipe import Recipe, list_presets, load_recipe
+from quantkit.errors import QuantkitError, RecipeError
+from quantkit.kvcache import CQLayer, QuantizedKVCache, kv_cache
+from quantkit.kvcache.codebook import fit_codebooks
+from quantkit.kvcache.stored import KV_FILE, use_kv_cache
+from quantkit.verify import verify
+
+CAL = dict(nsamples=4, seqlen=64)
+CQ2 = {"method": "cq", "bits": 2, "channels": 4, "residual": 8, "sink": 0}
+KV_ONLY = {"name": "kv-cq2", "schemes": [], "kv_cache": CQ2}
+W4_CQ2 = {"name": "w4-cq2", "schemes": [{"method": "rtn", "bits": 4, "group_size": 32}], "kv_cache": CQ2}
+
+
+def _quantize(folder, out, calib_file, recipe, **kw):
+    recipe = recipe if isinstance(recipe, (str, Recipe)) else Recipe.from_dict(recipe)
+    return pipeline.quantize(str(folder), recipe, out, calib=str(calib_file), progress=False, **{**CAL, **kw})
+
+
+def _ids(seed=0, n=40):
+    return torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def kv_only(tiny_model_factory, calib_file, tmp_path_factory):
+    return _quantize(tiny_model_factory("llama"), tmp_path_factory.mktemp("kv") / "q", calib_file, KV_ONLY).out
+
+
+# ---- the recipe section ----
+
+@pytest.mark.parametrize("kv, field", [
+    ({"method": "cq", "bits": 3}, "kv_cache.bits"),
+    ({"method": "cq", "channels": 3}, "kv_cache.channels"),
+    ({"method": "kivi", "bits": 3}, "kv_cache.bits"),
+    ({"method": "nope"}, "kv_cache.method"),
+    ({"bits": 2}, "kv_cache.method"),
+    ({"method": "quanto", "bits": 4}, "kv_cache.method"),
+    ({"method": "cq", "residual": -1}, "kv_cache.residual"),
+])
+def test_bad_kv_field_is_one_line_naming_it(kv, field):
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_dict({"schemes": [], "kv_cache": kv})
+    assert f"field '{field}'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_kv_field_is_named():
+    with pytest.raises(RecipeError, match="kv_cache: unknown field 'chanels'"):
+        Recipe.from_dict({"schemes": [], "kv_cache": {"method": "cq", "chanels": 4}})
+
+
+def test_kv_section_round_trips_through_yaml(tmp_path):
+    from quantkit.config.recipe import save_recipe
+
+    r = Recipe.from_dict(W4_CQ2)
+    save_recipe(r, tmp_path / "r.yaml")
+    back = load_recipe(tmp_path / "r.yaml")
+    assert back == r and back.kv_cache == r.kv_cache and back.to_dict()["kv_cache"] == CQ2
+    assert Recipe.from_dict({"schemes": [{"method": "rtn", "bits": 4}]}).to_dict()["kv_cache"] is None
+
+
+def test_kv_presets_load():
+    for name in ("gptq-w4g128-cq2", "kv-cq2", "kv-cq1", "kv-kivi4"):
+        assert name in list_presets()
+        r = load_recipe(name)
+        assert r.kv_cache is not None
+    assert load_recipe("gptq-w4g128-cq2").kv_cache.bits == 2 and load_recipe("kv-cq1").kv_cache.bits == 1
+    assert load_recipe("kv-kivi4").kv_cache.method == "kivi" and not load_recipe("kv-kivi4").schemes
+
+
+def test_kv_scheme_is_part_of_the_fingerprint(tiny_model_factory, calib_file, tmp_path):
+    folder = tiny_model_factory("llama")
+    _quantize(folder, tmp_path / "q", calib_file, KV_ONLY)
+    other = {**KV_ONLY, "kv_cache": {**CQ2, "residual": 16}}
+    with pytest.raises(QuantkitError, match="overwrite"):
+        _quantize(folder, tmp_path / "q", calib_file, other)
+    assert _quantize(folder, tmp_path / "q", calib_file, KV_ONLY).skipped
+
+
+# ---- the quantize pass ----
+
+def test_kv_only_keeps_dense_weights_and_stores_tables(kv_only, tiny_model_factory):
+    src = tiny_model_factory("llama")
+    with safe_open(src / "model.safetensors", "pt") as a, safe_open(kv_only / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    q = json.loads((kv_only / "config.json").read_text())["quantization_config"]
+    assert q["modules"] == {} and q["kv_cache"]["scheme"] == CQ2 and q["kv_cache"]["file"] == KV_FILE
+    assert KV_FILE in json.loads((kv_only / ".quantkit-output.json").read_text())["files"]
+    with safe_open(kv_only / KV_FILE, "pt") as f:
+        assert f.get_tensor("layers.0.keys.centroids").shape == (2, 6, 256, 4)
+        assert "quantkit.sha256" in f.metadata()
+    verify(kv_only)
+
+
+def test_tables_are_fitted_on_the_quantized_layers_keys(tiny_model_factory, calib_file, tmp_path):
+    """The last layer's key tables equal a k-means fit on the keys the *quantized* model caches at that layer (the
+    step's own seed and sample), and differ from those of the full-precision model."""
+    folder = tiny_model_factory("llama")
+    res = _quantize(folder, tmp_path / "q", calib_file, W4_CQ2, keep_model=True)
+    from quantkit.calibration.capture import capture_inputs
+    from quantkit.data import calibration_ids, load_calibration_texts
+    from quantkit.loading import load_tokenizer, resolve_model
+
+    ids = calibration_ids(load_tokenizer(resolve_model(str(folder))), load_calibration_texts(str(calib_file)),
+                          nsamples=4, seqlen=64, seed=0)
+    stored = {}
+    with safe_open(tmp_path / "q" / KV_FILE, "pt") as f:
+        stored = f.get_tensor("layers.2.keys.centroids")
+
+    def fit(model):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+        K = cache.layers[2].keys.float().permute(1, 0, 2, 3).reshape(2, -1, 24)
+        return fit_codebooks(K, 4, 8, iters=20, seed=2)
+
+    assert torch.equal(fit(res.model), stored)
+    fp = AutoModelForCausalLM.from_pretrained(folder)
+    assert not torch.equal(fit(fp), stored)
+    del capture_inputs
+
+
+def test_resume_is_byte_identical(tiny_model_factory, calib_file, tmp_path, monkeypatch):
+    folder = tiny_model_factory("llama")
+    _quantize(folder, tmp_path / "full", calib_file, W4_CQ2)
+    real_save = resume.Progress.save_layer
+
+    def save_then_die(self, i, *a, **k):
+        real_save(self, i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume.Progress, "save_layer", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(folder, tmp_path / "resumed", calib_file, W4_CQ2)
+    monkeypatch.setattr(resume.Progress, "save_layer", real_save)
+    assert _quantize(folder, tmp_path / "resumed", calib_file, W4_CQ2).report["resumed_at_layer"] == 2
+    for name in ("model.safetensors", KV_FILE, "config.json"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
+def test_kv_scheme_the_model_cannot_tile_is_refused_before_any_work(tiny_model_factory, calib_file, tmp_path):
+    bad = {**KV_ONLY, "kv_cache": {"method": "kivi", "bits": 4, "group_size": 16}}  # head size 24
+    with pytest.raises(RecipeError, match="kv_cache.group_size"):
+        _quantize(tiny_model_factory("llama"), tmp_path / "q", calib_file, bad)
+    assert not (tmp_path / "q").exists()
+
+
+# ---- loading ----
+
+def test_reload_uses_the_stored_cache_by_default(kv_only):
+    model = AutoModelForCausalLM.from_pretrained(kv_only)
+    x = _ids()
+    with torch.no_grad():
+        out = model(x)
+    assert isinstance(out.cache, QuantizedKVCache) and isinstance(out.cache.layers[0], CQLayer)
+    # the same as the stored tables passed by hand
+    with safe_open(kv_only / KV_FILE, "pt") as f:
+        kc = [f.get_tensor(f"layers.{i}.keys.centroids") for i in range(3)]
+    assert torch.equal(out.cache.tables.key_centroids[1], kc[1])
+    with torch.no_grad():
+        explicit = model(x, cache=kv_cache(model, CQ2, out.cache.tables)).logits
+        fp = model(x, cache=DynamicCache(config=model.config)).logits  # opt-out: an explicit cache
+    assert torch.equal(out.logits, explicit)
+    assert not torch.equal(out.logits, fp)  # 40 tokens, residual 8: most of the keys are read back from codes
+
+
+def test_generate_uses_the_stored_cache_and_opts_out(kv_only):
+    model = AutoModelForCausalLM.from_pretrained(kv_only)
+    x = _ids(1, 20)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(type(kw.get("cache"))), with_kwargs=True)
+    with torch.no_grad():
+        q = model.generate(x, max_new_tokens=12, do_sample=False)
+        assert seen and all(t is QuantizedKVCache for t in seen)
+        seen.clear()
+        ref = model.generate(x, max_new_tokens=12, do_sample=False, cache=kv_cache(model, "fp"))
+        assert seen and all(t is DynamicCache for t in seen)
+        use_kv_cache(model, None)
+        seen.clear()
+        fp = model.generate(x, max_new_tokens=12, do_sample=False)
+        assert all(t is DynamicCache for t in seen)
+    hook.remove()
+    assert torch.equal(ref, fp) and q.shape == fp.shape
+
+
+def test_save_reload_gives_identical_logits_through_the_cache(tiny_model_factory, calib_file, tmp_path):
+    res = _quantize(tiny_model_factory("llama"), tmp_path / "q", calib_file, W4_CQ2, keep_model=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    x = _ids(2, 48)
+    with torch.no_grad():
+        a = res.model(x[:, :24]), loaded(x[:, :24])
+        b = res.model(x[:, 24:], cache=a[0].cache), loaded(x[:, 24:], cache=a[1].cache)
+    assert isinstance(a[1].cache, QuantizedKVCache)
+    assert torch.equal(a[0].logits, a[1].logits) and torch.equal(b[0].logits, b[1].logits)
+
+
+def test_kivi_recipe_stores_its_scheme_without_tables(tiny_model_factory, calib_file, tmp_path):
+    kivi = {"method": "kivi", "bits": 4, "group_size": 8, "residual": 8, "sink": 0}
+    out = _quantize(tiny_model_factory("llama"), tmp_path / "q", calib_file, {"schemes": [], "kv_cache": kivi}).out
+    assert not (out / KV_FILE).exists()
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["kv_cache"] == {"scheme": kivi, "file": None, "tables": None}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert model(_ids()).cache.scheme.to_dict() == kivi
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tables_that_do_not_fit_the_model_name_the_file(kv_only, tmp_path):
+    bad = _copy(kv_only, tmp_path / "bad")
+    with safe_open(kv_only / KV_FILE, "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    t["layers.1.values.centroids"] = t["layers.1.values.centroids"][:1].contiguous()  # one KV head, not two
+    from quantkit.checkpoint import _write_safetensors
+
+    _write_safetensors(t, bad / KV_FILE)
+    with pytest.raises(QuantkitError) as e:
+        AutoModelForCausalLM.from_pretrained(bad)
+    msg = str(e.value)
+    assert KV_FILE in msg and "layers.1.values.centroids" in msg and "2 KV heads" in msg and "\n" not in msg
+
+
+def test_tables_for_fewer_layers_name_the_file(kv_only, tmp_path):
+    bad = _copy(kv_only, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["kv_cache"]["tables"]["num_layers"] = 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantkitError, match=f"{KV_FILE}: KV-cache tables for 2 layers, the model has 3"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_changed_tables_file_fails_its_checksum(kv_only, tmp_path):
+    bad = _copy(kv_only, tmp_path / "bad")
+    with safe_open(kv_only / KV_FILE, "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    t["layers.0.keys.centroids"] = t["layers.0.keys.centroids"] + 1
+    save_file(t, str(bad / KV_FILE), metadata=meta)
+    with pytest.raises(QuantkitError, match=f"{KV_FILE}: layers.0.keys.centroids: checksum mismatch"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    (bad / KV_FILE).unlink()
+    with pytest.raises(QuantkitError, match=f"{KV_FILE}: missing"):
+        AutoModelForCausalLM.from_pretrained(bad)
