@@ -131,7 +131,8 @@ def evaluate(
     if kv_cache is not None:
         from quantkit.kvcache import parse_kv_scheme
 
-        kv_scheme = parse_kv_scheme(kv_cache)
+        # "model": the scheme and tables the folder stores (quantkit.kvcache.stored), read once it is loaded
+        kv_scheme = "model" if kv_cache == "model" else parse_kv_scheme(kv_cache)
         for name, v in (("--kv-windows", kv_windows), ("--kv-long-windows", kv_long_windows)):
             if v is not None and v < (1 if name == "--kv-windows" else 0):
                 raise QuantkitError(f"{name} must be at least {1 if name == '--kv-windows' else 0}, got {v}")
@@ -141,6 +142,9 @@ def evaluate(
         raise QuantkitError("nothing to evaluate: give --ppl, --tasks and/or --kv-cache")
     source = resolve_model(model)
     check_causal_lm(source.config)
+    if kv_scheme == "model" and not (getattr(source.config, "quantization_config", None) or {}).get("kv_cache"):
+        raise QuantkitError(f"--kv-cache model: {source.name} stores no KV-cache scheme (quantize it with a recipe "
+                            "that has a kv_cache section, or give a scheme)")
     limit_pos = getattr(source.config.get_text_config(), "max_position_embeddings", None)
     if ppl_names and isinstance(limit_pos, int) and seqlen > limit_pos:
         raise QuantkitError(f"--seqlen {seqlen} is longer than the position limit of {source.name} "
@@ -171,6 +175,11 @@ def evaluate(
                 results["error"] += f"; zero-shot tasks {', '.join(t.name for t in task_list)} skipped"
             break
     if kv_scheme is not None and "error" not in results:
+        stored = getattr(lm, "_quantkit_kv_cache", None) if kv_scheme == "model" else None
+        if kv_scheme == "model":
+            kv_scheme, kv_tables = stored if stored is not None else (None, None)
+            if kv_scheme is None:
+                raise QuantkitError(f"--kv-cache model: {source.name} loaded without its stored KV cache")
         results["kv_cache"] = _kv_cache(lm, tokenizer, kv_scheme, data, windows=kv_windows,
                                         long_windows=kv_long_windows, tables=kv_tables)
         bad = [k for k in ("chunked", "long_context") if k in results["kv_cache"]
@@ -195,7 +204,7 @@ def _kv_cache(lm, tokenizer, scheme, data: Path | None, *, windows: int | None, 
     from quantkit.eval.kv_perplexity import kv_evaluate
     from quantkit.kvcache import CQTables
 
-    loaded = CQTables.load(tables) if tables is not None else None
+    loaded = CQTables.load(tables) if isinstance(tables, (str, os.PathLike)) else tables  # or the folder's own
     entry = kv_evaluate(lm, tokenizer, scheme, windows=windows, long_windows=long_windows, tables=loaded, data=data)
     logger.info("KV cache %s: chunked perplexity %.4f (%s)", entry["label"], entry["chunked"]["ppl"],
                 entry["chunked"]["protocol"])

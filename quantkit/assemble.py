@@ -106,9 +106,8 @@ def _kv_cache(recipe: Recipe, tensors: dict[str, torch.Tensor], nlayers: int, in
     KV-cache step) moved into their own file (quantkit.kvcache.stored)."""
     if recipe.kv_cache is None:
         return None
-    from quantkit.calibration.kvcache import tables_from_tensors
     from quantkit.kvcache.scheme import CQScheme
-    from quantkit.kvcache.stored import config_entry, write_tables
+    from quantkit.kvcache.stored import config_entry, tables_from_tensors, write_tables
 
     tables = None
     if isinstance(recipe.kv_cache, CQScheme):

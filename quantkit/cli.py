@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache", default=None, metavar="SPEC",
                    help="KV-cache scheme scored by the chunked protocol (WikiText-2 windows of 512 in chunks of 64): "
                    "fp, kivi:bits=2,group_size=64,residual=64,sink=0, cq:bits=2,channels=4,residual=64, "
-                   "quanto:bits=4, hqq:bits=2 (or a JSON object)")
+                   "quanto:bits=4, hqq:bits=2 (or a JSON object), or 'model': the scheme and tables the quantized "
+                   "folder stores")
     e.add_argument("--kv-windows", type=int, default=None, help="chunked protocol: first N windows (default 64)")
     e.add_argument("--kv-long-windows", type=int, default=0,
                    help="also the long-context figure (windows of 2048, last 256 scored) over N windows (default 0)")

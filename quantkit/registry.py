@@ -56,5 +56,6 @@ METHODS: Registry = Registry("method")  # rounding methods: name -> quantkit.alg
 QUANTIZERS: Registry = Registry("quantizer")  # name -> QuantizerSpec subclass (quantkit.quantizers)
 FORMATS: Registry = Registry("format")  # name -> Format instance (quantkit.formats)
 COLLECTORS: Registry = Registry("statistics collector")  # name -> Collector class (quantkit.calibration)
+KV_METHODS: Registry = Registry("KV-cache method")  # name -> KVScheme subclass (quantkit.kvcache.scheme)
 
-__all__ += ["METHODS", "QUANTIZERS", "FORMATS", "COLLECTORS"]
+__all__ += ["METHODS", "QUANTIZERS", "FORMATS", "COLLECTORS", "KV_METHODS"]

@@ -19,11 +19,10 @@ from quantkit.calibration.steps import LayerContext, LayerStep
 from quantkit.errors import QuantkitError
 from quantkit.kvcache.codebook import fit_codebooks
 from quantkit.kvcache.scheme import CQScheme, KVScheme
-from quantkit.kvcache.tables import CQTables
+from quantkit.kvcache.stored import KV_PREFIX
 
-__all__ = ["KV_PREFIX", "KVCacheStep", "tables_from_tensors"]
+__all__ = ["KVCacheStep", "record_kv"]
 
-KV_PREFIX = "kv_cache."  # checkpoint keys of the tables while they travel with the layers' progress
 
 
 class _Recorder:
@@ -87,11 +86,3 @@ def _mse(X: torch.Tensor, C: torch.Tensor, scheme: CQScheme) -> float:
 
     x = X[:, :4096].unsqueeze(0)  # [1, H, n, D]
     return (cq_decode(cq_encode(x, C, scheme.code_bits), C, scheme.code_bits) - x).pow(2).mean().item()
-
-
-def tables_from_tensors(scheme: CQScheme, tensors: dict[str, torch.Tensor], nlayers: int,
-                        calibration: dict[str, Any]) -> CQTables:
-    """The tables the step left among the checkpoint tensors (removed from ``tensors``)."""
-    kc = [tensors.pop(f"{KV_PREFIX}layers.{i}.keys.centroids") for i in range(nlayers)]
-    vc = [tensors.pop(f"{KV_PREFIX}layers.{i}.values.centroids") for i in range(nlayers)]
-    return CQTables(scheme, kc, vc, calibration=calibration)

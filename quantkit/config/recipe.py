@@ -33,6 +33,7 @@ import yaml
 
 from quantkit.config.scheme import LayerScheme
 from quantkit.errors import QuantkitError, RecipeError
+from quantkit.registry import KV_METHODS
 
 __all__ = ["RECIPE_VERSION", "Recipe", "SchemeRule", "load_recipe", "list_presets", "matches", "save_recipe"]
 
@@ -148,21 +149,25 @@ class Recipe:
 
 
 def _kv_section(d: Any, where: str) -> Any:
-    """The ``kv_cache`` section as a scheme; methods the quantize pass can store (kivi, cq) only."""
+    """The ``kv_cache`` section as a scheme (quantkit.kvcache.scheme, registered in ``KV_METHODS``); only methods
+    the quantize pass can store with a model (kivi, cq)."""
     if d is None:
         return None
-    from quantkit.kvcache.scheme import CQScheme, KIVIScheme, parse_kv_scheme
-
     if not isinstance(d, dict):
         raise RecipeError(f"{where}: field 'kv_cache' must be a mapping (method, bits, ...) or null")
+    method = d.get("method")
+    if method is None:
+        raise RecipeError(f"{where}: field 'kv_cache.method': is required")
+    if method not in KV_METHODS:
+        raise RecipeError(f"{where}: field 'kv_cache.method': unknown KV-cache method; known: "
+                          f"{', '.join(KV_METHODS.names())} (got {method!r})")
+    if method not in ("kivi", "cq"):
+        raise RecipeError(f"{where}: field 'kv_cache.method': {method!r} is not stored with a model; a "
+                          "recipe takes 'kivi' or 'cq'")
     try:
-        scheme = parse_kv_scheme(d)
+        return KV_METHODS.get(method).from_dict(d)
     except (RecipeError, QuantkitError) as e:
         raise RecipeError(f"{where}: {e}") from None
-    if not isinstance(scheme, (CQScheme, KIVIScheme)):
-        raise RecipeError(f"{where}: field 'kv_cache.method': {scheme.method!r} is not stored with a model; a "
-                          "recipe takes 'kivi' or 'cq'")
-    return scheme
 
 
 def _check_target(pattern: str, where: str, *, allow_outside: bool = False) -> None:

@@ -21,11 +21,10 @@ from typing import Any, ClassVar
 
 from quantkit.config.spec import FieldError, Spec
 from quantkit.errors import QuantkitError, RecipeError
-from quantkit.registry import Registry
+from quantkit.registry import KV_METHODS
 
 __all__ = ["CQScheme", "FPScheme", "HFScheme", "KIVIScheme", "KV_METHODS", "KVScheme", "parse_kv_scheme"]
 
-KV_METHODS: Registry = Registry("KV-cache method")  # name -> KVScheme subclass
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,9 +26,11 @@ from quantkit.kvcache.cache import head_dim_of, kv_cache
 from quantkit.kvcache.scheme import CQScheme, KVScheme, parse_kv_scheme
 from quantkit.kvcache.tables import CQTables
 
-__all__ = ["KV_FILE", "config_entry", "default_kv_cache", "load_stored", "use_kv_cache", "write_tables"]
+__all__ = ["KV_FILE", "KV_PREFIX", "config_entry", "default_kv_cache", "load_stored", "tables_from_tensors",
+           "use_kv_cache", "write_tables"]
 
 KV_FILE = "quantkit_kv_cache.safetensors"
+KV_PREFIX = "kv_cache."  # checkpoint keys of the tables while they travel with the layers' progress
 _ATTR = "_quantkit_kv_cache"  # (scheme, tables) on the model; None: the default cache is transformers' own
 
 
@@ -146,3 +148,11 @@ def use_kv_cache(model, scheme: KVScheme | dict | str | None, tables: CQTables |
 
     model._prepare_cache_for_generation = prepare
     model._quantkit_kv_hooked = True
+
+
+def tables_from_tensors(scheme: CQScheme, tensors: dict[str, torch.Tensor], nlayers: int,
+                        calibration: dict[str, Any]) -> CQTables:
+    """The tables the step left among the checkpoint tensors (removed from ``tensors``)."""
+    kc = [tensors.pop(f"{KV_PREFIX}layers.{i}.keys.centroids") for i in range(nlayers)]
+    vc = [tensors.pop(f"{KV_PREFIX}layers.{i}.values.centroids") for i in range(nlayers)]
+    return CQTables(scheme, kc, vc, calibration=calibration)
