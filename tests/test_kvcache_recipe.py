@@ -263,3 +263,28 @@ def test_changed_tables_file_fails_its_checksum(kv_only, tmp_path):
     (bad / KV_FILE).unlink()
     with pytest.raises(QuantkitError, match=f"{KV_FILE}: missing"):
         AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_eval_kv_cache_model_scores_the_folders_own_cache(kv_only, tiny_model_factory, data_dir):
+    """``--kv-cache model`` equals the same scheme with the folder's tables given by hand; a folder without a stored
+    scheme is refused before loading."""
+    from quantkit.eval.runner import evaluate
+
+    own = evaluate(str(kv_only), ppl="none", kv_cache="model", kv_windows=1, data_dir=data_dir)["kv_cache"]
+    by_hand = evaluate(str(kv_only), ppl="none", kv_cache=CQ2, kv_windows=1, data_dir=data_dir,
+                       kv_tables=_tables_file(kv_only))["kv_cache"]
+    assert own["scheme"] == CQ2 and own["chunked"]["ppl"] == by_hand["chunked"]["ppl"]
+    with pytest.raises(QuantkitError, match="stores no KV-cache scheme"):
+        evaluate(str(tiny_model_factory("llama")), ppl="none", kv_cache="model", kv_windows=1, data_dir=data_dir)
+
+
+def _tables_file(folder):
+    """The folder's tables as a standalone ``CQTables`` file (what ``--kv-tables`` reads)."""
+    from quantkit.kvcache.stored import load_stored
+
+    cfg = json.loads((folder / "config.json").read_text())
+    _, tables = load_stored(folder, cfg["quantization_config"]["kv_cache"], AutoModelForCausalLM.from_pretrained(
+        folder).config)
+    path = folder.parent / "tables.safetensors"
+    tables.save(path)
+    return path
