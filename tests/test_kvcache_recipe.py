@@ -288,3 +288,26 @@ def _tables_file(folder):
     path = folder.parent / "tables.safetensors"
     tables.save(path)
     return path
+
+
+@pytest.mark.slow
+def test_smollm2_kv_only_cq2_generate_answers_paris(smollm2_folder, data_dir, tmp_path):
+    """SmolLM2 with a KV-only CQ 2-bit recipe (4 × 256 C4 tokens of calibration, a residual window of 8 so that
+    most of the prompt is read back from codes): the reloaded folder's ``generate()`` runs through the quantized
+    cache and still answers the capital-of-France prompt."""
+    from transformers import AutoTokenizer
+
+    recipe = {"name": "kv-cq2-r8", "schemes": [], "kv_cache": {**CQ2, "residual": 8}}
+    out = pipeline.quantize(str(smollm2_folder), Recipe.from_dict(recipe), tmp_path / "q", calib="c4",
+                            nsamples=4, seqlen=256, data_dir=data_dir, progress=False).out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(type(kw.get("cache"))), with_kwargs=True)
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=24, do_sample=False)
+    hook.remove()
+    assert ids.shape[1] > 16 and seen and all(t is QuantizedKVCache for t in seen)
+    assert "Paris" in tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
