@@ -1,5 +1,6 @@
 """End to end on the real (bundled) SmolLM2-135M: quantize, reload in a fresh process, generate, and check that
-GPTQ beats round-to-nearest on quick-protocol perplexity. Quick calibration here: 32 x 512 C4 tokens."""
+GPTQ beats round-to-nearest on perplexity. Quick calibration here: 16 x 512 C4 tokens; perplexity on the first 4
+WikiText-2 windows (the quick protocol's 16 are BENCHMARKS.md's: this test only orders two recipes, in CI time)."""
 
 import json
 import subprocess
@@ -9,10 +10,11 @@ import textwrap
 import pytest
 
 from quantkit import pipeline
-from quantkit.eval.perplexity import QUICK_WINDOWS, wikitext2_perplexity
+from quantkit.eval.perplexity import wikitext2_perplexity
 
 pytestmark = pytest.mark.slow
-CAL = dict(calib="c4", nsamples=32, seqlen=512, seed=0, progress=False)
+CAL = dict(calib="c4", nsamples=16, seqlen=512, seed=0, progress=False)
+WINDOWS = 4
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +71,11 @@ def test_report_and_last_group_of_576(quantized):
     assert 4.25 < rep["bits_per_weight"] < 4.35
 
 
-def test_gptq_beats_rtn_on_quick_perplexity(quantized):
+def test_gptq_beats_rtn_on_perplexity(quantized):
     from quantkit.loading import load_model
 
     ppl = {}
     for r in ("rtn-w3g128", "gptq-w3g128"):
         model, tok = load_model(str(quantized[r]))
-        ppl[r] = wikitext2_perplexity(model, tok, windows=QUICK_WINDOWS, progress=False).ppl
+        ppl[r] = wikitext2_perplexity(model, tok, windows=WINDOWS, progress=False).ppl
     assert ppl["gptq-w3g128"] < ppl["rtn-w3g128"], ppl
