@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import shutil
 import time
 from typing import Any
 
@@ -54,10 +53,7 @@ def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, r
     """Write the checkpoint into ``out.tmp``, mark it complete and publish it (quantkit.outdir); returns the report.
     A run killed in here leaves its progress, from which the next run assembles again. ``dense_experts``: MoE
     experts the recipe leaves unquantized, stored fused as the model holds them (quantkit.nn.experts)."""
-    tmp = out.tmp
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with out.build(info["fingerprint"], overwrite) as tmp:
         tensors = reader.load([k for k in reader.keys() if k not in {f"{n}.weight" for n in schemes}])
         for i in range(nlayers):
             tensors.update(progress.load_layer(i)[0])
@@ -89,11 +85,6 @@ def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, r
             "steps": {k: v for k, v in records.items() if k != "quantize"},
         }
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        out.write_marker(tmp, info["fingerprint"])
-        out.publish(overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %s: %s bits per weight, %.1f MB, %.0f s", out.out,
                 "-" if not weights else f"{report['bits_per_weight']:.3f}", report["size_on_disk_bytes"] / 1e6,
                 report["seconds"])

@@ -36,7 +36,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from quantkit.checkpoint import REPORT_NAME, atomic_save_file, atomic_write_text, copy_side_files, write_shards
+from quantkit.checkpoint import (
+    REPORT_NAME,
+    atomic_save_file,
+    atomic_write_text,
+    copy_side_files,
+    folder_size,
+    write_shards,
+)
 from quantkit.data import calibration_ids, load_calibration_texts
 from quantkit.errors import QuantkitError
 from quantkit.fingerprint import source_digests, text_digest
@@ -310,10 +317,7 @@ def _publish(folder: OutputFolder, qdir: Path, qreport: dict[str, Any], reader: 
              student: nn.Module, tuned: list[str], settings: dict[str, Any], losses: list[float], fp: str,
              t0: float, times: dict[str, Any], resumed_at: int, overwrite: bool) -> dict[str, Any]:
     """The input folder with the tuned tensors replaced (each in its stored dtype), a report, published."""
-    tmp = folder.tmp
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with folder.build(fp, overwrite) as tmp:
         tensors = reader.load(reader.keys())
         current = dict(student.state_dict(keep_vars=True))
         for k in tuned:
@@ -329,7 +333,7 @@ def _publish(folder: OutputFolder, qdir: Path, qreport: dict[str, Any], reader: 
             **{key: v for key, v in qreport.items() if key not in ("seconds", "peak_rss_bytes", "size_on_disk_bytes",
                                                                    "fingerprint")},
             "fingerprint": fp,
-            "size_on_disk_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
+            "size_on_disk_bytes": folder_size(tmp),
             "finetune": {
                 "input": str(qdir), "settings": settings, "tuned_tensors": len(tuned),
                 "tuned_values": int(sum(tensors[n].numel() for n in tuned)),
@@ -343,10 +347,5 @@ def _publish(folder: OutputFolder, qdir: Path, qreport: dict[str, Any], reader: 
             "quantize": {key: qreport.get(key) for key in ("seconds", "peak_rss_bytes", "fingerprint")},
         }
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        folder.write_marker(tmp, fp)
-        folder.publish(overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     assert (folder.out / MARKER).is_file()
     return report

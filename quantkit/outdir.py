@@ -32,6 +32,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,20 @@ class OutputFolder:
         path.write_text(json.dumps(marker, indent=2) + "\n")
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+
+    @contextmanager
+    def build(self, fingerprint: str, overwrite: bool) -> Iterator[Path]:
+        """An empty ``tmp`` to write the output into; when the block ends, the folder is marked complete and
+        published, and if anything in it (or the publishing) fails, ``tmp`` is removed."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        try:
+            yield self.tmp
+            self.write_marker(self.tmp, fingerprint)
+            self.publish(overwrite)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
 
     def publish(self, overwrite: bool) -> None:
         """Rename the finished ``tmp`` onto ``OUT``; an old ``OUT`` is moved aside first and removed last."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,10 +136,7 @@ def export(source: str | Path, target: str, out: str | Path, *, overwrite: bool 
         if folder.holds(fp, overwrite):
             logger.info("%s already holds this export; nothing to do", out)
             return ExportResult(out, tgt.name, json.loads((out / EXPORT_REPORT).read_text()), skipped=True)
-        tmp = folder.tmp
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with folder.build(fp, overwrite) as tmp:
             tensors, qconfig, summary = tgt.write(src, plan)
             tensors.update(src.reader.load(src.other_keys()))  # embeddings, norms, head, biases: unchanged
             write_shards(tensors, tmp)
@@ -151,11 +147,6 @@ def export(source: str | Path, target: str, out: str | Path, *, overwrite: bool 
             report = {"quantkit_export": 1, "target": tgt.name, "target_version": tgt.version,
                       "source": str(src_folder), "fingerprint": fp, **summary}
             (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-            folder.write_marker(tmp, fp)
-            folder.publish(overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     logger.info("exported %s to %s (%s)", src_folder, out, tgt.name)
     return ExportResult(out, tgt.name, report)
 
