@@ -210,6 +210,42 @@ def test_save_reload_gives_identical_logits_through_the_cache(tiny_model_factory
     assert torch.equal(a[0].logits, a[1].logits) and torch.equal(b[0].logits, b[1].logits)
 
 
+def test_save_reload_save_reload_keeps_the_tables(tiny_model_factory, calib_file, tmp_path):
+    """``save_pretrained`` of a model loaded from a folder with CQ tables writes them again (the config it writes
+    keeps ``kv_cache``, which names the file): two rounds give the same table bytes and the same logits through
+    the cache."""
+    out = _quantize(tiny_model_factory("llama"), tmp_path / "q", calib_file, W4_CQ2).out
+    x = _ids(3, 48)
+    folders, logits = [out], []
+    for r in (1, 2):
+        model = AutoModelForCausalLM.from_pretrained(folders[-1])
+        with torch.no_grad():
+            a = model(x[:, :24])
+            b = model(x[:, 24:], cache=a.cache)
+        assert isinstance(a.cache, QuantizedKVCache)
+        logits.append((a.logits, b.logits))
+        model.save_pretrained(tmp_path / f"re{r}")
+        folders.append(tmp_path / f"re{r}")
+    last = AutoModelForCausalLM.from_pretrained(folders[-1])
+    with torch.no_grad():
+        a = last(x[:, :24])
+        logits.append((a.logits, last(x[:, 24:], cache=a.cache).logits))
+    for f in folders[1:]:
+        assert (f / KV_FILE).read_bytes() == (out / KV_FILE).read_bytes(), f
+        q = json.loads((f / "config.json").read_text())["quantization_config"]
+        assert q["kv_cache"] == json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache"]
+    for la, lb in logits[1:]:
+        assert torch.equal(la, logits[0][0]) and torch.equal(lb, logits[0][1])
+    assert not torch.equal(logits[0][1], _fp_logits(last, x))  # the second chunk reads codes
+
+
+def _fp_logits(model, x):
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(x[:, :24], cache=cache)
+        return model(x[:, 24:], cache=cache).logits
+
+
 def test_kivi_recipe_stores_its_scheme_without_tables(tiny_model_factory, calib_file, tmp_path):
     kivi = {"method": "kivi", "bits": 4, "group_size": 8, "residual": 8, "sink": 0}
     out = _quantize(tiny_model_factory("llama"), tmp_path / "q", calib_file, {"schemes": [], "kv_cache": kivi}).out

@@ -85,12 +85,15 @@ class QuantkitHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         entry = self.quantization_config.kv_cache
         if entry is not None:  # the stored KV cache becomes the default one (quantkit.kvcache.stored)
-            from quantkit.kvcache.stored import load_stored, use_kv_cache
+            from quantkit.kvcache.stored import load_stored, save_tables_with, use_kv_cache
 
             if getattr(self, "folder", None) is None:
                 raise QuantkitError("this checkpoint quantizes the KV cache, whose tables are read from its folder; "
                                     "load it from a folder of safetensors files")
-            use_kv_cache(model, *load_stored(self.folder, entry, model.config))
+            scheme, tables = load_stored(self.folder, entry, model.config)
+            use_kv_cache(model, scheme, tables)
+            if tables is not None:  # save_pretrained keeps them: its config still names their file
+                save_tables_with(model, tables)
         # LoRA on the packed layers (quantkit.hf.peft): PEFT is optional, and imported only when installed.
         if importlib.util.find_spec("peft") is not None:
             from quantkit.hf.peft import register as register_peft

@@ -8,7 +8,8 @@ and head size, and attaches them with :func:`use_kv_cache`: a plain forward with
 without a ``cache`` or ``cache_implementation``, then build the quantized cache instead of transformers'
 ``DynamicCache``. Opting out: pass a cache (``cache=DynamicCache(config=model.config)``), set
 ``model.generation_config.cache_implementation = "dynamic"`` for ``generate()``, or call
-``use_kv_cache(model, None)``.
+``use_kv_cache(model, None)``. ``save_pretrained`` of such a model writes the tables it was loaded with beside the
+weights again (:func:`save_tables_with`), since its config keeps the ``kv_cache`` entry that names them.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from quantkit.kvcache.cache import head_dim_of, kv_cache
 from quantkit.kvcache.scheme import CQScheme, KVScheme, parse_kv_scheme
 from quantkit.kvcache.tables import CQTables
 
-__all__ = ["KV_FILE", "KV_PREFIX", "config_entry", "default_kv_cache", "load_stored", "tables_from_tensors",
-           "use_kv_cache", "write_tables"]
+__all__ = ["KV_FILE", "KV_PREFIX", "config_entry", "default_kv_cache", "load_stored",
+           "save_tables_with", "tables_from_tensors", "use_kv_cache", "write_tables"]
 
 KV_FILE = "quantkit_kv_cache.safetensors"
 KV_PREFIX = "kv_cache."  # checkpoint keys of the tables while they travel with the layers' progress
@@ -148,6 +149,22 @@ def use_kv_cache(model, scheme: KVScheme | dict | str | None, tables: CQTables |
 
     model._prepare_cache_for_generation = prepare
     model._quantkit_kv_hooked = True
+
+
+def save_tables_with(model, tables: CQTables) -> None:
+    """``model.save_pretrained(DIR)`` also writes ``tables`` (those of the folder the model was loaded from) as
+    ``DIR/quantkit_kv_cache.safetensors``: the config it writes keeps ``quantization_config.kv_cache``, which names
+    that file. transformers has no quantizer hook after saving, so the model's method is wrapped. An adapter-only
+    save (PEFT) writes no config and gets no tables."""
+    original = model.save_pretrained
+
+    def save_pretrained(save_directory, *args, **kwargs):
+        out = original(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and not getattr(model, "_hf_peft_config_loaded", False):
+            write_tables(tables, Path(save_directory))
+        return out
+
+    model.save_pretrained = save_pretrained
 
 
 def tables_from_tensors(scheme: CQScheme, tensors: dict[str, torch.Tensor], nlayers: int,
