@@ -3,6 +3,8 @@ quantize pass on the quantized layers' keys and values, stored with the model, a
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 
 import pytest
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import quantkit  # noqa: F401
 from quantkit import pipeline, resume
+from quantkit.calibration.steps import KVRecorder, LayerStep
 from quantkit.config.recipe import Recipe, list_presets, load_recipe
 from quantkit.errors import QuantkitError, RecipeError
 from quantkit.kvcache import CQLayer, QuantizedKVCache, kv_cache
@@ -133,6 +136,70 @@ def test_tables_are_fitted_on_the_quantized_layers_keys(tiny_model_factory, cali
     fp = AutoModelForCausalLM.from_pretrained(folder)
     assert not torch.equal(fit(fp), stored)
     del capture_inputs
+
+
+class _RecordAgain(LayerStep):
+    """The KV-cache step as it was before the walk's recording pass: an extra pass of the calibration set through
+    the quantized layer with a recording cache, the tables fitted by the KV-cache step's own fit."""
+
+    name = "record_again"
+
+    def __init__(self, step):
+        self.step, self.tensors, self.records = step, {}, {}
+
+    def run(self, ctx, stats):
+        rec = KVRecorder()
+        with torch.no_grad():
+            for h, kw in zip(ctx.calib.hidden, ctx.calib.kwargs[ctx.index], strict=True):
+                ctx.layer(h, **{**kw, "cache": rec})
+        mine = dataclasses.replace(ctx, tensors={})
+        self.records[ctx.index] = self.step.after_pass(mine, {"method": "cq"}, *rec.result(ctx.prefix))
+        self.tensors.update(mine.tensors)
+        return {}
+
+
+def _count_layer_calls():
+    """Forward calls of each decoder layer (by index) from now on."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    calls = collections.Counter()
+
+    def hook(module, args, out):
+        if isinstance(module, LlamaDecoderLayer):
+            calls[module.self_attn.layer_idx] += 1
+
+    return calls, torch.nn.modules.module.register_module_forward_hook(hook)
+
+
+def test_kv_step_records_in_the_walks_own_pass(tiny_model_factory, calib_file, tmp_path):
+    """The KV-cache step gets the keys and values of the walk's final pass: each decoder layer runs as often as
+    for the weights alone (one calibration chunk here), and the last layer once more (the weights alone need no
+    final pass there); a KV-only recipe runs each layer once. The tables and records equal those of an extra
+    recording pass over each quantized layer (the step before the seam), layer by layer."""
+    from quantkit.calibration.kvcache import KVCacheStep
+    from quantkit.kvcache.scheme import parse_kv_scheme
+
+    folder = tiny_model_factory("llama")
+    gptq = {"name": "g4", "schemes": [{"method": "gptq", "bits": 4, "group_size": 32}]}
+    counts = {}
+    for name, recipe in (("g4", gptq), ("g4-cq2", {**gptq, "kv_cache": CQ2}), ("kv-cq2", KV_ONLY)):
+        calls, handle = _count_layer_calls()
+        try:
+            _quantize(folder, tmp_path / name, calib_file, recipe)
+        finally:
+            handle.remove()
+        counts[name] = [calls[i] for i in range(3)]
+    # statistics pass + final pass; the extra recording pass made these [3, 3, 2] and [2, 2, 1]
+    assert counts == {"g4": [2, 2, 1], "g4-cq2": [2, 2, 2], "kv-cq2": [1, 1, 1]}, counts
+
+    ref = _RecordAgain(KVCacheStep(parse_kv_scheme(CQ2), seed=0))
+    res = _quantize(folder, tmp_path / "ref", calib_file, {**gptq, "kv_cache": CQ2}, steps=[ref])
+    with safe_open(tmp_path / "g4-cq2" / KV_FILE, "pt") as f:
+        assert sorted(f.keys()) == sorted(k.removeprefix("kv_cache.") for k in ref.tensors)
+        for k in f.keys():
+            assert torch.equal(f.get_tensor(k), ref.tensors["kv_cache." + k]), k
+    for i in range(3):
+        assert res.report["steps"]["kv_cache"][f"model.layers.{i}"] == ref.records[i]
 
 
 def test_resume_is_byte_identical(tiny_model_factory, calib_file, tmp_path, monkeypatch):

@@ -3,6 +3,8 @@
 Layer *i* is materialized from the checkpoint, the calibration batch runs through it once while the statistics
 collectors its steps asked for accumulate, the steps run (quantize; measure; calibrate a KV cache), and the
 layer runs again, as the steps left it, to produce the inputs of layer *i+1* (the sequential scheme of GPTQ).
+When a step wants the keys and values the layer caches (``LayerStep.wants_kv``), that final pass records them
+(also for the last layer, which otherwise needs no final pass) and hands them to the step's ``after_pass``.
 Each finished layer is saved with :class:`quantkit.resume.Progress` and taken off the device, so memory holds
 one layer plus the calibration activations.
 """
@@ -14,7 +16,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantkit.calibration.capture import Calibration, run_layer
-from quantkit.calibration.steps import LayerContext, LayerStep
+from quantkit.calibration.steps import KVRecorder, LayerContext, LayerStep
 from quantkit.errors import QuantkitError
 from quantkit.loading import CheckpointReader
 from quantkit.model import load_into
@@ -105,11 +107,22 @@ class LayerWalk:
         records = {step.name: step.run(ctx, stats) for step in self.steps}
         del stats
         last = ctx.index == len(self.layers) - 1
-        if self.calib is not None and not last:
-            run_layer(self.layers[ctx.index], self.calib, keep_outputs=True, index=ctx.index)
-            if not all(torch.isfinite(h).all() for h in self.calib.hidden):
+        recording = [step for step in self.steps if step.wants_kv(ctx)]
+        if recording and self.calib is None:
+            raise QuantkitError(f"step {recording[0].name!r} wants the keys and values of {ctx.prefix} on the "
+                                "calibration set, and this run has none")
+        if self.calib is not None and (not last or recording):  # the final pass
+            recorder = KVRecorder() if recording else None
+            run_layer(self.layers[ctx.index], _with_cache(self.calib, ctx.index, recorder), keep_outputs=not last,
+                      index=ctx.index)
+            if not last and not all(torch.isfinite(h).all() for h in self.calib.hidden):
                 raise QuantkitError(f"{ctx.prefix}: its outputs on the calibration batch hold NaN or inf, as "
                                     "quantized (the next layer would calibrate on them); refusing to go on")
+            if recording:
+                keys, values = recorder.result(ctx.prefix)
+                for step in recording:
+                    records[step.name] = step.after_pass(ctx, records[step.name], keys, values)
+                del keys, values, recorder
         next_inputs = self.calib.hidden if self.calib is not None and not last else None
         self.progress.save_layer(ctx.index, ctx.tensors, records, next_inputs)
         return records
@@ -136,3 +149,14 @@ class LayerWalk:
                 stack.enter_context(c.collecting())
             run_layer(ctx.layer, self.calib, keep_outputs=False, index=ctx.index, after_chunk=end_chunk)
         return {c.name: c.results() for c in collectors}
+
+
+def _with_cache(calib: Calibration, index: int, cache: KVRecorder | None) -> Calibration:
+    """``calib`` whose calls of layer ``index`` pass ``cache`` (it shares the hidden-states list, which the pass
+    updates in place); ``calib`` itself when ``cache`` is None."""
+    if cache is None:
+        return calib
+    kwargs = list(calib.kwargs)
+    kwargs[index] = [{**{k: v for k, v in kw.items() if k != "past_key_values"}, "cache": cache}
+                     for kw in calib.kwargs[index]]
+    return replace(calib, kwargs=kwargs)
