@@ -17,49 +17,131 @@ from quantkit.kvcache.packing import pack_uint8, unpack_uint8
 
 __all__ = ["cq_decode", "cq_encode", "fit_codebooks", "kmeans_batched", "nearest_centroid"]
 
-_DIST_ELEMENTS = 1 << 25  # bound on one [codebooks, vectors, centroids] distance block (128 MiB of float32)
+_DIST_ELEMENTS = 1 << 24  # bound on one [codebooks, vectors, centroids] distance block (64 MiB of float32)
+_NEIGHBOURS = 8  # candidates of a Lloyd assignment after the first: the centroids nearest the previous one
 
 
-def _distances(X: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """``Σ_j w_j (x_j − c_j)²`` up to a per-vector constant (``Σ_j w_j x_j²``, irrelevant for the argmin), for
-    ``X`` [P, N, c] against ``C`` [P, K, c] with ``w`` [P, c] (None: ones): [P, N, K]."""
-    if w is not None:
-        return (w.unsqueeze(1) * C * C).sum(-1).unsqueeze(1) - 2 * (X * w.unsqueeze(1)) @ C.transpose(1, 2)
-    return (C * C).sum(-1).unsqueeze(1) - 2 * X @ C.transpose(1, 2)
+def _dots(X: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """``Σ_j w_j c_j² − 2 Σ_j w_j x_j c_j``: the (weighted) squared distance up to ``Σ_j w_j x_j²``, for ``X``
+    [P, n, c] against ``C`` [P, K, c] with ``w`` [P, c] (None: ones): [P, n, K], in one fused pass."""
+    Cw = C if w is None else C * w.unsqueeze(1)
+    return torch.baddbmm((Cw * C).sum(-1).unsqueeze(1), X, Cw.transpose(1, 2), alpha=-2)
+
+
+def _blocks(X: torch.Tensor, K: int):
+    """Slices of ``X``'s vector dimension that keep a [P, n, K] distance block under ``_DIST_ELEMENTS``."""
+    P, N, _ = X.shape
+    step = max(1, _DIST_ELEMENTS // max(1, P * K))
+    return [slice(i, i + step) for i in range(0, N, step)]
 
 
 def nearest_centroid(X: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the nearest centroid: ``X`` [P, N, c], ``C`` [P, K, c], ``w`` [P, c] -> int64 [P, N]. Blocked over
     vectors so the distance block stays small."""
-    P, N, _ = X.shape
-    step = max(1, _DIST_ELEMENTS // max(1, P * C.shape[1]))
-    return torch.cat([_distances(X[:, i : i + step], C, w).argmin(-1) for i in range(0, N, step)], dim=1)
+    return torch.cat([_dots(X[:, b], C, w).argmin(-1) for b in _blocks(X, C.shape[1])], dim=1)
 
 
 def _kmeans_pp(X: torch.Tensor, K: int, w: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
     """k-means++ seeding, batched over the ``P`` problems: each next centroid is a vector drawn with probability
-    proportional to its (weighted) squared distance to the nearest centroid so far."""
+    proportional to its (weighted) squared distance to the nearest centroid so far (inverse-CDF sampling of one
+    uniform draw per problem; the distances run channel by channel over a [P, c, N] copy, so each step is a few
+    passes over [P, N])."""
     P, N, c = X.shape
     ar = torch.arange(P)
-    first = torch.randint(0, N, (P,), generator=g)
-    C = X[ar, first].unsqueeze(1)
+    Xt = X.transpose(1, 2).contiguous()  # [P, c, N]
     ww = torch.ones(P, c) if w is None else w
-    best = (ww.unsqueeze(1) * (X - C) ** 2).sum(-1)
-    for _ in range(1, K):
-        total = best.sum(1, keepdim=True)
-        p = torch.where(total > 0, best / total.clamp(min=1e-30), torch.full_like(best, 1.0 / N))
-        nxt = X[ar, torch.multinomial(p, 1, generator=g).squeeze(1)].unsqueeze(1)
-        C = torch.cat([C, nxt], dim=1)
-        best = torch.minimum(best, (ww.unsqueeze(1) * (X - nxt) ** 2).sum(-1))
+    idx = torch.empty(P, K, dtype=torch.long)
+    idx[:, 0] = torch.randint(0, N, (P,), generator=g)
+    best = torch.full((P, N), float("inf"))
+    for k in range(1, K):
+        last = Xt[ar, :, idx[:, k - 1]]  # [P, c]: the centroid drawn last
+        d = torch.zeros(P, N)
+        for j in range(c):
+            d.add_((Xt[:, j] - last[:, j : j + 1]).square_().mul_(ww[:, j : j + 1]))
+        torch.minimum(best, d, out=best)
+        cdf = best.cumsum(1)
+        total = cdf[:, -1:]
+        u = torch.rand(P, 1, generator=g) * total
+        drawn = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=N - 1)
+        uniform = torch.randint(0, N, (P,), generator=g)  # every vector already a centroid: any vector
+        idx[:, k] = torch.where(total.squeeze(1) > 0, drawn, uniform)
+    return X[ar.unsqueeze(1), idx]
+
+
+def _means(X: torch.Tensor, a: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Each cluster's mean (Lloyd's update); an empty cluster keeps its centroid."""
+    c = X.shape[-1]
+    num = torch.zeros_like(C).scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, c), X)
+    cnt = torch.zeros(C.shape[:2]).scatter_add_(1, a, torch.ones_like(a, dtype=torch.float32))
+    return torch.where(cnt.unsqueeze(-1) > 0, num / cnt.clamp(min=1).unsqueeze(-1), C)
+
+
+def _assign_near(X: torch.Tensor, C: torch.Tensor, a: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Lloyd's assignment step, given the previous assignment ``a`` [P, N]: each vector's nearest centroid is
+    looked for among the ``_NEIGHBOURS`` centroids nearest to its previous one (itself included). That is exact when
+    every centroid closer to that one than twice the vector's distance to it is in the list: a centroid nearer the
+    vector than its previous one lies within that radius (triangle inequality; the weighted distance is a norm).
+    The other vectors are compared with every centroid."""
+    P, N, c = X.shape
+    K = C.shape[1]
+    if K <= _NEIGHBOURS:
+        return nearest_centroid(X, C, w)
+    ww = torch.ones(P, c) if w is None else w
+    between = torch.zeros(P, K, K)  # distances between the centroids
+    for j in range(c):
+        between.add_((C[:, :, None, j] - C[:, None, :, j]).square_().mul_(ww[:, j, None, None]))
+    between.sqrt_()
+    near = between.topk(_NEIGHBOURS + 1, dim=2, largest=False)
+    lists = near.indices[..., :_NEIGHBOURS].transpose(1, 2)  # [P, M, K]
+    cand = torch.gather(lists, 2, a.unsqueeze(1).expand(P, _NEIGHBOURS, N))  # [P, M, N]: vectors innermost
+    radius = torch.gather(near.values[..., _NEIGHBOURS], 1, a)  # the nearest centroid left out of the list
+    d = torch.zeros(P, _NEIGHBOURS, N)
+    own = torch.zeros(P, N)
+    for j in range(c):
+        Cj, xj = C[..., j], X[..., j]
+        d.add_((torch.gather(Cj, 1, cand.reshape(P, -1)).view(P, _NEIGHBOURS, N) - xj.unsqueeze(1)).square_()
+               .mul_(ww[:, j, None, None]))
+        own.add_((torch.gather(Cj, 1, a) - xj).square_().mul_(ww[:, j, None]))
+    best, out = d[:, 0].clone(), cand[:, 0].clone()
+    for m in range(1, _NEIGHBOURS):  # the argmin over the list, one [P, N] slice at a time (vectorized over N)
+        closer = d[:, m] < best
+        best = torch.where(closer, d[:, m], best)
+        out = torch.where(closer, cand[:, m], out)
+    far = radius <= 2 * own.sqrt()  # the list may miss a nearer centroid: compare with all
+    if far.any():
+        p, n = far.nonzero(as_tuple=True)
+        counts = far.sum(1)
+        pos = torch.arange(p.numel()) - (counts.cumsum(0) - counts)[p]  # rank of each such vector in its problem
+        Xf = X.new_zeros(P, int(counts.max()), c)
+        Xf[p, pos] = X[p, n]
+        out[p, n] = nearest_centroid(Xf, C, w)[p, pos]
+    return out
+
+
+def _lloyd(X: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None, iters: int) -> torch.Tensor:
+    """``iters`` Lloyd iterations from the centroids ``C`` (assign each vector to its nearest centroid, move each
+    centroid to its cluster's mean), stopping early once no assignment changes (the means are then fixed). After
+    the first, the assignments search near the previous ones (:func:`_assign_near`), with the same result."""
+    a = nearest_centroid(X, C, w)
+    for it in range(iters):
+        C = _means(X, a, C)
+        if it == iters - 1:
+            break
+        nxt = _assign_near(X, C, a, w)
+        if torch.equal(nxt, a):
+            break
+        a = nxt
     return C
 
 
 def kmeans_batched(X: torch.Tensor, K: int, *, iters: int = 20, seed: int = 0, w: torch.Tensor | None = None,
-                   chunk: int = 16) -> torch.Tensor:
+                   chunk: int = 32) -> torch.Tensor:
     """Centroids [P, K, c] for ``P`` independent k-means problems ``X`` [P, N, c] (k-means++ start, then Lloyd
     iterations; with per-channel weights ``w`` [P, c] the assignment uses the weighted distance while each
     centroid stays its cluster's mean, since constant per-channel weights cancel in the update). An empty cluster
-    keeps its centroid. Deterministic for a given ``seed`` and ``chunk`` (problems solved together)."""
+    keeps its centroid. Each problem is solved on its vectors minus their mean (k-means does not move with a
+    translation; the expanded distances lose less to rounding). Deterministic for a given ``seed`` and ``chunk``
+    (problems solved together)."""
     P, N, c = X.shape
     if N < K:
         raise ValueError(f"{N} calibration vectors cannot fill {K} centroids")
@@ -67,14 +149,13 @@ def kmeans_batched(X: torch.Tensor, K: int, *, iters: int = 20, seed: int = 0, w
     out = []
     for s in range(0, P, chunk):
         Xs = X[s : s + chunk].float()
+        mean = Xs.mean(1, keepdim=True)
+        Xs = Xs - mean
         ws = None if w is None else w[s : s + chunk].float()
         C = _kmeans_pp(Xs, K, ws, g)
-        for _ in range(iters):
-            a = nearest_centroid(Xs, C, ws)
-            num = torch.zeros_like(C).scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, c), Xs)
-            cnt = torch.zeros(C.shape[:2]).scatter_add_(1, a, torch.ones_like(a, dtype=torch.float32))
-            C = torch.where(cnt.unsqueeze(-1) > 0, num / cnt.clamp(min=1).unsqueeze(-1), C)
-        out.append(C)
+        if iters > 0:
+            C = _lloyd(Xs, C, ws, iters)
+        out.append(C + mean)
     return torch.cat(out)
 
 
