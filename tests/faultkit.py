@@ -95,6 +95,28 @@ def snapshot(*paths: Path) -> dict[str, str]:
     return digest
 
 
+@contextlib.contextmanager
+def killed_after_layer(layer: int):
+    """Within the block, a quantize run is interrupted (``KeyboardInterrupt``, as a kill would) right after it saved
+    decoder layer ``layer``'s progress (``quantkit.resume.Progress.save_layer``); the real method is back
+    afterwards. A library call raises it (``with killed_after_layer(1), pytest.raises(KeyboardInterrupt): ...``),
+    the CLI exits 130."""
+    from quantkit import resume
+
+    real = resume.Progress.save_layer
+
+    def save_then_die(self, i, *args, **kwargs):
+        real(self, i, *args, **kwargs)
+        if i == layer:
+            raise KeyboardInterrupt
+
+    resume.Progress.save_layer = save_then_die
+    try:
+        yield
+    finally:
+        resume.Progress.save_layer = real
+
+
 def leftovers(folder: Path) -> list[str]:
     """quantkit's temporary files and folders under ``folder`` (there should be none after any run)."""
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.name.endswith(LEFTOVER_SUFFIXES)

@@ -9,12 +9,13 @@ import json
 
 import pytest
 import torch
+from faultkit import killed_after_layer
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import quantkit  # noqa: F401
-from quantkit import pipeline, resume
+from quantkit import pipeline
 from quantkit.calibration.steps import KVRecorder, LayerStep
 from quantkit.config.recipe import Recipe, list_presets, load_recipe
 from quantkit.errors import QuantkitError, RecipeError
@@ -202,20 +203,11 @@ def test_kv_step_records_in_the_walks_own_pass(tiny_model_factory, calib_file, t
         assert res.report["steps"]["kv_cache"][f"model.layers.{i}"] == ref.records[i]
 
 
-def test_resume_is_byte_identical(tiny_model_factory, calib_file, tmp_path, monkeypatch):
+def test_resume_is_byte_identical(tiny_model_factory, calib_file, tmp_path):
     folder = tiny_model_factory("llama")
     _quantize(folder, tmp_path / "full", calib_file, W4_CQ2)
-    real_save = resume.Progress.save_layer
-
-    def save_then_die(self, i, *a, **k):
-        real_save(self, i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(resume.Progress, "save_layer", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_layer(1), pytest.raises(KeyboardInterrupt):
         _quantize(folder, tmp_path / "resumed", calib_file, W4_CQ2)
-    monkeypatch.setattr(resume.Progress, "save_layer", real_save)
     assert _quantize(folder, tmp_path / "resumed", calib_file, W4_CQ2).report["resumed_at_layer"] == 2
     for name in ("model.safetensors", KV_FILE, "config.json"):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name

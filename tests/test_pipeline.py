@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from faultkit import killed_after_layer
 from safetensors import safe_open
 
 import quantkit  # noqa: F401
-from quantkit import pipeline, resume
+from quantkit import pipeline
 from quantkit.checkpoint import GUARD_SHAPE, guard_key
 from quantkit.cli import main as cli
 from quantkit.nn import QuantizedLinear
@@ -73,27 +74,16 @@ def test_logits_in_memory_equal_reloaded_and_resaved(arch, tiny_model_factory, c
         assert loaded.model.layers[0].self_attn.q_proj.bias is not None
 
 
-def test_resume_after_interrupt_is_byte_identical(tiny_model_factory, calib_file, tmp_path, monkeypatch):
+def test_resume_after_interrupt_is_byte_identical(tiny_model_factory, calib_file, tmp_path):
     folder = tiny_model_factory("llama")
     _quantize(folder, tmp_path / "full", calib_file)
 
-    real_save = resume.Progress.save_layer
-    calls = {"n": 0}
-
-    def save_then_die(self, *a, **k):
-        real_save(self, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # as if killed after the second layer was written
-
-    monkeypatch.setattr(resume.Progress, "save_layer", save_then_die)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_layer(1), pytest.raises(KeyboardInterrupt):  # as if killed after the second layer was written
         _quantize(folder, out, calib_file)
     assert not out.exists()
     partial = out.with_name(out.name + ".quantkit-partial")
     assert json.loads((partial / "state.json").read_text())["next_layer"] == 2
-    monkeypatch.setattr(resume.Progress, "save_layer", real_save)
     rep = _quantize(folder, out, calib_file).report
     assert rep["resumed_at_layer"] == 2
     assert not partial.exists()
@@ -204,23 +194,13 @@ def test_atomic_writes_keep_the_old_file_and_leave_no_temporary(tmp_path, monkey
     assert safetensors.torch.load_file(weights)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
-def test_resumed_run_keeps_the_finished_layers_in_the_returned_model(tiny_model_factory, calib_file, tmp_path,
-                                                                     monkeypatch):
+def test_resumed_run_keeps_the_finished_layers_in_the_returned_model(tiny_model_factory, calib_file, tmp_path):
     """With ``keep_model``, layers finished before an interruption are rebuilt from the saved progress: the returned
     model computes what an uninterrupted run's does."""
     folder = tiny_model_factory("llama")
     full = _quantize(folder, tmp_path / "full", calib_file, keep_model=True).model
-    real_save = resume.Progress.save_layer
-
-    def save_then_die(self, i, *a, **k):
-        real_save(self, i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(resume.Progress, "save_layer", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_layer(1), pytest.raises(KeyboardInterrupt):
         _quantize(folder, tmp_path / "resumed", calib_file, keep_model=True)
-    monkeypatch.setattr(resume.Progress, "save_layer", real_save)
     res = _quantize(folder, tmp_path / "resumed", calib_file, keep_model=True)
     assert res.report["resumed_at_layer"] == 2
     assert isinstance(res.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
