@@ -117,38 +117,10 @@ def evaluate(
     ``kv_windows`` windows (default 64), and the long-context figure over ``kv_long_windows`` windows (0: off);
     results under ``"kv_cache"``. CQ reads its tables from ``kv_tables`` or calibrates them first (C4)."""
     t0 = time.time()
-    for name, v in (("--ppl-windows", ppl_windows), ("--limit", limit)):
-        if v is not None and v < 1:
-            raise QuantkitError(f"{name} must be at least 1, got {v}")
-    if seqlen < 2:
-        raise QuantkitError(f"--seqlen must be at least 2 (a window's first token is never scored), got {seqlen}")
-    data = resolve_data_dir(data_dir)
-    if data is not None and not data.is_dir():
-        raise QuantkitError(f"data folder not found: {data}")
-    ppl_names = _parse_ppl(ppl, data)
-    task_list = resolve_tasks(tasks, data) if tasks else []
-    kv_scheme = None
-    if kv_cache is not None:
-        from quantkit.kvcache import parse_kv_scheme
-
-        # "model": the scheme and tables the folder stores (quantkit.kvcache.stored), read once it is loaded
-        kv_scheme = "model" if kv_cache == "model" else parse_kv_scheme(kv_cache)
-        for name, v in (("--kv-windows", kv_windows), ("--kv-long-windows", kv_long_windows)):
-            if v is not None and v < (1 if name == "--kv-windows" else 0):
-                raise QuantkitError(f"{name} must be at least {1 if name == '--kv-windows' else 0}, got {v}")
-        if kv_tables is not None and not Path(kv_tables).is_file():
-            raise QuantkitError(f"--kv-tables file not found: {kv_tables}")
-    if not ppl_names and not task_list and kv_scheme is None:
-        raise QuantkitError("nothing to evaluate: give --ppl, --tasks and/or --kv-cache")
+    data, ppl_names, task_list, kv_scheme = _check_request(ppl, ppl_windows, seqlen, tasks, limit, data_dir,
+                                                           kv_cache, kv_windows, kv_long_windows, kv_tables)
     source = resolve_model(model)
-    check_causal_lm(source.config)
-    if kv_scheme == "model" and not (getattr(source.config, "quantization_config", None) or {}).get("kv_cache"):
-        raise QuantkitError(f"--kv-cache model: {source.name} stores no KV-cache scheme (quantize it with a recipe "
-                            "that has a kv_cache section, or give a scheme)")
-    limit_pos = getattr(source.config.get_text_config(), "max_position_embeddings", None)
-    if ppl_names and isinstance(limit_pos, int) and seqlen > limit_pos:
-        raise QuantkitError(f"--seqlen {seqlen} is longer than the position limit of {source.name} "
-                            f"(max_position_embeddings = {limit_pos}); use --seqlen {limit_pos} or less")
+    _check_source(source, seqlen=seqlen, ppl=bool(ppl_names), kv_from_model=kv_scheme == "model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     logger.info("loading %s", source.name)
@@ -175,17 +147,8 @@ def evaluate(
                 results["error"] += f"; zero-shot tasks {', '.join(t.name for t in task_list)} skipped"
             break
     if kv_scheme is not None and "error" not in results:
-        stored = getattr(lm, "_quantkit_kv_cache", None) if kv_scheme == "model" else None
-        if kv_scheme == "model":
-            kv_scheme, kv_tables = stored if stored is not None else (None, None)
-            if kv_scheme is None:
-                raise QuantkitError(f"--kv-cache model: {source.name} loaded without its stored KV cache")
-        results["kv_cache"] = _kv_cache(lm, tokenizer, kv_scheme, data, windows=kv_windows,
-                                        long_windows=kv_long_windows, tables=kv_tables)
-        bad = [k for k in ("chunked", "long_context") if k in results["kv_cache"]
-               and not math.isfinite(results["kv_cache"][k]["ppl"])]
-        if bad:
-            results["error"] = f"KV-cache {bad[0]} perplexity of {source.name} is not finite"
+        _kv_section(results, lm, tokenizer, source, kv_scheme, data, windows=kv_windows,
+                    long_windows=kv_long_windows, tables=kv_tables)
     if task_list and "error" not in results:
         try:
             results.update(_zeroshot(lm, tokenizer, task_list, data, limit=limit, batch_size=batch_size))
@@ -197,6 +160,64 @@ def evaluate(
     if keep_model:
         results["_model"] = lm
     return results
+
+
+def _check_request(ppl, ppl_windows, seqlen, tasks, limit, data_dir, kv_cache, kv_windows, kv_long_windows,
+                   kv_tables) -> tuple[Path | None, list[str], list, Any]:
+    """Every argument checked before a model is touched: the data folder, the perplexity sets, the tasks and the
+    KV-cache scheme (``"model"``: the folder's own, read once it is loaded)."""
+    for name, v in (("--ppl-windows", ppl_windows), ("--limit", limit)):
+        if v is not None and v < 1:
+            raise QuantkitError(f"{name} must be at least 1, got {v}")
+    if seqlen < 2:
+        raise QuantkitError(f"--seqlen must be at least 2 (a window's first token is never scored), got {seqlen}")
+    data = resolve_data_dir(data_dir)
+    if data is not None and not data.is_dir():
+        raise QuantkitError(f"data folder not found: {data}")
+    ppl_names = _parse_ppl(ppl, data)
+    task_list = resolve_tasks(tasks, data) if tasks else []
+    kv_scheme = None
+    if kv_cache is not None:
+        from quantkit.kvcache import parse_kv_scheme
+
+        kv_scheme = "model" if kv_cache == "model" else parse_kv_scheme(kv_cache)
+        if kv_windows is not None and kv_windows < 1:
+            raise QuantkitError(f"--kv-windows must be at least 1, got {kv_windows}")
+        if kv_long_windows is not None and kv_long_windows < 0:
+            raise QuantkitError(f"--kv-long-windows must be at least 0, got {kv_long_windows}")
+        if kv_tables is not None and not Path(kv_tables).is_file():
+            raise QuantkitError(f"--kv-tables file not found: {kv_tables}")
+    if not ppl_names and not task_list and kv_scheme is None:
+        raise QuantkitError("nothing to evaluate: give --ppl, --tasks and/or --kv-cache")
+    return data, ppl_names, task_list, kv_scheme
+
+
+def _check_source(source, *, seqlen: int, ppl: bool, kv_from_model: bool) -> None:
+    """What the model's config alone can refuse: not a causal LM, no stored KV cache to score, windows longer
+    than its positions."""
+    check_causal_lm(source.config)
+    if kv_from_model and not (getattr(source.config, "quantization_config", None) or {}).get("kv_cache"):
+        raise QuantkitError(f"--kv-cache model: {source.name} stores no KV-cache scheme (quantize it with a recipe "
+                            "that has a kv_cache section, or give a scheme)")
+    limit_pos = getattr(source.config.get_text_config(), "max_position_embeddings", None)
+    if ppl and isinstance(limit_pos, int) and seqlen > limit_pos:
+        raise QuantkitError(f"--seqlen {seqlen} is longer than the position limit of {source.name} "
+                            f"(max_position_embeddings = {limit_pos}); use --seqlen {limit_pos} or less")
+
+
+def _kv_section(results: dict[str, Any], lm, tokenizer, source, kv_scheme, data: Path | None, *,
+                windows: int | None, long_windows: int, tables) -> None:
+    """``results["kv_cache"]``, and ``results["error"]`` when a KV-cache perplexity is not finite."""
+    if kv_scheme == "model":
+        stored = getattr(lm, "_quantkit_kv_cache", None)
+        if stored is None or stored[0] is None:
+            raise QuantkitError(f"--kv-cache model: {source.name} loaded without its stored KV cache")
+        kv_scheme, tables = stored
+    results["kv_cache"] = kv = _kv_cache(lm, tokenizer, kv_scheme, data, windows=windows,
+                                         long_windows=long_windows, tables=tables)
+    bad = [k for k in ("chunked", "long_context") if k in kv and not math.isfinite(kv[k]["ppl"])]
+    if bad:
+        results["error"] = f"KV-cache {bad[0]} perplexity of {source.name} is not finite"
 
 
 def _kv_cache(lm, tokenizer, scheme, data: Path | None, *, windows: int | None, long_windows: int,

@@ -213,7 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="quantkit", description="Post-training quantization of LLMs")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_quantize, _add_finetune, _add_eval, _add_report, _add_verify, _add_export, _add_allocate,
+                _add_recipes):
+        add(sub)
+    return p
 
+
+def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model with a recipe and write a packed checkpoint")
     q.add_argument("--model", default=None,
                    help="Hugging Face id, local folder, .gguf file, or smollm2-135m (the bundled model; default)")
@@ -228,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an output folder that holds another model")
     q.set_defaults(fn=_quantize)
 
+
+def _add_finetune(sub) -> None:
     ft = sub.add_parser("finetune", help="tune a quantized checkpoint's codebooks, scales and norms end to end "
                         "(KL to its fp source model on calibration windows); codes stay as they are")
     ft.add_argument("--model", required=True, metavar="QDIR", help="a folder written by `quantkit quantize`")
@@ -245,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--overwrite", action="store_true", help="replace an output folder quantkit wrote earlier")
     ft.set_defaults(fn=_finetune)
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy (lm-eval) of a model, quantized or not")
     e.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="same as --model")
     e.add_argument("--model", default=None,
@@ -279,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="results JSON file")
     e.set_defaults(fn=_eval)
 
+
+def _add_report(sub) -> None:
     rp = sub.add_parser("report", help="compare eval results: a Markdown table and a Pareto plot")
     rp.add_argument("results", nargs="+", help="results files written by `quantkit eval --out`")
     rp.add_argument("--out", default=None, help="write the Markdown report here (default: print it)")
@@ -288,11 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "quantized runs here (PNG), one heat map per run")
     rp.set_defaults(fn=_report)
 
+
+def _add_verify(sub) -> None:
     v = sub.add_parser("verify", help="check a quantized checkpoint: config, every tensor's presence, shape and "
                        "dtype, and the stored checksums (no model is run)")
     v.add_argument("folder", metavar="DIR", help="a folder written by `quantkit quantize`")
     v.set_defaults(fn=_verify)
 
+
+def _add_export(sub) -> None:
     x = sub.add_parser("export", help="rewrite a quantized checkpoint in a format serving engines load "
                        "(compressed-tensors: transformers, vLLM); refuses layers the format cannot express exactly")
     x.add_argument("folder", metavar="DIR", help="a folder written by `quantkit quantize` (only read)")
@@ -303,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace an output folder quantkit wrote earlier")
     x.set_defaults(fn=_export)
 
+
+def _add_allocate(sub) -> None:
     al = sub.add_parser("allocate", help="mixed bit allocation: measure each linear's error per candidate scheme "
                         "and its sensitivity once, then write one recipe per bits budget")
     al.add_argument("--model", default=None, help="as for quantize (default: smollm2-135m, the bundled model)")
@@ -336,10 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--data-dir", default=None, help="local data folder (default: $QUANTKIT_DATA_DIR)")
     al.set_defaults(fn=_allocate)
 
+
+def _add_recipes(sub) -> None:
     r = sub.add_parser("recipes", help="list preset recipes")
     r.set_defaults(fn=_recipes)
-    return p
-
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)

@@ -215,25 +215,9 @@ def finetune(
     """Fine-tune the quantized folder ``model`` into ``out`` (see the module docstring). ``on_step(step, loss)`` is
     called after each step (a test interrupts the run from it)."""
     t0 = time.time()
-    if steps <= 0:
-        raise QuantkitError(f"--steps must be > 0, not {steps}")
-    if not lr > 0:
-        raise QuantkitError(f"--lr must be > 0, not {lr}")
-    if nsamples < 1 or seqlen < 2:
-        raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
-    if checkpoint_every < 1:
-        raise QuantkitError(f"checkpoint_every must be >= 1, not {checkpoint_every}")
+    _check_settings(steps=steps, lr=lr, nsamples=nsamples, seqlen=seqlen, checkpoint_every=checkpoint_every)
     qdir, qreport = _quantkit_folder(model)
-    teacher_spec = teacher if teacher is not None else qreport.get("model")
-    if not teacher_spec:
-        raise QuantkitError(f"{qdir / REPORT_NAME}: records no source model; name the teacher with --teacher")
-    tsource = resolve_model(teacher_spec)
-    student_config = resolve_model(qdir).config
-    _check_teacher(student_config, tsource.config, str(teacher_spec))
-    limit = getattr(student_config.get_text_config(), "max_position_embeddings", None)
-    if limit is not None and seqlen > limit:
-        raise QuantkitError(f"--seqlen {seqlen} is longer than the model's position limit "
-                            f"(max_position_embeddings = {limit})")
+    tsource, teacher_spec = _teacher(qdir, qreport, teacher, seqlen)
     texts = load_calibration_texts(calib, data_dir)
     ids = calibration_ids(load_tokenizer(tsource), texts, nsamples=nsamples, seqlen=seqlen, seed=seed)
     settings = {"steps": steps, "lr": lr, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
@@ -254,63 +238,103 @@ def finetune(
             return FinetuneOutput(out, json.loads((out / REPORT_NAME).read_text()), skipped=True)
         state = _State(folder.partial, fp)
         try:
-            student, _ = load_model(qdir, dtype=torch.float32)
-            tmodel, _ = load_model(tsource.folder, dtype=torch.float32)
-            params = _trainable(student)
-            if not params:
-                raise QuantkitError(f"{qdir}: nothing to tune (no quantized linear with trainable tensors, no "
-                                    "RMSNorm)")
-            reader = CheckpointReader(qdir)
-            missing = [k for k in params if k not in reader.shapes()]
-            if missing:
-                raise QuantkitError(f"{qdir}: the checkpoint stores no {missing[0]} (a name the model gives a "
-                                    "tuned tensor)")
+            student, tmodel, params, reader = _load_pair(qdir, tsource)
         except QuantkitError:
             if state.created:  # bad input found on the way: leave nothing behind
                 state.remove()
             raise
-        for p in tmodel.parameters():
-            p.requires_grad_(False)
-        opt = torch.optim.Adam(list(params.values()), lr=lr)
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(ids), generator=gen)
-        start, losses = 0, []
-        resumed = state.load()
-        if resumed is not None:
-            start, tensors, losses = resumed
-            order = _unpack_state(tensors, params, opt, gen)
-            logger.info("resuming fine-tuning at step %d of %d", start, steps)
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(range(start, steps), total=steps, initial=start, desc="finetune", disable=not progress)
-        teacher_seconds, t_train = 0.0, time.time()
-        for step in bar:
-            if step % len(ids) == 0 and step > 0:
-                order = torch.randperm(len(ids), generator=gen)
-            window = ids[order[step % len(ids)]].unsqueeze(0)
-            t1 = time.time()
-            with torch.no_grad():
-                tl = tmodel(window, use_cache=False).logits
-            teacher_seconds += time.time() - t1
-            loss = kl_loss(tl, student(window, use_cache=False).logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                state.save(step + 1, _pack_state(params, opt, gen, order), losses)
-            if on_step is not None:
-                on_step(step, losses[-1])
-        bar.close()
-        _stop_tuning(student)
-        times = {"teacher_forward_seconds": teacher_seconds, "train_seconds": time.time() - t_train,
-                 "steps_this_run": steps - start}
+        losses, times, start = _train(student, tmodel, params, ids, state, steps=steps, lr=lr, seed=seed,
+                                      checkpoint_every=checkpoint_every, progress=progress, on_step=on_step)
         report = _publish(folder, qdir, qreport, reader, student, list(params), settings, losses, fp, t0,
                           times, start, overwrite)
         state.remove()
     return FinetuneOutput(out, report, model=student)
+
+
+def _check_settings(*, steps: int, lr: float, nsamples: int, seqlen: int, checkpoint_every: int) -> None:
+    if steps <= 0:
+        raise QuantkitError(f"--steps must be > 0, not {steps}")
+    if not lr > 0:
+        raise QuantkitError(f"--lr must be > 0, not {lr}")
+    if nsamples < 1 or seqlen < 2:
+        raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
+    if checkpoint_every < 1:
+        raise QuantkitError(f"checkpoint_every must be >= 1, not {checkpoint_every}")
+
+
+def _teacher(qdir: Path, qreport: dict[str, Any], teacher: str | None, seqlen: int):
+    """The teacher's source (``--teacher``, else the model the report records) and its spec, checked against the
+    quantized model's architecture and position limit."""
+    teacher_spec = teacher if teacher is not None else qreport.get("model")
+    if not teacher_spec:
+        raise QuantkitError(f"{qdir / REPORT_NAME}: records no source model; name the teacher with --teacher")
+    tsource = resolve_model(teacher_spec)
+    student_config = resolve_model(qdir).config
+    _check_teacher(student_config, tsource.config, str(teacher_spec))
+    limit = getattr(student_config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise QuantkitError(f"--seqlen {seqlen} is longer than the model's position limit "
+                            f"(max_position_embeddings = {limit})")
+    return tsource, teacher_spec
+
+
+def _load_pair(qdir: Path, tsource) -> tuple[nn.Module, nn.Module, dict[str, nn.Parameter], CheckpointReader]:
+    """Student (tuning started) and frozen teacher in fp32, the trained tensors, and the student's checkpoint."""
+    student, _ = load_model(qdir, dtype=torch.float32)
+    tmodel, _ = load_model(tsource.folder, dtype=torch.float32)
+    params = _trainable(student)
+    if not params:
+        raise QuantkitError(f"{qdir}: nothing to tune (no quantized linear with trainable tensors, no RMSNorm)")
+    reader = CheckpointReader(qdir)
+    missing = [k for k in params if k not in reader.shapes()]
+    if missing:
+        raise QuantkitError(f"{qdir}: the checkpoint stores no {missing[0]} (a name the model gives a tuned tensor)")
+    for p in tmodel.parameters():
+        p.requires_grad_(False)
+    return student, tmodel, params, reader
+
+
+def _train(student: nn.Module, tmodel: nn.Module, params: dict[str, nn.Parameter], ids: torch.Tensor,
+           state: _State, *, steps: int, lr: float, seed: int, checkpoint_every: int, progress: bool,
+           on_step: Callable[[int, float], None] | None) -> tuple[list[float], dict[str, Any], int]:
+    """Adam on KL(teacher || student), one window a step, from the saved state if there is one; tuning stopped at
+    the end. Returns the losses of every step, the times and the step this run started at."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.Adam(list(params.values()), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ids), generator=gen)
+    start, losses = 0, []
+    resumed = state.load()
+    if resumed is not None:
+        start, tensors, losses = resumed
+        order = _unpack_state(tensors, params, opt, gen)
+        logger.info("resuming fine-tuning at step %d of %d", start, steps)
+    bar = tqdm(range(start, steps), total=steps, initial=start, desc="finetune", disable=not progress)
+    teacher_seconds, t_train = 0.0, time.time()
+    for step in bar:
+        if step % len(ids) == 0 and step > 0:
+            order = torch.randperm(len(ids), generator=gen)
+        window = ids[order[step % len(ids)]].unsqueeze(0)
+        t1 = time.time()
+        with torch.no_grad():
+            tl = tmodel(window, use_cache=False).logits
+        teacher_seconds += time.time() - t1
+        loss = kl_loss(tl, student(window, use_cache=False).logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            state.save(step + 1, _pack_state(params, opt, gen, order), losses)
+        if on_step is not None:
+            on_step(step, losses[-1])
+    bar.close()
+    _stop_tuning(student)
+    times = {"teacher_forward_seconds": teacher_seconds, "train_seconds": time.time() - t_train,
+             "steps_this_run": steps - start}
+    return losses, times, start
 
 
 def _publish(folder: OutputFolder, qdir: Path, qreport: dict[str, Any], reader: CheckpointReader,

@@ -82,18 +82,7 @@ def quantize(
     skeleton = build_skeleton(plan.source, plan.device)
     reader = RenamedCheckpoint(CheckpointReader(plan.source.folder), skeleton)
     layers_name, layers = decoder_layers(skeleton)
-    schemes = recipe.resolve([n for i, layer in enumerate(layers) for n in linears(layer, f"{layers_name}.{i}")])
-    if not schemes and recipe.kv_cache is None:
-        raise QuantkitError(f"recipe {recipe.name!r} quantizes no linear layer of this model")
-    if recipe.kv_cache is not None:
-        _check_kv(recipe, plan.source.config, nsamples * seqlen)
-    shapes = {n: m for i, layer in enumerate(layers) for n, m in linears(layer, f"{layers_name}.{i}").items()}
-    for name, scheme in schemes.items():
-        try:
-            get_format(scheme.format).check_layer(scheme, shapes[name].in_features, shapes[name].out_features)
-        except RecipeError as e:
-            raise RecipeError(f"recipe {recipe.name!r}: {name}: {e}") from None
-    _check_experts(skeleton, schemes)
+    schemes = _schemes(recipe, skeleton, layers_name, layers, plan.source.config, nsamples * seqlen)
     _check_complete(skeleton, reader)
 
     # Everything the user could get wrong has been checked: from here on, files are written, under the lock.
@@ -124,14 +113,39 @@ def quantize(
                           overwrite=overwrite, dense_experts=dense)
         done.remove()
     if keep_model:
-        skeleton.tie_weights()
-        skeleton.config.use_cache = plan.source.config.use_cache  # off for the walk only: generate() as loaded
-        if recipe.kv_cache is not None:  # the cache as from_pretrained(out) attaches it
-            from quantkit.kvcache.stored import load_stored, use_kv_cache
-
-            config = json.loads((out / "config.json").read_text())
-            use_kv_cache(skeleton, *load_stored(out, config["quantization_config"]["kv_cache"], skeleton.config))
+        _as_loaded(skeleton, plan.source.config, recipe, out)
     return QuantizeOutput(out, report, model=skeleton if keep_model else None)
+
+
+def _schemes(recipe: Recipe, skeleton: nn.Module, layers_name: str, layers: nn.ModuleList, config,
+             calib_tokens: int) -> dict[str, Any]:
+    """The recipe's scheme for each linear it quantizes, each checked against the layer's shape (and the KV-cache
+    section against the model); refuses a recipe that quantizes nothing."""
+    shapes = {n: m for i, layer in enumerate(layers) for n, m in linears(layer, f"{layers_name}.{i}").items()}
+    schemes = recipe.resolve(list(shapes))
+    if not schemes and recipe.kv_cache is None:
+        raise QuantkitError(f"recipe {recipe.name!r} quantizes no linear layer of this model")
+    if recipe.kv_cache is not None:
+        _check_kv(recipe, config, calib_tokens)
+    for name, scheme in schemes.items():
+        try:
+            get_format(scheme.format).check_layer(scheme, shapes[name].in_features, shapes[name].out_features)
+        except RecipeError as e:
+            raise RecipeError(f"recipe {recipe.name!r}: {name}: {e}") from None
+    _check_experts(skeleton, schemes)
+    return schemes
+
+
+def _as_loaded(skeleton: nn.Module, source_config, recipe: Recipe, out: Path) -> None:
+    """The model kept in memory made to behave as ``from_pretrained(out)`` would: tied weights, the source's
+    ``use_cache`` (off for the walk only) and the stored KV cache attached."""
+    skeleton.tie_weights()
+    skeleton.config.use_cache = source_config.use_cache
+    if recipe.kv_cache is not None:
+        from quantkit.kvcache.stored import load_stored, use_kv_cache
+
+        config = json.loads((out / "config.json").read_text())
+        use_kv_cache(skeleton, *load_stored(out, config["quantization_config"]["kv_cache"], skeleton.config))
 
 
 def _check_experts(skeleton: nn.Module, schemes: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from quantkit.algos import get_method
-from quantkit.algos.gptq import gptq, inverse_hessian_factor
+from quantkit.algos import gptq as gptq_module
+from quantkit.algos.gptq import gptq, inverse_hessian_factor, reuse_factors
 from quantkit.algos.hessian import HessianAccumulator, output_error
 from quantkit.algos.rtn import rtn
 from quantkit.config import LayerScheme
@@ -65,6 +66,30 @@ def test_gptq_beats_rtn_and_packs_exactly(bits, group_size, act_order, static_gr
     # What is stored decodes to exactly the weight GPTQ computed with.
     assert torch.equal(_packed_weight(r, scheme, n), r.W_hat)
     assert (r.perm is not None) == (act_order and not static_groups)
+
+
+def test_reuse_factors_computes_each_factor_once_and_changes_no_result(monkeypatch):
+    W, _, H = _layer()
+    calls = []
+    real = gptq_module._inverse_hessian_factor
+    monkeypatch.setattr(gptq_module, "_inverse_hessian_factor", lambda *a: calls.append(a[1]) or real(*a))
+    schemes = [LayerScheme.from_dict(dict(method="gptq", bits=b, group_size=g, act_order=True))
+               for b in (2, 3, 4) for g in (64, 128)]
+    fresh = [get_method("gptq").fn(W, H, s) for s in schemes]
+    assert len(calls) == len(schemes)
+    calls.clear()
+    with reuse_factors():
+        reused = [get_method("gptq").fn(W, H.clone(), s) for s in schemes]
+        U, _ = inverse_hessian_factor(H, 0.01)
+        U.add_(1.0)  # a caller changing its factor in place does not change the next one handed out
+        again, _ = inverse_hessian_factor(H, 0.01)
+        other, _ = inverse_hessian_factor(H * 2, 0.01)  # another Hessian: computed
+    assert len(calls) == 3  # the six schemes' act-ordered H once, then H and H * 2
+    for a, b in zip(fresh, reused, strict=True):
+        assert torch.equal(a.W_hat, b.W_hat) and torch.equal(a.codes, b.codes)
+    assert not torch.equal(other, again)
+    assert torch.equal(again, inverse_hessian_factor(H, 0.01)[0])  # outside the block: computed afresh
+    assert len(calls) == 4
 
 
 def test_rtn_packs_exactly_and_is_nearest():

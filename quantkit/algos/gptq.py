@@ -10,6 +10,7 @@ per lazy block. The quantizer is injected (quantkit.quantizers), so this is the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -19,9 +20,41 @@ from quantkit.algos import QuantResult, register_method
 from quantkit.errors import QuantkitError
 from quantkit.quantizers import Quantizer
 
-__all__ = ["gptq", "inverse_hessian_factor"]
+__all__ = ["gptq", "inverse_hessian_factor", "reuse_factors"]
 
 logger = logging.getLogger(__name__)
+
+class _Factors:
+    """The last ``size`` factors computed, with the ``H`` and damping each came from (see :func:`reuse_factors`)."""
+
+    def __init__(self, size: int):
+        self.size, self.entries = size, []
+
+    def get(self, H: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float]:
+        for Hc, d, (U, used) in self.entries:
+            if d == damp and Hc.shape == H.shape and Hc.dtype == H.dtype and Hc.device == H.device \
+                    and torch.equal(Hc, H):
+                return U.clone(), used
+        U, used = _inverse_hessian_factor(H, damp, retries)
+        self.entries = [(H.clone(), damp, (U.clone(), used)), *self.entries][: self.size]
+        return U, used
+
+
+_reused: _Factors | None = None
+
+
+@contextlib.contextmanager
+def reuse_factors(size: int = 4):
+    """Inside the block, :func:`inverse_hessian_factor` returns the factor it already computed for an equal
+    ``H`` (compared exactly, element by element) and damping, among the last ``size`` it computed. For callers that
+    round one layer many ways (the allocation's measurement tries every candidate on each linear): the factor is
+    an O(n³) float64 computation, the comparison O(n²). Results are those of a fresh computation, bit for bit."""
+    global _reused
+    outer, _reused = _reused, _Factors(size)
+    try:
+        yield
+    finally:
+        _reused = outer
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float, *, retries: int = 6) -> tuple[torch.Tensor, float]:
@@ -30,6 +63,12 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, *, retries: int = 6) ->
     If ``H + λI`` is not numerically positive definite, retry with ten times the damping. Computed in float64
     (cheap at these sizes) so the factor is as stable as the data allows. Returns the factor and the damping used.
     """
+    if _reused is not None:
+        return _reused.get(H, damp, retries)
+    return _inverse_hessian_factor(H, damp, retries)
+
+
+def _inverse_hessian_factor(H: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float]:
     H = H.double()
     mean_diag = torch.diagonal(H).mean().item()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)

@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from quantkit.algos.gptq import reuse_factors
 from quantkit.algos.hessian import output_error
 from quantkit.allocate.candidates import Candidate
 from quantkit.calibration.capture import Calibration, capture_inputs
@@ -267,15 +268,16 @@ class MeasureStep(LayerStep):
             H = plain[ctx.local(name)]
             W = lin.weight.detach().float()
             errors = []
-            for c, bits in zip(self.plan.candidates, self.plan.linears[name]["bits"], strict=True):
-                if bits is None:
-                    errors.append(None)
-                    continue
-                Hm = weighted.get(ctx.local(name)) if QuantizeStep._weighted(c.scheme) else None
-                W_hat = self._stored_weight(name, lin, c, H if Hm is None else Hm)
-                errors.append(relative_error(W, W_hat, H))
-                if c.name == self.plan.settings.probe and errors[-1] > 0:
-                    probes[name] = (W_hat, errors[-1], c.name)
+            with reuse_factors():  # the candidates of one linear share its Hessian (and its rotated Hessian)
+                for c, bits in zip(self.plan.candidates, self.plan.linears[name]["bits"], strict=True):
+                    if bits is None:
+                        errors.append(None)
+                        continue
+                    Hm = weighted.get(ctx.local(name)) if QuantizeStep._weighted(c.scheme) else None
+                    W_hat = self._stored_weight(name, lin, c, H if Hm is None else Hm)
+                    errors.append(relative_error(W, W_hat, H))
+                    if c.name == self.plan.settings.probe and errors[-1] > 0:
+                        probes[name] = (W_hat, errors[-1], c.name)
             if name not in probes:  # noise, asked for or where the probe cannot store this linear
                 e = self.plan.settings.noise
                 probes[name] = (W + noise(name, W, H, e), e, "noise")

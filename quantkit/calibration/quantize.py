@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from quantkit.algos import get_method
+from quantkit.algos.gptq import reuse_factors
 from quantkit.algos.hessian import output_error
 from quantkit.calibration.steps import LayerContext, LayerStep
 from quantkit.config.scheme import LayerScheme
@@ -121,21 +122,22 @@ class QuantizeStep(LayerStep):
     def run(self, ctx: LayerContext, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
         plain, weighted = stats.get("hessian", {}), stats.get("attention_hessian", {})
         record = {}
-        for name, linear in self._targets(ctx).items():
-            local = ctx.local(name)
-            H = weighted.get(local, plain.get(local))
-            unseen = H is None and ctx.calibrated and self.schemes[name].method.needs_hessian
-            if unseen:
-                # An MoE expert the router sent no calibration token (quantkit.nn.experts): nothing measured its
-                # inputs. With the identity for H the second-order loop propagates no error: round to nearest.
-                logger.warning("%s: no calibration token reached it (an expert never routed to); rounding to "
-                               "nearest (identity Hessian)", name)
-                H = torch.eye(linear.in_features, device=ctx.device)
-            packed, record[name] = quantize_linear(name, linear, self.schemes[name], H)
-            if unseen:
-                record[name]["hessian"] = "identity: no calibration token reached this linear"
-            ctx.tensors.update({f"{name}.{k}": v for k, v in packed.items()})
-            self._swap(ctx, name, linear, packed)
+        with reuse_factors():  # q/k/v and gate/up share their inputs, hence one Hessian and its factor
+            for name, linear in self._targets(ctx).items():
+                local = ctx.local(name)
+                H = weighted.get(local, plain.get(local))
+                unseen = H is None and ctx.calibrated and self.schemes[name].method.needs_hessian
+                if unseen:
+                    # An MoE expert the router sent no calibration token (quantkit.nn.experts): nothing measured its
+                    # inputs. With the identity for H the second-order loop propagates no error: round to nearest.
+                    logger.warning("%s: no calibration token reached it (an expert never routed to); rounding to "
+                                   "nearest (identity Hessian)", name)
+                    H = torch.eye(linear.in_features, device=ctx.device)
+                packed, record[name] = quantize_linear(name, linear, self.schemes[name], H)
+                if unseen:
+                    record[name]["hessian"] = "identity: no calibration token reached this linear"
+                ctx.tensors.update({f"{name}.{k}": v for k, v in packed.items()})
+                self._swap(ctx, name, linear, packed)
         return record
 
     def restore(self, ctx: LayerContext, record: dict[str, Any]) -> None:
