@@ -49,12 +49,16 @@ def _rtn(bits: int, group: int) -> dict[str, Any]:
             "group_size": group}
 
 
-# The built-in set: round to nearest and GPTQ (act-order) at 2, 3, 4 bits with groups of 64 and 128 and at 8 bits
-# per channel, GPTQ after a Hadamard rotation at 2, 3, 4 bits, and fp16 (chosen only where a budget allows).
+# The built-in set. GPTQ (act-order) at 2 bits (groups of 64, 128), 3 and 4 bits (groups of 64, 128, 256 and one
+# scale per row) and 8 bits per row; the same after a Hadamard rotation at 2, 3 and 4 bits; round to nearest at 4
+# (groups of 128) and 8 bits; fp16 (chosen only where a budget allows). The coarse groups and per-row scales are
+# 3- and 4-bit grids at nearly 3.0 and 4.0 stored bits, so a budget there need not pay for 2-bit layers (whose
+# error the linear model underestimates most); round to nearest at 2 and 3 bits is never better than GPTQ at the
+# same bits and is left out.
 DEFAULT: list[Any] = [
-    *(_rtn(b, g) for b in (2, 3, 4) for g in (64, 128)), _rtn(8, -1),
-    *(_gptq(b, g) for b in (2, 3, 4) for g in (64, 128)), _gptq(8, -1),
-    *(_gptq(b, g, True) for b in (2, 3, 4) for g in (64, 128)),
+    _rtn(4, 128), _rtn(8, -1),
+    *(_gptq(2, g) for g in (64, 128)), *(_gptq(b, g) for b in (3, 4) for g in (64, 128, 256, -1)), _gptq(8, -1),
+    *(_gptq(2, g, True) for g in (64, 128)), *(_gptq(b, g, True) for b in (3, 4) for g in (64, 128, 256, -1)),
     "fp16",
 ]
 
