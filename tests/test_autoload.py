@@ -127,13 +127,13 @@ def test_lm_eval_command_line_evaluates_a_quantkit_folder(quantized, tmp_path, d
 
     out = tmp_path / "lm_eval"
     cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={quantized},dtype=float32",
-           "--tasks", "arc_easy_local", "--include_path", str(LOCAL_TASKS_DIR), "--limit", "5", "--device", "cpu",
+           "--tasks", "arc_easy_local", "--include_path", str(LOCAL_TASKS_DIR), "--limit", "20", "--device", "cpu",
            "--batch_size", "4", "--output_path", str(out), "--log_samples",
            "--metadata", json.dumps({"data_dir": str(data_dir)})]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = [json.loads(line) for f in out.rglob("samples_arc_easy_local_*.jsonl") for line in f.open()]
-    assert len(samples) == 5
+    assert len(samples) == 20
     model = AutoModelForCausalLM.from_pretrained(quantized).eval()
     tok = AutoTokenizer.from_pretrained(quantized)
     for s in samples:
