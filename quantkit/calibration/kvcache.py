@@ -31,7 +31,10 @@ class KVCacheStep(LayerStep):
         self.needs_calibration = isinstance(scheme, CQScheme)
 
     def fingerprint(self) -> Any:
-        return {"scheme": self.scheme.to_dict(), "iters": self.iters, "sample": self.sample, "seed": self.seed}
+        # "fit": the k-means implementation (2: the seeding and search of 158ff7b), so a run resumed across a change
+        # of it starts afresh instead of mixing the tables of two implementations.
+        return {"scheme": self.scheme.to_dict(), "iters": self.iters, "sample": self.sample, "seed": self.seed,
+                "fit": 2}
 
     def run(self, ctx: LayerContext, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if isinstance(self.scheme, CQScheme) and ctx.calib is None:
