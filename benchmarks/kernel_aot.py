@@ -278,9 +278,10 @@ def _perm_dtype(K: int) -> torch.dtype:
 
 
 def vq_gemv_variants(M: int, N: int, K: int, *, dim: int, bits: int, dtype: torch.dtype = torch.float16,
-                     perm: bool = False, bias: bool = False, configs: list[triton.Config] | None = None
-                     ) -> list[Variant]:
-    """The codebook GEMV launches for an ``M x K`` input (M <= GEMV_MAX_M), one per autotune config kept."""
+                     perm: bool = False, bias: bool = False, configs: list[triton.Config] | None = None,
+                     tables: int = 1) -> list[Variant]:
+    """The codebook GEMV launches for an ``M x K`` input (M <= GEMV_MAX_M), one per autotune config kept;
+    ``tables`` > 1: the additive-codebook kernel (``quantkit-aq``, that many tables of ``2**bits`` entries)."""
     from quantkit.formats.packing import packed_words
     from quantkit.kernels import triton_codebook as tc
 
@@ -289,28 +290,41 @@ def vq_gemv_variants(M: int, N: int, K: int, *, dim: int, bits: int, dtype: torc
     block_m = triton.next_power_of_2(M)
     if configs is None:
         configs = tc._prune_gemv(tc._gemv_configs(dtype != torch.bfloat16), {}, BLOCK_M=block_m, DIM=dim)
-    # (x, codes, codebook, scales, perm, bias, out, M, N, stride_xm, stride_cn, stride_sn, stride_om); scales [N, 1]
+    # (x, codes, codebook, scales, perm, bias, out, M, N, stride_xm, stride_cn, stride_sn, stride_om, stride_ct,
+    # stride_bt); scales [N, 1], stacked tables [tables, N, words] and [tables, entries, dim] (strides 0 for one)
+    words = packed_words(K // dim, bits)
     args = (dtype, torch.int32, torch.float16, torch.float16, _perm_dtype(K) if perm else None,
-            dtype if bias else None, dtype, M, N, K, packed_words(K // dim, bits), 1, N)
-    flags = {"K": K, "DIM": dim, "BITS": bits, "HAS_PERM": perm, "HAS_BIAS": bias, "BLOCK_M": block_m}
-    return [Variant("vq_gemv", f"vq-gemv M={M} N={N} K={K} d{dim}b{bits} {str(dtype)[6:]}{' perm' if perm else ''} "
+            dtype if bias else None, dtype, M, N, K, words, 1, N, *_table_strides(N, words, dim, bits, tables))
+    flags = {"K": K, "DIM": dim, "BITS": bits, "HAS_PERM": perm, "HAS_BIAS": bias, "BLOCK_M": block_m,
+             "TABLES": tables}
+    kind = f"aq{tables}-" if tables > 1 else ""
+    return [Variant("vq_gemv", f"vq-gemv M={M} N={N} K={K} {kind}d{dim}b{bits} {str(dtype)[6:]}"
+                    f"{' perm' if perm else ''} "
                     f"BN={c.kwargs['BLOCK_N']} BV={c.kwargs['BLOCK_V']} SK={c.kwargs['SPLIT_K']} warps={c.num_warps}",
                     args, {**flags, **c.kwargs}, c.num_warps, c.num_stages) for c in configs]
 
 
+def _table_strides(N: int, words: int, dim: int, bits: int, tables: int) -> tuple[int, int]:
+    """``(stride_ct, stride_bt)`` as the launcher passes them: 0 with one table, else contiguous stacks."""
+    return (0, 0) if tables == 1 else (N * words, 2**bits * dim)
+
+
 def vq_dequant_variants(N: int, K: int, *, dim: int, bits: int, dtype: torch.dtype = torch.float16,
-                        perm: bool = False) -> list[Variant]:
+                        perm: bool = False, tables: int = 1) -> list[Variant]:
     """The codebook dequantize launch (before the cuBLAS GEMM of inputs longer than GEMV_MAX_M rows)."""
     from quantkit.formats.packing import packed_words
     from quantkit.kernels import triton_codebook as tc
 
     block_n, block_v = tc.dequant_block(dim)
-    # (codes, codebook, scales, perm, w, N, stride_cn, stride_sn, stride_wn)
-    args = (torch.int32, torch.float16, torch.float16, _perm_dtype(K) if perm else None, dtype, N,
-            packed_words(K // dim, bits), 1, K)
-    return [Variant("vq_dequant", f"vq-dequant N={N} K={K} d{dim}b{bits} {str(dtype)[6:]}{' perm' if perm else ''} "
-                    f"BN={block_n} BV={block_v}", args,
-                    {"K": K, "DIM": dim, "BITS": bits, "HAS_PERM": perm, "BLOCK_N": block_n, "BLOCK_V": block_v})]
+    # (codes, codebook, scales, perm, w, N, stride_cn, stride_sn, stride_wn, stride_ct, stride_bt)
+    words = packed_words(K // dim, bits)
+    args = (torch.int32, torch.float16, torch.float16, _perm_dtype(K) if perm else None, dtype, N, words, 1, K,
+            *_table_strides(N, words, dim, bits, tables))
+    kind = f"aq{tables}-" if tables > 1 else ""
+    return [Variant("vq_dequant", f"vq-dequant N={N} K={K} {kind}d{dim}b{bits} {str(dtype)[6:]}"
+                    f"{' perm' if perm else ''} BN={block_n} BV={block_v}", args,
+                    {"K": K, "DIM": dim, "BITS": bits, "HAS_PERM": perm, "BLOCK_N": block_n, "BLOCK_V": block_v,
+                     "TABLES": tables})]
 
 
 def vq_launch_variants(shapes: list[tuple[int, int]], batches: list[int], codebooks: list[tuple[int, int]],

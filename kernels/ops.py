@@ -1,5 +1,5 @@
 """``torch.ops.quantkit.uniform_matmul`` and ``torch.ops.quantkit.codebook_matmul``: the fused Triton kernels of
-the scalar-grid and the vector-codebook formats as PyTorch custom ops.
+the scalar-grid and the codebook formats (vector ``quantkit-vq``, additive ``quantkit-aq``) as PyTorch custom ops.
 
 Being an op with a fake (meta) implementation is what lets ``torch.compile`` trace through ``QuantizedLinear`` and
 lets models be built on the meta device. Defining the ops needs neither a GPU nor Triton; running one imports
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.formats.codebook import VQFormat
+from quantkit.formats.codebook import AQFormat, VQFormat
 from quantkit.formats.packing import SUPPORTED_BITS, packed_words, unpack_bits
 from quantkit.formats.uniform import dequantize_uniform
 
@@ -157,8 +157,10 @@ def codebook_matmul_triton(
     dim: int,
     bits: int,
 ) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for the vector-codebook format (``quantkit-vq``) through the Triton lookup-table kernels
-    (GEMV for decode-sized inputs, dequantize-then-GEMM beyond); ``[..., out]``, ``x.dtype``."""
+    """``x @ W.T (+ bias)`` for the codebook formats through the Triton lookup-table kernels (GEMV for decode-sized
+    inputs, dequantize-then-GEMM beyond); ``[..., out]``, ``x.dtype``. ``quantkit-vq``: ``codes`` [out, words],
+    ``codebook`` [entries, dim]; ``quantkit-aq``: ``codes`` [tables, out, words] and ``codebook`` [tables, entries,
+    dim], the codewords of the tables summed."""
     try:
         from quantkit.kernels.triton_codebook import triton_codebook_matmul
     except ImportError as e:
@@ -182,9 +184,12 @@ def _(
     bits: int,
 ) -> torch.Tensor:
     torch._check(x.shape[-1] % dim == 0, lambda: f"vectors of {dim} do not tile {x.shape[-1]} input columns")
-    torch._check(codes.dim() == 2 and codes.shape[1] == packed_words(x.shape[-1] // dim, bits),
+    torch._check(codes.dim() in (2, 3) and codes.shape[-1] == packed_words(x.shape[-1] // dim, bits),
                  lambda: f"codes {tuple(codes.shape)} do not hold {x.shape[-1] // dim} {bits}-bit codes per row")
-    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+    torch._check(codebook.dim() == codes.dim() and (codes.dim() == 2 or codebook.shape[0] == codes.shape[0]),
+                 lambda: f"codebook {tuple(codebook.shape)} does not match codes {tuple(codes.shape)}: one table per "
+                         "code stream")
+    return x.new_empty((*x.shape[:-1], codes.shape[-2]))
 
 
 def _codebook_setup_context(ctx, inputs, keyword_only_inputs, output) -> None:
@@ -201,8 +206,12 @@ def _codebook_backward(ctx, grad: torch.Tensor):
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         dim, bits = ctx.kw["dim"], ctx.kw["bits"]
-        tensors = {"codebook": codebook, "scales": scales} | ({"perm": perm} if perm is not None else {})
-        W = VQFormat._decode(unpack_bits(codes, bits, ctx.in_features // dim), tensors)  # [out, in] fp32
+        rest = {"scales": scales} | ({"perm": perm} if perm is not None else {})
+        if codes.dim() == 2:
+            W = VQFormat._decode(unpack_bits(codes, bits, ctx.in_features // dim), {"codebook": codebook, **rest})
+        else:  # additive tables
+            split = torch.stack([unpack_bits(c, bits, ctx.in_features // dim) for c in codes])
+            W = AQFormat._decode(split, {"codebooks": codebook, **rest})  # [out, in] fp32
         grad_x = grad @ W.to(grad.dtype)
     if ctx.needs_input_grad[5]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
@@ -213,8 +222,8 @@ codebook_matmul_triton.register_autograd(_codebook_backward, setup_context=_code
 
 
 def codebook_supports(x: torch.Tensor, codes: torch.Tensor, *, dim: int, bits: int) -> bool:
-    """The dispatch predicate of ``quantkit-vq``: CUDA tensors, a dtype, vector dimension and code width the
-    kernels handle, and a non-empty batch."""
+    """The dispatch predicate of ``quantkit-vq`` and ``quantkit-aq``: CUDA tensors, a dtype, vector dimension and
+    code width the kernels handle, and a non-empty batch."""
     return (
         x.is_cuda
         and codes.is_cuda
@@ -241,30 +250,32 @@ def _codebook_linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = Non
                                   bits=q.bits)
 
 
-def _aq1_supports(x: torch.Tensor, module) -> bool:
-    """``quantkit-aq`` with one table is ``quantkit-vq`` with a leading axis of one: the same kernels serve it."""
+def _aq_supports(x: torch.Tensor, module) -> bool:
+    """``quantkit-aq`` with any number of tables: the lookup-table kernels sum one codeword per table (with one
+    table they compile to the vq kernels)."""
     q = module.scheme.quantizer
-    return q.codebooks == 1 and codebook_supports(x, module.tensors["codes"], dim=q.dim, bits=q.bits)
+    return codebook_supports(x, module.tensors["codes"], dim=q.dim, bits=q.bits)
 
 
-def _aq1_linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
+def _aq_linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
     if rotation is not None:
         x = rotation.apply(x)
     t, q = module.tensors, module.scheme.quantizer
-    return codebook_matmul_triton(x, t["codes"][0], t["codebooks"][0], t["scales"], t.get("perm"), bias,
-                                  dim=q.dim, bits=q.bits)
+    return codebook_matmul_triton(x, t["codes"], t["codebooks"], t["scales"], t.get("perm"), bias, dim=q.dim,
+                                  bits=q.bits)
 
 
 def register_triton_kernels() -> None:
     """The dispatch table's Triton entries (quantkit.kernels.dispatch calls this once, when Triton is installed):
-    the dequant-matmul of ``quantkit-uniform``, the lookup-table matmul of ``quantkit-vq`` and the Hadamard
-    transforms, for CUDA tensors (the transforms only where no gradient is needed: they have no backward)."""
+    the dequant-matmul of ``quantkit-uniform``, the lookup-table matmul of ``quantkit-vq`` and ``quantkit-aq`` (any
+    number of tables), the Hadamard transforms, for CUDA tensors (the transforms only where no gradient is needed:
+    they have no backward)."""
     from quantkit.kernels import dispatch
     from quantkit.kernels.triton_hadamard import triton_fwht, triton_rotate
 
     dispatch.register_kernel("triton-uniform", "quantkit-uniform", _uniform_supports, _uniform_linear)
     dispatch.register_kernel("triton-codebook", "quantkit-vq", _codebook_supports, _codebook_linear)
-    dispatch.register_kernel("triton-codebook-aq1", "quantkit-aq", _aq1_supports, _aq1_linear)  # M = 1 only
+    dispatch.register_kernel("triton-codebook-aq", "quantkit-aq", _aq_supports, _aq_linear)  # any number of tables
     dispatch.register_hadamard_kernel("triton-rotate", fused=True, impl=triton_rotate,
                                       supports=lambda x, layout: x.is_cuda and layout.small == 1
                                       and not _needs_grad(x))

@@ -1,9 +1,13 @@
-"""Lookup-table matmul kernels for the vector-codebook format ``quantkit-vq`` (VPTQ, Liu et al. 2024; AQLM, Egiazarian
-et al. 2024, whose inference kernels gather codewords the same way).
+"""Lookup-table matmul kernels for the vector-codebook format ``quantkit-vq`` (VPTQ, Liu et al. 2024) and the
+additive-codebook format ``quantkit-aq`` (AQLM, Egiazarian et al. 2024, whose inference kernels gather codewords the
+same way).
 
 ``y = x @ W.T (+ bias)`` with ``W[n, perm[j]] = scales[n] * codebook[code[n, j // dim], j % dim]``: the codes are
 ``log2(entries)``-bit indices in a little-endian bit stream per row (``quantkit.formats.packing.pack_bits``; a
-width that does not divide 32 lets a code straddle two words), ``codebook`` is fp16 [entries, dim].
+width that does not divide 32 lets a code straddle two words), ``codebook`` is fp16 [entries, dim]. With ``T``
+additive tables (``quantkit-aq``: codes [T, out, words], codebooks [T, entries, dim]) the codeword is the fp32 sum
+``Σ_t codebook[t, code[t, n, v]]``, tables added in order, as the format's reference sums them; ``T`` is a
+compile-time constant (an unrolled loop over the tables after the first), so one table compiles to the vq kernel.
 
 Two paths, picked by the number of rows ``M`` of ``x``:
 
@@ -20,9 +24,9 @@ Two paths, picked by the number of rows ``M`` of ``x``:
   column order (the same fp32 product, rounded once, that the reference dequantization gives), then
   ``x @ W.T`` runs in PyTorch (cuBLAS). For long inputs the GEMM dominates and the dense weight costs one write.
 
-``dim`` (2 to 8) and ``bits`` (2 to 16) are compile-time constants; a ``dim`` that is not a power of two is padded
-to the next one inside the tile (masked lanes). Importing this module imports Triton; ``quantkit.kernels.ops``
-guards that import and registers the op ``quantkit::codebook_matmul`` with the dispatch.
+``dim`` (2 to 8), ``bits`` (2 to 16) and the number of tables are compile-time constants; a ``dim`` that is not a
+power of two is padded to the next one inside the tile (masked lanes). Importing this module imports Triton;
+``quantkit.kernels.ops`` guards that import and registers the op ``quantkit::codebook_matmul`` with the dispatch.
 """
 
 from __future__ import annotations
@@ -87,9 +91,10 @@ def _gemv_codes(codes_ptr, v0, offs_n, N, stride_cn, V: tl.constexpr, BITS: tl.c
 @triton.jit
 def _gemv_kernel(
     x_ptr, codes_ptr, codebook_ptr, scales_ptr, perm_ptr, bias_ptr, out_ptr,
-    M, N, stride_xm, stride_cn, stride_sn, stride_om,
+    M, N, stride_xm, stride_cn, stride_sn, stride_om, stride_ct, stride_bt,
     K: tl.constexpr, DIM: tl.constexpr, BITS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_K: tl.constexpr,
+    TABLES: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -117,10 +122,16 @@ def _gemv_kernel(
             col = k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=(offs_m[:, None] < M) & valid[None, :],
                     other=0.0).to(tl.float32)
-        # Weights: decode the codes, gather their codewords (cache-resident table) as [BLOCK_V, DIM_P, BLOCK_N].
+        # Weights: decode the codes, gather their codewords (cache-resident table) as [BLOCK_V, DIM_P, BLOCK_N];
+        # additive tables after the first (code stream t at codes_ptr + t·stride_ct, table t at
+        # codebook_ptr + t·stride_bt) add theirs in fp32. One table: no loop, the vq kernel as it was.
         codes = _gemv_codes(codes_ptr, v0, offs_n, N, stride_cn, V, BITS, BLOCK_V, BLOCK_N)
         cw = tl.load(codebook_ptr + codes[:, None, :] * DIM + comp[None, :, None],
                      mask=(comp < DIM)[None, :, None], other=0.0).to(tl.float32)
+        for t in tl.static_range(1, TABLES):
+            codes = _gemv_codes(codes_ptr + t * stride_ct, v0, offs_n, N, stride_cn, V, BITS, BLOCK_V, BLOCK_N)
+            cw += tl.load(codebook_ptr + t * stride_bt + codes[:, None, :] * DIM + comp[None, :, None],
+                          mask=(comp < DIM)[None, :, None], other=0.0).to(tl.float32)
         w = tl.reshape(cw, (BLOCK_KP, BLOCK_N))
         acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
     scale = tl.load(scales_ptr + offs_n * stride_sn, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -139,12 +150,13 @@ def _gemv_kernel(
 @triton.jit
 def _dequant_kernel(
     codes_ptr, codebook_ptr, scales_ptr, perm_ptr, w_ptr,
-    N, stride_cn, stride_sn, stride_wn,
+    N, stride_cn, stride_sn, stride_wn, stride_ct, stride_bt,
     K: tl.constexpr, DIM: tl.constexpr, BITS: tl.constexpr, HAS_PERM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, TABLES: tl.constexpr = 1,
 ):
     """``W[n, perm[k]] = scales[n] · codebook[code[n, k // DIM], k % DIM]`` for a [BLOCK_N, BLOCK_V·DIM] tile, in
-    ``w_ptr``'s dtype: the fp32 product rounded once, as the reference dequantization cast to ``x.dtype``."""
+    ``w_ptr``'s dtype: the fp32 product rounded once, as the reference dequantization cast to ``x.dtype``. With
+    ``TABLES`` additive tables the codeword is their fp32 sum, added in table order as the reference does."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     V: tl.constexpr = K // DIM
@@ -155,6 +167,10 @@ def _dequant_kernel(
     codes = _decode_codes(codes_ptr, offs_v[None, :], offs_n[:, None], N, stride_cn, V, BITS)  # [BLOCK_N, BLOCK_V]
     cw = tl.load(codebook_ptr + codes[:, :, None] * DIM + comp[None, None, :], mask=(comp < DIM)[None, None, :],
                  other=0.0).to(tl.float32)
+    for t in tl.static_range(1, TABLES):
+        codes = _decode_codes(codes_ptr + t * stride_ct, offs_v[None, :], offs_n[:, None], N, stride_cn, V, BITS)
+        cw += tl.load(codebook_ptr + t * stride_bt + codes[:, :, None] * DIM + comp[None, None, :],
+                      mask=(comp < DIM)[None, None, :], other=0.0).to(tl.float32)
     scale = tl.load(scales_ptr + offs_n * stride_sn, mask=offs_n < N, other=0.0).to(tl.float32)
     w = tl.reshape(cw * scale[:, None, None], (BLOCK_N, BLOCK_V * DIM_P))
     lane = tl.arange(0, BLOCK_V * DIM_P)
@@ -214,7 +230,7 @@ def _tuned_gemv(allow_split_k: bool) -> Any:
     # Built on first use, not at import: the config list depends on interpreter mode.
     return triton.autotune(
         configs=_gemv_configs(allow_split_k),
-        key=["N", "K", "DIM", "BITS", "HAS_PERM", "BLOCK_M"],
+        key=["N", "K", "DIM", "BITS", "HAS_PERM", "BLOCK_M", "TABLES"],
         prune_configs_by={"early_config_prune": _prune_gemv},
     )(_gemv_kernel)
 
@@ -223,7 +239,7 @@ def _tuned_gemv(allow_split_k: bool) -> Any:
 
 def _check(x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor,
            perm: torch.Tensor | None, bias: torch.Tensor | None, dim: int, bits: int) -> None:
-    K, N = x.shape[-1], codes.shape[0]
+    K, N = x.shape[-1], codes.shape[-2] if codes.dim() >= 2 else 0
     if not 2 <= dim <= 8:
         raise ValueError(f"unsupported vector dimension {dim}; 2 to 8")
     if not 2 <= bits <= 16:
@@ -232,10 +248,12 @@ def _check(x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales:
         raise TypeError(f"activations must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
     if K % dim:
         raise ValueError(f"vectors of {dim} do not tile {K} input columns")
-    if codes.dtype != torch.int32 or codes.dim() != 2 or codes.shape[1] != packed_words(K // dim, bits):
+    if (codes.dtype != torch.int32 or codes.dim() not in (2, 3) or codes.shape[-1] != packed_words(K // dim, bits)
+            or codes.dim() == 3 and codes.shape[0] == 0):
         raise ValueError(f"codes {tuple(codes.shape)} {codes.dtype} do not hold {K // dim} {bits}-bit codes per row")
-    if tuple(codebook.shape) != (2**bits, dim):
-        raise ValueError(f"codebook has shape {tuple(codebook.shape)}, expected {(2**bits, dim)}")
+    expected = (2**bits, dim) if codes.dim() == 2 else (codes.shape[0], 2**bits, dim)  # one table, or one per stream
+    if tuple(codebook.shape) != expected:
+        raise ValueError(f"codebook has shape {tuple(codebook.shape)}, expected {expected}")
     if tuple(scales.shape) != (N, 1):
         raise ValueError(f"scales has shape {tuple(scales.shape)}, expected {(N, 1)}")
     if perm is not None and tuple(perm.shape) != (K,):
@@ -249,9 +267,17 @@ def _check_device(x: torch.Tensor) -> None:
         raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before Triton loads)")
 
 
+def _tables(codes: torch.Tensor, codebook: torch.Tensor) -> tuple[int, int, int]:
+    """``(tables, stride_ct, stride_bt)``: the number of additive tables and the element strides between their
+    code streams and their codebooks (unused with one table; contiguous inputs)."""
+    if codes.dim() == 2:
+        return 1, 0, 0
+    return codes.shape[0], codes.stride(0), codebook.stride(0)
+
+
 def triton_codebook_dequantize(
-    codes: torch.Tensor,  # [out, packed_words(in / dim, bits)] int32
-    codebook: torch.Tensor,  # [2**bits, dim] fp16
+    codes: torch.Tensor,  # [out, packed_words(in / dim, bits)] int32, or [tables, out, words] (quantkit-aq)
+    codebook: torch.Tensor,  # [2**bits, dim] fp16, or [tables, 2**bits, dim]
     scales: torch.Tensor,  # [out, 1] fp16
     perm: torch.Tensor | None,  # [in] int16/int32: stored column j is original column perm[j]
     *,
@@ -260,8 +286,9 @@ def triton_codebook_dequantize(
     bits: int,
     dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
-    """The dense weight [out, in] in ``dtype`` and original column order, as ``VQFormat.dequantize`` cast to it."""
-    N = codes.shape[0]
+    """The dense weight [out, in] in ``dtype`` and original column order, as ``VQFormat.dequantize`` (or
+    ``AQFormat.dequantize`` for stacked tables) cast to it."""
+    N = codes.shape[-2] if codes.dim() >= 2 else 0
     _check(torch.empty(0, in_features, dtype=dtype, device="meta"), codes, codebook, scales, perm, None, dim, bits)
     _check_device(codes)
     # Without perm every column is written; with it too (a permutation), so no zero-fill is needed.
@@ -271,17 +298,18 @@ def triton_codebook_dequantize(
     block_n, block_v = dequant_block(dim)
     codes, codebook, scales = codes.contiguous(), codebook.contiguous(), scales.contiguous()
     perm = perm.contiguous() if perm is not None else None
+    tables, stride_ct, stride_bt = _tables(codes, codebook)
     grid = (triton.cdiv(N, block_n), triton.cdiv(in_features // dim, block_v))
-    _dequant_kernel[grid](codes, codebook, scales, perm, W, N, codes.stride(0), scales.stride(0), W.stride(0),
-                          K=in_features, DIM=dim, BITS=bits, HAS_PERM=perm is not None, BLOCK_N=block_n,
-                          BLOCK_V=block_v)
+    _dequant_kernel[grid](codes, codebook, scales, perm, W, N, codes.stride(-2), scales.stride(0), W.stride(0),
+                          stride_ct, stride_bt, K=in_features, DIM=dim, BITS=bits, HAS_PERM=perm is not None,
+                          BLOCK_N=block_n, BLOCK_V=block_v, TABLES=tables)
     return W
 
 
 def triton_codebook_matmul(
     x: torch.Tensor,  # [..., in] fp16 / bf16 / fp32
-    codes: torch.Tensor,  # [out, packed_words(in / dim, bits)] int32
-    codebook: torch.Tensor,  # [2**bits, dim] fp16
+    codes: torch.Tensor,  # [out, packed_words(in / dim, bits)] int32, or [tables, out, words] (quantkit-aq)
+    codebook: torch.Tensor,  # [2**bits, dim] fp16, or [tables, 2**bits, dim]
     scales: torch.Tensor,  # [out, 1] fp16
     perm: torch.Tensor | None,  # [in]: stored column j is original column perm[j]
     bias: torch.Tensor | None,  # [out]
@@ -300,7 +328,7 @@ def triton_codebook_matmul(
         raise ValueError(f"gemv_max_m must be between 0 and {GEMV_MAX_M}, got {gemv_max_m}")
     _check(x, codes, codebook, scales, perm, bias, dim, bits)
     _check_device(x)
-    K, N = x.shape[-1], codes.shape[0]
+    K, N = x.shape[-1], codes.shape[-2]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if M > gemv_max_m:
@@ -324,7 +352,8 @@ def triton_codebook_matmul(
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]
 
-    kernel[grid](x2, codes, codebook, scales, perm, bias, out, M, N, x2.stride(0), codes.stride(0), scales.stride(0),
-                 out.stride(0), K=K, DIM=dim, BITS=bits, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
-                 BLOCK_M=triton.next_power_of_2(M), **(config or {}))
+    tables, stride_ct, stride_bt = _tables(codes, codebook)
+    kernel[grid](x2, codes, codebook, scales, perm, bias, out, M, N, x2.stride(0), codes.stride(-2), scales.stride(0),
+                 out.stride(0), stride_ct, stride_bt, K=K, DIM=dim, BITS=bits, HAS_PERM=perm is not None,
+                 HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(M), TABLES=tables, **(config or {}))
     return out.reshape(*x.shape[:-1], N)
