@@ -289,7 +289,8 @@ def vq_gemv_variants(M: int, N: int, K: int, *, dim: int, bits: int, dtype: torc
         raise ValueError(f"the GEMV takes 1 to {tc.GEMV_MAX_M} rows, got {M}")
     block_m = triton.next_power_of_2(M)
     if configs is None:
-        configs = tc._prune_gemv(tc._gemv_configs(dtype != torch.bfloat16), {}, BLOCK_M=block_m, DIM=dim)
+        configs = tc._prune_gemv(tc._gemv_configs(dtype != torch.bfloat16), {}, BLOCK_M=block_m, DIM=dim,
+                                 TABLES=tables)
     # (x, codes, codebook, scales, perm, bias, out, M, N, stride_xm, stride_cn, stride_sn, stride_om, stride_ct,
     # stride_bt); scales [N, 1], stacked tables [tables, N, words] and [tables, entries, dim] (strides 0 for one)
     words = packed_words(K // dim, bits)

@@ -215,8 +215,11 @@ def _gemv_configs(allow_split_k: bool) -> list[triton.Config]:
 
 def _prune_gemv(configs: list[triton.Config], nargs: dict[str, Any], **meta: Any) -> list[triton.Config]:
     # The broadcast product is BLOCK_M x BLOCK_V·DIM_P x BLOCK_N fp32 values in registers; cap it to avoid spills.
+    # Additive tables hold a second codeword tile while they sum: half the cap (sm_90 ptxas: 2 or 3 tables of d = 8
+    # spill at 16,384 values a tile, not at 8,192).
     dim_p = triton.next_power_of_2(meta["DIM"])
-    keep = [c for c in configs if meta["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] * dim_p <= 16384]
+    cap = 16384 if meta.get("TABLES", 1) == 1 else 8192
+    keep = [c for c in configs if meta["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] * dim_p <= cap]
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])]
 
 
