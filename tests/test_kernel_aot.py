@@ -83,6 +83,14 @@ CASES = [
     ("vq-dequant-d4b8", "vq_dequant", {"shape": (4096, 4096), "dim": 4, "bits": 8, "perm": True}, "all"),
     ("vq-dequant-d8b16", "vq_dequant", {"shape": (11008, 4096), "dim": 8, "bits": 16, "perm": True}, "all"),
     ("vq-dequant-d6b10-bf16", "vq_dequant", {"shape": (4096, 11008), "dim": 6, "bits": 10, "dtype": "bf16"}, "all"),
+    # additive codebooks (quantkit-aq, the same kernels with the tables summed): every GEMV config for
+    # hadamard-gptq-aq2's 2 tables of 256 x 8 on Llama-2-7B (act-order); 3 tables of a straddling width with dim 3,
+    # bias and bf16; the dequantize kernel with 2 tables
+    ("aq2-gemv-d8b8-configs", "vq_gemv", {"shape": LLAMA, "dim": 8, "bits": 8, "perm": True, "tables": 2}, "all"),
+    ("aq3-gemv-d3b5-bias-bf16", "vq_gemv", {"shape": (4, 1000, 576), "dim": 3, "bits": 5, "perm": True,
+                                            "bias": True, "dtype": "bf16", "tables": 3}, "first"),
+    ("aq2-dequant-d8b8", "vq_dequant", {"shape": (11008, 4096), "dim": 8, "bits": 8, "perm": True, "tables": 2},
+     "all"),
 ]
 
 
@@ -111,14 +119,15 @@ def test_compiles_for_sm90(compiled, case):
 def test_every_fp16_autotune_config_fits_in_registers(compiled):
     # A config that spills reads and writes local memory in its inner loop: the autotuner would only time it and
     # throw it away, so the lists should not offer one.
-    for case in ("gemv-configs", "gemm-configs", "gemv-rot4096", "vq-gemv-d4b8-configs", "vq-gemv-d8b16-configs"):
+    for case in ("gemv-configs", "gemm-configs", "gemv-rot4096", "vq-gemv-d4b8-configs", "vq-gemv-d8b16-configs",
+                 "aq2-gemv-d8b8-configs"):
         spilling = [r["label"] for r in _rows(compiled, case) if r["spills"]]
         assert not spilling, spilling
 
 
 def test_gemm_runs_on_tensor_cores_and_gemv_split_k_on_atomics(compiled):
     assert all(r["mma"] for r in _rows(compiled, "gemm-configs"))
-    for case in ("gemv-configs", "vq-gemv-d4b8-configs", "vq-gemv-d8b16-configs"):
+    for case in ("gemv-configs", "vq-gemv-d4b8-configs", "vq-gemv-d8b16-configs", "aq2-gemv-d8b8-configs"):
         for r in _rows(compiled, case):  # split-K partial sums are added atomically, one split stores
             assert r["atomic"] == ("SK=1 " not in r["label"]), r["label"]
 
