@@ -72,11 +72,11 @@ def assert_matches_reference(tc, x, tensors, bias, dim, bits, **kw):
 @pytest.mark.parametrize("act_order, bias", [(False, False), (True, True)], ids=["plain", "perm-bias"])
 @pytest.mark.parametrize("tables, dim, bits", SHAPES, ids=[f"m{t}-d{d}-b{b}" for t, d, b in SHAPES])
 def test_matches_reference(tc, tables, dim, bits, act_order, bias):
-    # N = 40: a partial 32-row block. M = 1, 3 take the GEMV (split-K under the interpreter's config), M = 9 the
+    # N = 40: a partial 32-row block. M = 1, 3, 8 take the GEMV (split-K under the interpreter's config), M = 9 the
     # dequantize kernel, then the GEMM.
     K = IN[dim]
     tensors, b = make_layer(40, K, tables, dim, bits, act_order=act_order, bias=bias, seed=tables * 100 + bits)
-    for M in (1, 3, 9):
+    for M in (1, 3, 8, 9):
         assert_matches_reference(tc, activations(M, K, seed=M), tensors, b, dim, bits)
 
 
@@ -115,6 +115,24 @@ def test_one_table_is_the_vector_codebook(tc):
     assert torch.equal(kernel(tc, x, tensors, b, 4, 8),
                        tc.triton_codebook_matmul(x, vq["codes"], vq["codebook"], vq["scales"], vq["perm"], b,
                                                  dim=4, bits=8))
+
+
+def test_dispatch_entry_rotates_first(tc):
+    """``triton-codebook-aq``'s entry with the preset's input rotation (hadamard-gptq-aq2 stores ``W Rᵀ``): ``R x``
+    first, then the kernel; equal to rotating on CPU and the format's reference, with 3-D activations."""
+    from quantkit.kernels import ops
+    from quantkit.nn import QuantizedLinear
+    from quantkit.rotations import HadamardRotation, random_signs
+
+    K = 128
+    tensors, b = make_layer(40, K, 2, 8, 8, act_order=True, bias=True, seed=5)
+    module = QuantizedLinear.from_packed({k: v.cpu() for k, v in tensors.items()}, _scheme(2, 8, 8, True), K, 40,
+                                         b.cpu()).to(DEVICE)
+    rot = HadamardRotation(random_signs(K, 0, "aq-entry").to(DEVICE))
+    for M in (1, 9):
+        x = activations(1, M, K, seed=M)
+        ref = reference(rot.apply(x.cpu()).to(DEVICE), tensors, b, 8, 8)
+        assert rel_error(ops._aq_linear(x, module, bias=b, rotation=rot), ref) < TOL[x.dtype]
 
 
 def test_dequantize_equals_the_formats(tc):
