@@ -24,6 +24,7 @@ __all__ = ["gptq", "inverse_hessian_factor", "reuse_factors"]
 
 logger = logging.getLogger(__name__)
 
+
 class _Factors:
     """The last ``size`` factors computed, with the ``H`` and damping each came from (see :func:`reuse_factors`)."""
 
