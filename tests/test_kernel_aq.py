@@ -15,7 +15,7 @@ import sys
 import pytest
 import test_kernel_codebook as vq_tests
 import torch
-from test_kernel_codebook import DEVICE, INTERPRET, TOL, _OpLog, activations, rel_error
+from test_kernel_codebook import DEVICE, INTERPRET, TOL, _OpLog, activations, finish_layer, rel_error
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from quantkit.config import LayerScheme
@@ -47,11 +47,7 @@ def make_layer(N, K, tables, dim, bits, *, act_order, bias=False, dtype=torch.fl
         "codebooks": torch.randn(tables, 2**bits, dim, generator=g).half(),
         "scales": (0.02 + 0.05 * torch.rand(N, 1, generator=g)).half(),
     }
-    if act_order:
-        tensors["perm"] = torch.randperm(K, generator=g).to(torch.int16)
-    b = (0.1 * torch.randn(N, generator=g)).to(dtype) if bias else None
-    tensors = {k: v.to(DEVICE) for k, v in tensors.items()}
-    return tensors, (b.to(DEVICE) if b is not None else None)
+    return finish_layer(tensors, N, K, g, act_order=act_order, bias=bias, dtype=dtype)
 
 
 def reference(x, tensors, bias, dim, bits):

@@ -79,6 +79,11 @@ def make_layer(N, K, dim, bits, *, act_order, bias=False, dtype=torch.float32, s
         "codebook": torch.randn(2**bits, dim, generator=g).half(),
         "scales": (0.02 + 0.05 * torch.rand(N, 1, generator=g)).half(),
     }
+    return finish_layer(tensors, N, K, g, act_order=act_order, bias=bias, dtype=dtype)
+
+
+def finish_layer(tensors, N, K, g, *, act_order, bias, dtype):
+    """A random layer's act-order permutation and bias (drawn from ``g``, after its codes and tables), all on DEVICE."""
     if act_order:
         tensors["perm"] = torch.randperm(K, generator=g).to(torch.int16)
     b = (0.1 * torch.randn(N, generator=g)).to(dtype) if bias else None
