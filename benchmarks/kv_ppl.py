@@ -30,6 +30,9 @@ DEFAULT_SPECS = [
     "cq:bits=4,channels=2,residual=64",
     "cq:bits=2,channels=4,residual=64",
     "cq:bits=1,channels=8,residual=64",
+    "cq:bits=4,channels=2,residual=64,keys=pre-rope",
+    "cq:bits=2,channels=4,residual=64,keys=pre-rope",
+    "cq:bits=1,channels=8,residual=64,keys=pre-rope",
     "quanto:bits=4",
     "quanto:bits=2",
     "hqq:bits=4",
@@ -47,7 +50,8 @@ def _tables(model, tok, scheme, args):
     path = None
     if args.tables_dir:
         key = "_".join(f"{k}{v}" for k, v in calib.items())
-        path = Path(args.tables_dir) / f"cq_b{scheme.bits}_c{scheme.channels}_{key}.safetensors"
+        keys = "_pre-rope" if scheme.pre_rope else ""
+        path = Path(args.tables_dir) / f"cq_b{scheme.bits}_c{scheme.channels}{keys}_{key}.safetensors"
         if path.is_file():
             return CQTables.load(path)
     t0 = time.time()

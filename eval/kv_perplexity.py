@@ -129,7 +129,9 @@ def kv_evaluate(model, tokenizer, scheme, *, ids: torch.Tensor | None = None, wi
         tables = calibrate_cq(model, tokenizer, scheme, data_dir=data, progress=progress, **(calib or {}))
     if tables is not None:
         entry["tables"] = tables.to_dict()
-    entry["bits_per_element"] = {str(n): bits_per_element(scheme, hd, n) for n in (512, 4096)}
+    text = model.config.get_text_config(decoder=True)
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    entry["bits_per_element"] = {str(n): bits_per_element(scheme, hd, n, kv_heads) for n in (512, 4096)}
 
     def make():
         return kv_cache(model, scheme, tables)

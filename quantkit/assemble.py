@@ -102,7 +102,8 @@ def _kv_cache(recipe: Recipe, tensors: dict[str, torch.Tensor], nlayers: int, in
 
     tables = None
     if isinstance(recipe.kv_cache, CQScheme):
-        calib = {**(info.get("calibration") or {}), "keys": "post-RoPE", "model": "quantized layers"}
+        calib = {**(info.get("calibration") or {}), "model": "quantized layers",
+                 "keys": "pre-RoPE" if recipe.kv_cache.pre_rope else "post-RoPE"}
         tables = tables_from_tensors(recipe.kv_cache, tensors, nlayers, calib)
         write_tables(tables, folder)
     return config_entry(recipe.kv_cache, tables)

@@ -21,8 +21,10 @@ from quantkit.kvcache import (
     kv_cache,
     parse_kv_scheme,
 )
+from quantkit.kvcache.calibrate import collect_kv, unrotate_keys
 from quantkit.kvcache.codebook import cq_decode, cq_encode, fit_codebooks, kmeans_batched, nearest_centroid
 from quantkit.kvcache.packing import pack_uint8, packed_bytes, unpack_uint8
+from quantkit.kvcache.rope import Rope
 from quantkit.kvcache.uniform import dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
 VOCAB = 512
@@ -265,7 +267,8 @@ def test_cq_cache_tables_round_trip(tiny, tokens, tables, tmp_path):
 # ---- bits ----
 
 @pytest.mark.parametrize("spec", ["kivi:bits=2,group_size=8,residual=10,sink=3", "kivi:bits=4,group_size=12",
-                                  "cq:bits=2,channels=4,residual=5,sink=2", "cq:bits=1,channels=8,residual=0"])
+                                  "cq:bits=2,channels=4,residual=5,sink=2", "cq:bits=1,channels=8,residual=0",
+                                  "cq:bits=4,channels=2,residual=3,keys=pre-rope"])
 @pytest.mark.parametrize("context", [1, 40, 97])
 def test_bits_formula_matches_the_bytes_held(tiny, spec, context):
     cfg = tiny.config
@@ -277,13 +280,14 @@ def test_bits_formula_matches_the_bytes_held(tiny, spec, context):
         cache = kv_cache(cfg, s, CQTables(s, C["key_centroids"], C["value_centroids"]))
     else:
         cache = kv_cache(cfg, spec)
+    heads = 2  # the tiny model's KV heads: a pre-RoPE cache's positions are shared by them
     g = torch.Generator().manual_seed(context)
     for layer in cache.layers:
         for s in range(0, context, 13):
             n = min(13, context - s)
             layer.update(torch.randn(1, 2, n, 24, generator=g).half(), torch.randn(1, 2, n, 24, generator=g).half())
     elements = 2 * 3 * 2 * context * 24  # keys and values, layers, heads, tokens, channels
-    assert cache.stored_bits() / elements == pytest.approx(bits_per_element(spec, 24, context), rel=1e-12)
+    assert cache.stored_bits() / elements == pytest.approx(bits_per_element(spec, 24, context, heads), rel=1e-12)
 
 
 def test_bits_hand_counted():
@@ -294,12 +298,17 @@ def test_bits_hand_counted():
     assert bits_per_element("cq:bits=1,channels=8,residual=64", 64, 128) == pytest.approx(
         (64 * 16 + 64 * 1 + 2 * 256 * 16 * 8 * 8 / 64 / 2) / 128)
     assert bits_per_element("fp", 64, 100) == 16
+    # pre-RoPE keys: plus one int32 position per stored token and layer, shared by the 4 KV heads
+    assert bits_per_element("cq:bits=2,channels=4,residual=0,keys=pre-rope", 64, 4096, 4) == 3.0 + 32 / 4 / 128
 
 
 # ---- schemes ----
 
 @pytest.mark.parametrize("spec", [{"method": "kivi", "bits": 4, "group_size": 32, "residual": 128, "sink": 4},
-                                  {"method": "cq", "bits": 1, "channels": 8, "residual": 0, "sink": 0},
+                                  {"method": "cq", "bits": 1, "channels": 8, "residual": 0, "sink": 0,
+                                   "keys": "post-rope"},
+                                  {"method": "cq", "bits": 2, "channels": 4, "residual": 8, "sink": 1,
+                                   "keys": "pre-rope"},
                                   {"method": "quanto", "bits": 2, "group_size": 64, "residual": 128, "axis_key": 0,
                                    "axis_value": 0},
                                   {"method": "fp"}])
@@ -319,6 +328,7 @@ def test_scheme_round_trips(spec):
     ({"method": "cq", "bits": 3}, "kv_cache.bits"),
     ({"method": "cq", "bits": 2, "channels": 8}, "kv_cache.channels"),
     ({"method": "cq", "channels": 3}, "kv_cache.channels"),
+    ({"method": "cq", "keys": "pre"}, "kv_cache.keys"),
     ({"method": "quanto", "bits": 8}, "kv_cache.bits"),
     ({"method": "kivy"}, "kv_cache.method"),
     ({"bits": 2}, "kv_cache.method"),
@@ -336,6 +346,100 @@ def test_model_dependent_checks(tiny, tables):
         kv_cache(tiny, "cq:bits=2,channels=4")
     with pytest.raises(QuantkitError, match="fitted for bits=2"):
         kv_cache(tiny, "cq:bits=1,channels=8", tables)
+
+
+# ---- pre-RoPE keys ----
+
+def test_rope_matches_transformers_and_inverts(tiny):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rope = Rope.of(tiny)
+    assert torch.equal(rope.inv_freq, Rope.of(tiny.config).inv_freq)  # module buffer and config agree
+    k = torch.randn(2, 2, 7, 24, generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 30, 31, 32, 500]])
+    cos, sin = tiny.model.rotary_emb(k, pos)
+    _, ref = apply_rotary_pos_emb(k, k, cos, sin)
+    assert torch.allclose(rope.apply(k, pos), ref, atol=1e-6)
+    assert torch.allclose(rope.remove(ref, pos), k, atol=1e-5)
+    assert not torch.allclose(rope.remove(ref, pos + 1), k, atol=1e-2)
+
+
+def _exact_pre_rope_tables(model, ids: torch.Tensor, position_ids: torch.Tensor, spec: str) -> CQTables:
+    """Tables whose centroids are the pre-RoPE keys (and the values) the model caches on ``ids``: each token's
+    channel group its own centroid, so a correct pre-RoPE cache reads them back to fp16."""
+    s = parse_kv_scheme(spec)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, position_ids=position_ids, cache=cache, use_cache=True)
+    rope, n = Rope.of(model), ids.shape[1]
+    tables = {"keys": [], "values": []}
+    for layer in cache.layers:
+        for kind, x in (("keys", rope.remove(layer.keys, position_ids)), ("values", layer.values)):
+            H, _, D = x[0].shape
+            x = x[0].reshape(H, n, D // s.channels, s.channels).transpose(1, 2)  # [H, D/c, n, c]
+            pad = x[:, :, :1].expand(-1, -1, 2**s.code_bits - n, -1)
+            tables[kind].append(torch.cat([x, pad], 2).half())
+    return CQTables(s, tables["keys"], tables["values"])
+
+
+def test_pre_rope_cache_reads_back_exact_keys_at_the_forward_positions(tiny):
+    """With tables holding this input's pre-RoPE keys, a pre-RoPE CQ cache rebuilds every key to fp16 at the
+    positions the forward passed (offset here, so the count of tokens seen would be wrong); a post-RoPE cache with
+    the same tables, or the rotation taken off at the counted positions, does not."""
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(100, 120).unsqueeze(0)
+    spec = "cq:bits=4,channels=2,residual=0,keys=pre-rope"
+    tables = _exact_pre_rope_tables(tiny, ids, pos, spec)
+    ref = DynamicCache(config=tiny.config)
+
+    def keys(cache, shift=0):
+        with torch.no_grad():
+            for s in range(0, 20, 5):
+                tiny(ids[:, s : s + 5], position_ids=pos[:, s : s + 5] + shift, cache=cache, use_cache=True)
+        return [layer.update(torch.zeros(1, 2, 0, 24), torch.zeros(1, 2, 0, 24))[0] for layer in cache.layers]
+
+    with torch.no_grad():
+        tiny(ids, position_ids=pos, cache=ref, use_cache=True)
+    exact = [layer.keys for layer in ref.layers]
+    pre = keys(kv_cache(tiny, spec, tables))
+    assert all(torch.allclose(a, b, rtol=2e-3, atol=2e-3) for a, b in zip(pre, exact, strict=True))
+    post_spec = spec.replace("pre-rope", "post-rope")
+    post = keys(kv_cache(tiny, post_spec, CQTables(parse_kv_scheme(post_spec), tables.key_centroids,
+                                                   tables.value_centroids)))
+    assert max((a - b).abs().max() for a, b in zip(post, exact, strict=True)) > 0.1
+    # RoPE is relative, so the same tokens at other positions have the same pre-RoPE keys: still exact
+    shifted_ref = DynamicCache(config=tiny.config)
+    with torch.no_grad():
+        tiny(ids, position_ids=pos + 7, cache=shifted_ref, use_cache=True)
+    shifted = keys(kv_cache(tiny, spec, tables), shift=7)
+    assert all(torch.allclose(a, b.keys, rtol=2e-3, atol=2e-3) for a, b in zip(shifted, shifted_ref.layers,
+                                                                               strict=True))
+    # without the forward's positions a layer counts from 0, takes the rotation off at the wrong angles, and
+    # its keys leave the tables
+    layer = kv_cache(tiny, spec, tables).layers[1]
+    counted = layer.update(ref.layers[1].keys, ref.layers[1].values)[0]
+    assert (counted - exact[1]).abs().max() > 0.1
+
+
+def test_pre_rope_tables_are_fitted_on_unrotated_keys(tiny):
+    ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
+    spec = {"method": "cq", "bits": 2, "channels": 4, "keys": "pre-rope"}
+    pre = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False)
+    K, _ = collect_kv(tiny, ids)
+    unrotated = unrotate_keys(K, Rope.of(tiny), 64)
+    C = fit_codebooks(unrotated[1], 4, 8, iters=4, seed=1)
+    assert torch.equal(pre.key_centroids[1], C) and pre.calibration["keys"] == "pre-RoPE"
+    with pytest.raises(QuantkitError, match="fitted on pre-rope keys"):
+        kv_cache(tiny, "cq:bits=2,channels=4", pre)
+
+
+def test_pre_rope_needs_a_rotary_embedding():
+    from transformers import GPT2Config
+
+    s = parse_kv_scheme("cq:bits=2,channels=4,keys=pre-rope")
+    C = [torch.zeros(2, 4, 256, 4).half()]
+    with pytest.raises(QuantkitError, match="pre-rope.*rotary"):
+        kv_cache(GPT2Config(n_layer=1, n_head=2, n_embd=32), s, CQTables(s, C, C))
 
 
 def test_top_level_export():

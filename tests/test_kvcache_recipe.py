@@ -25,7 +25,7 @@ from quantkit.kvcache.stored import KV_FILE, use_kv_cache
 from quantkit.verify import verify
 
 CAL = dict(nsamples=4, seqlen=64)
-CQ2 = {"method": "cq", "bits": 2, "channels": 4, "residual": 8, "sink": 0}
+CQ2 = {"method": "cq", "bits": 2, "channels": 4, "residual": 8, "sink": 0, "keys": "post-rope"}
 KV_ONLY = {"name": "kv-cq2", "schemes": [], "kv_cache": CQ2}
 W4_CQ2 = {"name": "w4-cq2", "schemes": [{"method": "rtn", "bits": 4, "group_size": 32}], "kv_cache": CQ2}
 
@@ -111,11 +111,17 @@ def test_kv_only_keeps_dense_weights_and_stores_tables(kv_only, tiny_model_facto
     verify(kv_only)
 
 
-def test_tables_are_fitted_on_the_quantized_layers_keys(tiny_model_factory, calib_file, tmp_path):
+@pytest.mark.parametrize("keys", ["post-rope", "pre-rope"])
+def test_tables_are_fitted_on_the_quantized_layers_keys(tiny_model_factory, calib_file, tmp_path, keys):
     """The last layer's key tables equal a k-means fit on the keys the *quantized* model caches at that layer (the
-    step's own seed and sample), and differ from those of the full-precision model."""
+    step's own seed and sample; pre-RoPE: with the rotation taken off at each window's positions), and differ
+    from those of the full-precision model."""
+    from quantkit.kvcache.calibrate import unrotate_keys
+    from quantkit.kvcache.rope import Rope
+
     folder = tiny_model_factory("llama")
-    res = _quantize(folder, tmp_path / "q", calib_file, W4_CQ2, keep_model=True)
+    recipe = {**W4_CQ2, "kv_cache": {**CQ2, "keys": keys}}
+    res = _quantize(folder, tmp_path / "q", calib_file, recipe, keep_model=True)
     from quantkit.calibration.capture import capture_inputs
     from quantkit.data import calibration_ids, load_calibration_texts
     from quantkit.loading import load_tokenizer, resolve_model
@@ -131,6 +137,8 @@ def test_tables_are_fitted_on_the_quantized_layers_keys(tiny_model_factory, cali
         with torch.no_grad():
             model(ids, cache=cache, use_cache=True)
         K = cache.layers[2].keys.float().permute(1, 0, 2, 3).reshape(2, -1, 24)
+        if keys == "pre-rope":
+            K = unrotate_keys([K], Rope.of(model), ids.shape[1])[0]
         return fit_codebooks(K, 4, 8, iters=20, seed=2)
 
     assert torch.equal(fit(res.model), stored)

@@ -3,8 +3,9 @@ each decoder layer produces on the calibration set *as quantized* (the quantize 
 tables see the keys and values the quantized model will cache. KIVI needs no tables; the step records its scheme.
 
 The step asks the walk for the keys and values of its final pass over the layer (``wants_kv``; the pass that
-makes the next layer's inputs, run after every step), so the layer runs no extra time. Keys are taken post-RoPE,
-the form the cache stores. The tables of each layer are stored with its progress (quantkit.resume) under
+makes the next layer's inputs, run after every step), so the layer runs no extra time. Keys are fitted in the
+form the scheme codes them: post-RoPE as cached, or with the rotation taken off at each token's position
+(``keys: pre-rope``). The tables of each layer are stored with its progress (quantkit.resume) under
 ``kv_cache.layers.{i}.*`` and written by the assembly into their own file (quantkit.kvcache.stored).
 """
 
@@ -17,6 +18,7 @@ import torch
 from quantkit.calibration.steps import LayerContext, LayerStep
 from quantkit.errors import QuantkitError
 from quantkit.kvcache.codebook import fit_codebooks
+from quantkit.kvcache.rope import Rope
 from quantkit.kvcache.scheme import CQScheme, KVScheme
 from quantkit.kvcache.stored import KV_PREFIX
 
@@ -44,10 +46,12 @@ class KVCacheStep(LayerStep):
     def wants_kv(self, ctx: LayerContext) -> bool:
         return isinstance(self.scheme, CQScheme)
 
-    def after_pass(self, ctx: LayerContext, record: dict[str, Any], keys: torch.Tensor,
-                   values: torch.Tensor) -> dict[str, Any]:
+    def after_pass(self, ctx: LayerContext, record: dict[str, Any], keys: torch.Tensor, values: torch.Tensor,
+                   positions: torch.Tensor) -> dict[str, Any]:
         g = torch.Generator().manual_seed(self.seed + ctx.index)
-        record = {**record, "vectors": int(keys.shape[1]), "keys": "post-RoPE"}
+        if self.scheme.pre_rope:
+            keys = Rope.of(ctx.model).remove(keys.unsqueeze(0), positions.unsqueeze(0)).squeeze(0)
+        record = {**record, "vectors": int(keys.shape[1]), "keys": "pre-RoPE" if self.scheme.pre_rope else "post-RoPE"}
         for kind, X in (("keys", keys), ("values", values)):
             if self.sample and X.shape[1] > self.sample:
                 X = X[:, torch.randperm(X.shape[1], generator=g)[: self.sample]]

@@ -61,12 +61,13 @@ class LayerStep:
         the walk's final pass (made for the last layer too when a step asks)."""
         return False
 
-    def after_pass(self, ctx: LayerContext, record: dict[str, Any], keys: torch.Tensor,
-                   values: torch.Tensor) -> dict[str, Any]:
+    def after_pass(self, ctx: LayerContext, record: dict[str, Any], keys: torch.Tensor, values: torch.Tensor,
+                   positions: torch.Tensor) -> dict[str, Any]:
         """After the walk's final pass over the layer as every step left it, when :meth:`wants_kv`: ``keys`` and
         ``values`` float32 [KV heads, tokens, head_dim] as the attention caches them (keys post-RoPE where the
-        model applies RoPE before caching). May add tensors to ``ctx.tensors``; returns the layer's record
-        (``record``: what ``run`` returned). Runs before the layer's progress is saved."""
+        model applies RoPE before caching), and each token's position (int64 [tokens]). May add tensors to
+        ``ctx.tensors``; returns the layer's record (``record``: what ``run`` returned). Runs before the layer's
+        progress is saved."""
         return record
 
     def restore(self, ctx: LayerContext, record: dict[str, Any]) -> None:
@@ -82,16 +83,24 @@ class KVRecorder:
     def __init__(self) -> None:
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
+        self._positions: list[torch.Tensor] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         for out, t in ((self._keys, key_states), (self._values, value_states)):
             B, H, T, D = t.shape
             out.append(t.detach().float().cpu().permute(1, 0, 2, 3).reshape(H, B * T, D))
+        inner = kwargs.get("kwargs")
+        p = (inner if isinstance(inner, dict) else kwargs).get("position_ids")
+        B, T = key_states.shape[0], key_states.shape[-2]
+        if not (isinstance(p, torch.Tensor) and p.dim() == 2 and p.shape[-1] == T and p.shape[0] in (1, B)):
+            p = torch.arange(T).unsqueeze(0)  # each calibration sequence from position 0
+        self._positions.append(p.detach().to("cpu", torch.int64).expand(B, T).reshape(B * T))
         return key_states, value_states
 
-    def result(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [H, N·T, D] over the pass (``prefix`` names the layer in the error)."""
+    def result(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values [H, N·T, D] over the pass, and each token's position [N·T] (``prefix`` names the
+        layer in the error)."""
         if not self._keys:
             raise QuantkitError(f"{prefix}: its attention cached nothing on the calibration set; its keys and "
                                 "values cannot be observed")
-        return torch.cat(self._keys, 1), torch.cat(self._values, 1)
+        return torch.cat(self._keys, 1), torch.cat(self._values, 1), torch.cat(self._positions)

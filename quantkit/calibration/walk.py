@@ -119,10 +119,10 @@ class LayerWalk:
                 raise QuantkitError(f"{ctx.prefix}: its outputs on the calibration batch hold NaN or inf, as "
                                     "quantized (the next layer would calibrate on them); refusing to go on")
             if recording:
-                keys, values = recorder.result(ctx.prefix)
+                keys, values, positions = recorder.result(ctx.prefix)
                 for step in recording:
-                    records[step.name] = step.after_pass(ctx, records[step.name], keys, values)
-                del keys, values, recorder
+                    records[step.name] = step.after_pass(ctx, records[step.name], keys, values, positions)
+                del keys, values, positions, recorder
         next_inputs = self.calib.hidden if self.calib is not None and not last else None
         self.progress.save_layer(ctx.index, ctx.tensors, records, next_inputs)
         return records

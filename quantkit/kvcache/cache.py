@@ -8,7 +8,8 @@ registers its builder here.
 **Bits per element** (DESIGN.md, "KV-cache bits"): every stored bit of a cache holding ``context`` tokens at batch
 1 — codes, fp16 scales and zeros, CQ tables (whose size does not grow with the context, so they are amortized
 over it) and the full-precision sink and residual tokens at 16 bits — divided by the number of cached key and
-value elements.
+value elements. A CQ cache that codes keys before RoPE also keeps each stored token's position (32 bits per token
+and layer, shared by the layer's KV heads).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers.cache_utils import Cache
 
 from quantkit.errors import QuantkitError
 from quantkit.kvcache.layers import CQLayer, KIVILayer, QuantizedKVLayer
+from quantkit.kvcache.rope import Rope
 from quantkit.kvcache.scheme import CQScheme, FPScheme, HFScheme, KIVIScheme, KVScheme, parse_kv_scheme
 from quantkit.kvcache.tables import CQTables
 
@@ -65,7 +67,8 @@ def _check_full_attention(config, scheme: KVScheme) -> None:
 
 def kv_cache(model, scheme: KVScheme | dict[str, Any] | str, tables: CQTables | None = None) -> Cache:
     """A cache for ``model`` (or its config) quantized by ``scheme``; CQ needs its fitted ``tables``
-    (``quantkit.kvcache.calibrate_cq``)."""
+    (``quantkit.kvcache.calibrate_cq``). CQ with pre-RoPE keys takes the rotary embedding from the model's own
+    ``inv_freq`` buffer, or from the config's ``rope_parameters``."""
     scheme = parse_kv_scheme(scheme)
     config = getattr(model, "config", model)
     if not isinstance(scheme, FPScheme):
@@ -73,17 +76,17 @@ def kv_cache(model, scheme: KVScheme | dict[str, Any] | str, tables: CQTables | 
         _check_full_attention(config, scheme)
     for cls in type(scheme).__mro__:
         if cls in _BUILDERS:
-            return _BUILDERS[cls](scheme, config, tables)
+            return _BUILDERS[cls](scheme, config, tables, model)
     raise QuantkitError(f"no cache builder for KV-cache method {scheme.method!r}")
 
 
 @_register(FPScheme)
-def _fp(scheme: FPScheme, config, tables: CQTables | None) -> Cache:
+def _fp(scheme: FPScheme, config, tables: CQTables | None, model) -> Cache:
     return DynamicCache(config=config)
 
 
 @_register(KIVIScheme)
-def _kivi(scheme: KIVIScheme, config, tables: CQTables | None) -> Cache:
+def _kivi(scheme: KIVIScheme, config, tables: CQTables | None, model) -> Cache:
     n = config.get_text_config(decoder=True).num_hidden_layers
     g = scheme.value_group(head_dim_of(config))
     return QuantizedKVCache([KIVILayer(bits=scheme.bits, group_size=scheme.group_size, value_group=g,
@@ -91,26 +94,30 @@ def _kivi(scheme: KIVIScheme, config, tables: CQTables | None) -> Cache:
 
 
 @_register(CQScheme)
-def _cq(scheme: CQScheme, config, tables: CQTables | None) -> Cache:
+def _cq(scheme: CQScheme, config, tables: CQTables | None, model) -> Cache:
     if tables is None:
         raise QuantkitError("kv_cache method 'cq' needs fitted tables (quantkit.kvcache.calibrate_cq, or "
                             "--kv-tables FILE)")
     if (tables.scheme.bits, tables.scheme.channels) != (scheme.bits, scheme.channels):
         raise QuantkitError(f"the CQ tables were fitted for bits={tables.scheme.bits}, "
                             f"channels={tables.scheme.channels}, not bits={scheme.bits}, channels={scheme.channels}")
+    if tables.scheme.keys != scheme.keys:
+        raise QuantkitError(f"the CQ tables were fitted on {tables.scheme.keys} keys, the scheme codes "
+                            f"{scheme.keys} keys")
     c = config.get_text_config(decoder=True)
     if tables.num_layers != c.num_hidden_layers:
         raise QuantkitError(f"the CQ tables hold {tables.num_layers} layers, the model {c.num_hidden_layers}")
     kw = tables.key_weights or [None] * tables.num_layers
     vw = tables.value_weights or [None] * tables.num_layers
+    rope = Rope.of(model) if scheme.pre_rope else None
     layers = [CQLayer(code_bits=scheme.code_bits, key_centroids=tables.key_centroids[i],
                       value_centroids=tables.value_centroids[i], key_weights=kw[i], value_weights=vw[i],
-                      residual=scheme.residual, sink=scheme.sink) for i in range(tables.num_layers)]
+                      residual=scheme.residual, sink=scheme.sink, rope=rope) for i in range(tables.num_layers)]
     return QuantizedKVCache(layers, scheme, tables)
 
 
 @_register(HFScheme)
-def _hf(scheme: HFScheme, config, tables: CQTables | None) -> Cache:
+def _hf(scheme: HFScheme, config, tables: CQTables | None, model) -> Cache:
     from transformers.cache_utils import QuantizedCache
 
     try:
@@ -128,9 +135,11 @@ def quantized_tokens(scheme: KIVIScheme | CQScheme, context: int) -> int:
     return max(0, (rest - scheme.residual) // block * block)
 
 
-def bits_per_element(scheme: KVScheme | dict[str, Any] | str, head_dim: int, context: int) -> float:
-    """Stored bits per cached key/value element of a ``context``-token cache at batch 1 (module docstring).
-    quanto/HQQ: codes plus an fp16 scale and zero per group, their residual not counted (an estimate)."""
+def bits_per_element(scheme: KVScheme | dict[str, Any] | str, head_dim: int, context: int,
+                     kv_heads: int = 1) -> float:
+    """Stored bits per cached key/value element of a ``context``-token cache at batch 1 with ``kv_heads`` KV
+    heads per layer (module docstring). quanto/HQQ: codes plus an fp16 scale and zero per group, their residual
+    not counted (an estimate)."""
     scheme = parse_kv_scheme(scheme)
     if isinstance(scheme, FPScheme):
         return 16.0
@@ -147,5 +156,6 @@ def bits_per_element(scheme: KVScheme | dict[str, Any] | str, head_dim: int, con
         groups = head_dim // scheme.channels
         code_bits = 2 * q * groups * scheme.code_bits
         table_bits = 2 * groups * 2**scheme.code_bits * scheme.channels * 16
-        return (fp_bits + code_bits + table_bits) / (2 * context * head_dim)
+        position_bits = 32 * q / kv_heads if scheme.pre_rope else 0
+        return (fp_bits + code_bits + table_bits + position_bits) / (2 * context * head_dim)
     raise QuantkitError(f"no bits count for KV-cache method {scheme.method!r}")

@@ -11,6 +11,10 @@ New tokens enter the residual. Whenever the residual holds at least ``residual +
 group for KIVI, one token for CQ), so the most recent ``residual`` tokens are always exact and the residual stays
 below ``residual + block`` tokens. The split depends only on the number of tokens seen, not on how they were fed.
 ``update`` returns ``sink ‖ dequantize(store) ‖ residual`` — what attention reads now and in every later step.
+
+Each token's position travels with it (the forward's ``position_ids`` when the attention passes them on, else the
+count of tokens seen), so a method that codes keys before RoPE (CQ with ``keys: pre-rope``) can take the rotation
+off when it stores a block and put it back when it reads one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from quantkit.kvcache.codebook import cq_decode, cq_encode
+from quantkit.kvcache.rope import Rope
 from quantkit.kvcache.uniform import dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
 __all__ = ["CQLayer", "KIVILayer", "QuantizedKVLayer"]
@@ -43,11 +48,12 @@ class QuantizedKVLayer(DynamicLayer):
         self.store_keys: Store = {}
         self.store_values: Store = {}
         self.stored_tokens = 0
+        self.positions: torch.Tensor | None = None  # [B, residual tokens]: their positions
 
     @abstractmethod
-    def encode(self, x: torch.Tensor, kind: str) -> Store:
-        """``x`` [B, H, n, D] (``n`` a multiple of ``block``), ``kind`` 'keys' or 'values' -> stored tensors, each
-        with a token-like axis 2 that concatenates across blocks."""
+    def encode(self, x: torch.Tensor, kind: str, positions: torch.Tensor) -> Store:
+        """``x`` [B, H, n, D] (``n`` a multiple of ``block``) at ``positions`` [B, n], ``kind`` 'keys' or 'values'
+        -> stored tensors, each with a token-like axis 2 that concatenates across blocks."""
 
     @abstractmethod
     def decode(self, t: Store, kind: str) -> torch.Tensor:
@@ -59,12 +65,25 @@ class QuantizedKVLayer(DynamicLayer):
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
         self.sink_keys, self.sink_values = self.keys, self.values
+        self.positions = torch.zeros(key_states.shape[0], 0, dtype=torch.int64, device=key_states.device)
         self.is_initialized = True
+
+    def _new_positions(self, key_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Positions [B, n] of the ``n`` new tokens: the attention's ``position_ids`` (transformers passes them on
+        as ``kwargs``) when they have that shape, else the tokens seen so far onwards."""
+        B, n = key_states.shape[0], key_states.shape[-2]
+        inner = kwargs.get("kwargs")
+        p = (inner if isinstance(inner, dict) else kwargs).get("position_ids")
+        if isinstance(p, torch.Tensor) and p.dim() == 2 and p.shape[-1] == n and p.shape[0] in (1, B):
+            return p.to(device=key_states.device, dtype=torch.int64).expand(B, n)
+        start = self.cumulative_length
+        return torch.arange(start, start + n, device=key_states.device).expand(B, n)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        P = torch.cat([self.positions, self._new_positions(key_states, kwargs)], dim=-1)
         self.cumulative_length += key_states.shape[-2]
         K = torch.cat([self.keys, key_states], dim=-2)
         V = torch.cat([self.values, value_states], dim=-2)
@@ -72,14 +91,14 @@ class QuantizedKVLayer(DynamicLayer):
         if take > 0:
             self.sink_keys = torch.cat([self.sink_keys, K[..., :take, :]], dim=-2)
             self.sink_values = torch.cat([self.sink_values, V[..., :take, :]], dim=-2)
-            K, V = K[..., take:, :], V[..., take:, :]
+            K, V, P = K[..., take:, :], V[..., take:, :], P[:, take:]
         n = (K.shape[-2] - self.residual) // self.block * self.block
         if n > 0:
-            self._append(self.store_keys, self.encode(K[..., :n, :], "keys"))
-            self._append(self.store_values, self.encode(V[..., :n, :], "values"))
+            self._append(self.store_keys, self.encode(K[..., :n, :], "keys", P[:, :n]))
+            self._append(self.store_values, self.encode(V[..., :n, :], "values", P[:, :n]))
             self.stored_tokens += n
-            K, V = K[..., n:, :], V[..., n:, :]
-        self.keys, self.values = K, V
+            K, V, P = K[..., n:, :], V[..., n:, :], P[:, n:]
+        self.keys, self.values, self.positions = K, V, P
         return self._read(self.sink_keys, self.store_keys, K, "keys"), \
             self._read(self.sink_values, self.store_values, V, "values")
 
@@ -107,11 +126,13 @@ class QuantizedKVLayer(DynamicLayer):
         self.sink_keys = self.sink_values = None
         self.store_keys, self.store_values = {}, {}
         self.stored_tokens = 0
+        self.positions = None
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if not self.is_initialized:
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
+        self.positions = fn(self.positions.unsqueeze(1)).squeeze(1)
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.store_keys = {k: fn(t) for k, t in self.store_keys.items()}
         self.store_values = {k: fn(t) for k, t in self.store_values.items()}
@@ -137,7 +158,7 @@ class KIVILayer(QuantizedKVLayer):
         super().__init__(residual=residual, sink=sink, block=group_size)
         self.bits, self.group_size, self.value_group = bits, group_size, value_group
 
-    def encode(self, x: torch.Tensor, kind: str) -> Store:
+    def encode(self, x: torch.Tensor, kind: str, positions: torch.Tensor) -> Store:
         if kind == "keys":
             return quantize_keys(x, self.bits, self.group_size)
         return quantize_values(x, self.bits, self.value_group)
@@ -149,13 +170,15 @@ class KIVILayer(QuantizedKVLayer):
 class CQLayer(QuantizedKVLayer):
     """Coupled-quantization blocks (quantkit.kvcache.codebook) with this layer's tables ``key_centroids`` and
     ``value_centroids`` [H, D/c, 2^(c·b), c] (fp16) and optional channel weights [H, D/c, c] for the encoding
-    distance. Every token is coded on its own, so the flush block is one token."""
+    distance. Every token is coded on its own, so the flush block is one token. With ``rope`` the keys are coded
+    before RoPE: the rotation comes off before coding and goes back on when the store is read, at each token's
+    position, kept with its code (int32)."""
 
     def __init__(self, *, code_bits: int, key_centroids: torch.Tensor, value_centroids: torch.Tensor,
                  residual: int, sink: int, key_weights: torch.Tensor | None = None,
-                 value_weights: torch.Tensor | None = None):
+                 value_weights: torch.Tensor | None = None, rope: Rope | None = None):
         super().__init__(residual=residual, sink=sink, block=1)
-        self.code_bits = code_bits
+        self.code_bits, self.rope = code_bits, rope
         self.centroids = {"keys": key_centroids, "values": value_centroids}
         self.weights = {"keys": key_weights, "values": value_weights}
 
@@ -165,10 +188,19 @@ class CQLayer(QuantizedKVLayer):
             C = self.centroids[kind] = C.to(device)
         return C
 
-    def encode(self, x: torch.Tensor, kind: str) -> Store:
+    def encode(self, x: torch.Tensor, kind: str, positions: torch.Tensor) -> Store:
         w = self.weights[kind]
-        return {"codes": cq_encode(x, self._table(kind, x.device), self.code_bits,
-                                   None if w is None else w.to(x.device))}
+        pre_rope = kind == "keys" and self.rope is not None
+        if pre_rope:
+            x = self.rope.remove(x.float(), positions)
+        out = {"codes": cq_encode(x, self._table(kind, x.device), self.code_bits,
+                                  None if w is None else w.to(x.device))}
+        if pre_rope:
+            out["positions"] = positions.to(torch.int32).unsqueeze(1)  # [B, 1, n]
+        return out
 
     def decode(self, t: Store, kind: str) -> torch.Tensor:
-        return cq_decode(t["codes"], self._table(kind, t["codes"].device), self.code_bits)
+        x = cq_decode(t["codes"], self._table(kind, t["codes"].device), self.code_bits)
+        if kind == "keys" and self.rope is not None:
+            x = self.rope.apply(x, t["positions"][:, 0])
+        return x

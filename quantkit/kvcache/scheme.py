@@ -4,7 +4,7 @@ Canonical form (``to_dict``; ``parse_kv_scheme`` accepts it, a scheme, or the co
 ``"kivi:bits=2,group_size=64"``)::
 
     {"method": "kivi", "bits": 2, "group_size": 64, "residual": 64, "sink": 0}
-    {"method": "cq", "bits": 2, "channels": 4, "residual": 64, "sink": 0}
+    {"method": "cq", "bits": 2, "channels": 4, "residual": 64, "sink": 0, "keys": "post-rope"}
     {"method": "quanto", "bits": 4, "group_size": 64, "residual": 128, "axis_key": 0, "axis_value": 0}
     {"method": "fp"}
 
@@ -105,6 +105,7 @@ class CQScheme(KVScheme):
     channels: int = 4
     residual: int = 64
     sink: int = 0
+    keys: str = "post-rope"  # or "pre-rope": keys coded before the rotary embedding (quantkit.kvcache.rope)
 
     def validate(self) -> None:
         super().validate()
@@ -116,6 +117,12 @@ class CQScheme(KVScheme):
             raise self.bad("channels", f"times bits ({self.bits}) must be at most 8 (tables of at most 256 "
                                        "centroids)")
         self._nonneg("residual", "sink")
+        if self.keys not in ("post-rope", "pre-rope"):
+            raise self.bad("keys", "must be 'post-rope' or 'pre-rope'")
+
+    @property
+    def pre_rope(self) -> bool:
+        return self.keys == "pre-rope"
 
     @property
     def code_bits(self) -> int:
@@ -127,7 +134,8 @@ class CQScheme(KVScheme):
 
     @property
     def label(self) -> str:
-        return f"cq-{self.bits} c{self.channels} r{self.residual}" + (f" s{self.sink}" if self.sink else "")
+        return (f"cq-{self.bits} c{self.channels} r{self.residual}" + (f" s{self.sink}" if self.sink else "")
+                + (" pre-rope" if self.pre_rope else ""))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,88 @@
+"""Rotary position embedding as a KV cache needs it: to take it off keys before they are coded and put it back
+after they are read (KVQuant's pre-RoPE keys).
+
+A cache receives keys after RoPE, ``k' = s · R(θ·p) k`` with transformers' ``rotate_half`` convention (channel
+``i`` paired with ``i + r/2`` over the first ``r`` rotary channels; ``s`` the rope type's attention scaling).
+Post-RoPE, a key channel's values turn with the position, so a table or grid fitted on calibration windows of
+one length meets phases it never saw at longer contexts. Pre-RoPE channels keep steadier statistics, and coding
+them removes that shift. :class:`Rope` holds the model's inverse frequencies and scaling and applies or removes
+the rotation at given positions. Rope types whose frequencies change with the sequence length (``dynamic``,
+``longrope``) are refused: the rotation of a stored key would depend on when it is read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+__all__ = ["Rope"]
+
+_UNSUPPORTED = ("dynamic", "longrope")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Rope:
+    """``inv_freq`` [r/2] (float32) and the attention ``scaling`` of one model's rotary embedding."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
+        self.inv_freq = inv_freq.detach().float().cpu()
+        self.scaling = float(scaling)
+        self.rotary_dim = 2 * self.inv_freq.numel()
+
+    @classmethod
+    def of(cls, model) -> Rope:
+        """The rotary embedding of ``model`` (its ``inv_freq`` buffer) or, given a config, the one its
+        ``rope_parameters`` define."""
+        config = getattr(model, "config", model)
+        text = config.get_text_config(decoder=True)
+        params = getattr(text, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
+        if any(u in str(rope_type) for u in _UNSUPPORTED):
+            raise QuantkitError(f"kv_cache field 'keys': 'pre-rope' needs a fixed rotary embedding; the model's "
+                                f"rope type is {rope_type!r}")
+        if hasattr(model, "modules"):
+            for m in model.modules():
+                inv = getattr(m, "inv_freq", None)
+                if isinstance(inv, torch.Tensor) and inv.dim() == 1 and inv.device.type != "meta":
+                    return cls(inv, getattr(m, "attention_scaling", 1.0))
+        if not isinstance(params, dict) or "rope_theta" not in params:
+            raise QuantkitError("kv_cache field 'keys': 'pre-rope' needs rotary position embeddings; the config "
+                                "defines none (no rope_parameters.rope_theta)")
+        if rope_type != "default":
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](text)
+            return cls(inv, scaling)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        return cls(1.0 / params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+    def _cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, 1, n, r] (float32) at ``positions`` [B, n]."""
+        freqs = positions.to(device=device, dtype=torch.float32).unsqueeze(-1) * self.inv_freq.to(device)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos(), emb.sin()
+
+    def _turn(self, x: torch.Tensor, positions: torch.Tensor, sign: float, scale: float) -> torch.Tensor:
+        r = self.rotary_dim
+        if x.shape[-1] < r:
+            raise QuantkitError(f"the rotary embedding spans {r} channels; the keys have {x.shape[-1]}")
+        cos, sin = self._cos_sin(positions, x.device)
+        rot = x[..., :r].float()
+        out = (rot * cos + sign * _rotate_half(rot) * sin) * scale
+        if r < x.shape[-1]:
+            out = torch.cat([out, x[..., r:].float()], dim=-1)
+        return out.to(x.dtype)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Keys [B, H, n, D] before RoPE -> after, at ``positions`` [B, n]."""
+        return self._turn(x, positions, 1.0, self.scaling)
+
+    def remove(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Keys [B, H, n, D] after RoPE -> before (the inverse of :meth:`apply`)."""
+        return self._turn(x, positions, -1.0, 1.0 / self.scaling)
