@@ -46,7 +46,7 @@ __all__ = ["Compiled", "Variant", "compile_variant", "fwht_variants", "gemm_vari
 class Variant:
     """One launch of one kernel: its positional arguments (dtypes stand for tensors), constexprs and options."""
 
-    kernel: str  # "gemv", "gemm", "fwht", "vq_gemv" or "vq_dequant"
+    kernel: str  # "gemv", "gemm", "fwht", "vq_gemv", "vq_dequant" or "kv_attention"
     label: str
     args: tuple[Any, ...]
     constexprs: dict[str, Any]
@@ -106,16 +106,16 @@ def _offline(target: GPUTarget) -> Iterator[None]:
 
 
 def _kernels() -> dict[str, Any]:
-    from quantkit.kernels import triton_codebook, triton_hadamard, triton_uniform
+    from quantkit.kernels import triton_codebook, triton_hadamard, triton_kv, triton_uniform
 
-    if triton_uniform.is_interpreted() or triton_codebook.is_interpreted():
+    if triton_uniform.is_interpreted() or triton_codebook.is_interpreted() or triton_kv.is_interpreted():
         raise RuntimeError(
             "the kernels were loaded for the Triton interpreter (TRITON_INTERPRET=1 when Triton was imported); "
             "ahead-of-time compilation needs a fresh process with TRITON_INTERPRET unset"
         )
     return {"gemv": triton_uniform._gemv_kernel, "gemm": triton_uniform._gemm_kernel,
             "fwht": triton_hadamard._fwht_kernel, "vq_gemv": triton_codebook._gemv_kernel,
-            "vq_dequant": triton_codebook._dequant_kernel}
+            "vq_dequant": triton_codebook._dequant_kernel, "kv_attention": triton_kv._cq_decode_attention_kernel}
 
 
 def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -326,6 +326,30 @@ def vq_dequant_variants(N: int, K: int, *, dim: int, bits: int, dtype: torch.dty
                     f"{' perm' if perm else ''} BN={block_n} BV={block_v}", args,
                     {"K": K, "DIM": dim, "BITS": bits, "HAS_PERM": perm, "BLOCK_N": block_n, "BLOCK_V": block_v,
                      "TABLES": tables})]
+
+
+def kv_attention_variants(B: int, HQ: int, HKV: int, D: int, T: int, *, channels: int, bits: int,
+                          pre_rope: bool = False, dtype: torch.dtype = torch.float16, block_t: int = 64,
+                          splits: int = 4, num_warps: int = 8) -> list[Variant]:
+    """The CQ decode-attention launch (quantkit.kernels.triton_kv.cq_decode_attention) for ``B`` sequences of
+    ``HQ`` query heads over ``T`` stored tokens of ``HKV`` KV heads of ``D`` channels, contiguous tensors."""
+    from quantkit.kvcache.packing import packed_bytes
+
+    code_bits = channels * bits
+    P = packed_bytes(D // channels, code_bits)
+    # (q, key codes, value codes, key table, value table, positions, inv_freq, acc, m, l, T, sm_scale, rope_scale,
+    # stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, stride_pb); without pre-RoPE keys the launcher
+    # passes the fp32 accumulator for the two unused pointers and 0 for their stride
+    unused = torch.float32
+    args = (dtype, torch.uint8, torch.uint8, torch.float16, torch.float16, torch.int32 if pre_rope else unused,
+            torch.float32, torch.float32, torch.float32, torch.float32, T, D**-0.5, 1.0,
+            HQ * D, D, HKV * T * P, T * P, P, T if pre_rope else 0)
+    flags = {"HQ": HQ, "HKV": HKV, "D": D, "C": channels, "CODE_BITS": code_bits, "PRE_ROPE": pre_rope,
+             "ROT": D if pre_rope else 0, "BLOCK_T": block_t, "BLOCK_D": triton.next_power_of_2(D), "SPLITS": splits,
+             "HALF_P": triton.next_power_of_2(D // 2) if pre_rope else 1, "PASS_P": 1}
+    return [Variant("kv_attention", f"kv-attention B={B} HQ={HQ} HKV={HKV} D={D} T={T} cq c{channels} b{bits}"
+                    f"{' pre-rope' if pre_rope else ''} {str(dtype)[6:]} BT={block_t} S={splits} warps={num_warps}",
+                    args, flags, num_warps, 1)]
 
 
 def vq_launch_variants(shapes: list[tuple[int, int]], batches: list[int], codebooks: list[tuple[int, int]],

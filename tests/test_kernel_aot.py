@@ -91,6 +91,14 @@ CASES = [
                                             "bias": True, "dtype": "bf16", "tables": 3}, "first"),
     ("aq2-dequant-d8b8", "vq_dequant", {"shape": (11008, 4096), "dim": 8, "bits": 8, "perm": True, "tables": 2},
      "all"),
+    # decode attention over a CQ cache: Llama-3-8B's heads (32 query, 8 KV, 128 channels) at 8k tokens with the
+    # 2-bit and 1-bit presets' codes, pre-RoPE keys; SmolLM2's (9 and 3 of 64) with 4-bit codes, post-RoPE, fp32
+    ("kv-attn-cq2-pre", "kv_attention", {"shape": (1, 32, 8, 128, 8192), "channels": 4, "bits": 2,
+                                         "pre_rope": True}, "all"),
+    ("kv-attn-cq1-bf16", "kv_attention", {"shape": (4, 32, 8, 128, 8192), "channels": 8, "bits": 1,
+                                          "pre_rope": True, "dtype": "bf16"}, "all"),
+    ("kv-attn-cq4-smollm2-f32", "kv_attention", {"shape": (1, 9, 3, 64, 4096), "channels": 2, "bits": 4,
+                                                 "dtype": "f32"}, "all"),
 ]
 
 
@@ -123,6 +131,11 @@ def test_every_fp16_autotune_config_fits_in_registers(compiled):
                  "aq2-gemv-d8b8-configs"):
         spilling = [r["label"] for r in _rows(compiled, case) if r["spills"]]
         assert not spilling, spilling
+
+
+def test_kv_attention_default_tiles_fit_in_registers(compiled):
+    for case in ("kv-attn-cq2-pre", "kv-attn-cq1-bf16", "kv-attn-cq4-smollm2-f32"):
+        assert not [r["label"] for r in _rows(compiled, case) if r["spills"]]
 
 
 def test_gemm_runs_on_tensor_cores_and_gemv_split_k_on_atomics(compiled):
