@@ -6,6 +6,9 @@
 #   decode    benchmarks/decode_bench.py: end-to-end greedy decode tokens/s, Llama-2-7B shapes, fp16 vs W4/W3/W2;
 #   rotation  benchmarks/rotation_cost.py --device cuda: the online Hadamard transform against the W4 g128 kernel;
 #   tests     the kernel tests compiled for the GPU instead of interpreted (TRITON_INTERPRET=0);
+#   kvattn    benchmarks/kv_attention_bench.py: decode attention over a CQ 2-bit cache (Llama-3-8B heads, 1k-32k
+#             tokens), the Triton kernel against dequantize + SDPA and an fp16 cache, and tests/test_kernel_kv.py
+#             compiled (not in the default list, which fills one call: `bash benchmarks/gpu_session.sh kvattn`);
 #   generate  benchmarks/kernel_vs_reference.py: a quantized SmolLM2 folder's greedy text, kernel path vs reference
 #             (only if $QK_FOLDER names such a folder on that machine; see that script for getting one there).
 # Steps run in the order given (default: warm bench decode rotation tests), each under its own time limit, so that
@@ -71,6 +74,14 @@ for step in "${steps[@]}"; do
       if [ -z "${QK_FOLDER:-}" ]; then echo "generate: set QK_FOLDER to a quantized folder"; continue; fi
       timeout 240 python3 "$src/benchmarks/kernel_vs_reference.py" "$QK_FOLDER" > "$out/generate.txt" 2>&1
       cat "$out/generate.txt" ;;
-    *) echo "unknown step $step (warm, bench, decode, rotation, tests, generate)" ;;
+    kvattn)
+      timeout 60 python3 "$src/benchmarks/kv_attention_bench.py" > "$out/kv_attention.md" 2>&1
+      timeout 60 python3 "$src/benchmarks/kv_attention_bench.py" --pre-rope --bits 1 --channels 8 \
+          >> "$out/kv_attention.md" 2>&1
+      cat "$out/kv_attention.md"
+      TRITON_INTERPRET=0 timeout 60 python3 -m pytest -q -p no:cacheprovider "$src/tests/test_kernel_kv.py" \
+          > "$out/tests_kv.txt" 2>&1
+      echo "kv kernel tests (compiled): $(tail -n 1 "$out/tests_kv.txt")" ;;
+    *) echo "unknown step $step (warm, bench, decode, rotation, tests, kvattn, generate)" ;;
   esac
 done

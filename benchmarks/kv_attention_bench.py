@@ -1,0 +1,132 @@
+"""Decode attention over a CQ KV cache on a GPU: the Triton kernel reading the packed codes
+(quantkit.kvcache.attention.decode_attention) against the path generate() takes today (the store dequantized,
+then PyTorch's scaled_dot_product_attention) and against an fp16 cache of the same length (SDPA alone).
+
+    python benchmarks/kv_attention_bench.py                          # Llama-3-8B heads, 1k-32k tokens, batch 1 and 8
+    python benchmarks/kv_attention_bench.py --contexts 4096 --batches 1 --bits 1 --channels 8
+    TRITON_INTERPRET=1 python benchmarks/kv_attention_bench.py --device cpu --smoke   # the script itself, tiny
+
+One decoder layer's attention for one new token per sequence: ``--heads`` query heads over ``--kv-heads`` KV
+heads of ``--head-dim`` channels; the cache holds ``context`` tokens (all in the quantized store: no sink, no
+residual) with random tables and codes. Each row: median microseconds over ``--iters`` CUDA-event-timed calls
+after warm-up, the bytes each path must read (codes and tables; fp16 keys and values; the dequantized copy is
+written and read again), and the kernel's effective bandwidth. Every kernel output is checked against the
+dequantize-then-attend reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+
+def _layer(B: int, HKV: int, D: int, T: int, bits: int, channels: int, device: str, pre_rope: bool):
+    from quantkit.kvcache.layers import CQLayer
+    from quantkit.kvcache.packing import pack_uint8
+    from quantkit.kvcache.rope import Rope
+
+    g = torch.Generator().manual_seed(0)
+    code_bits = bits * channels
+    G = D // channels
+    tables = [torch.randn(HKV, G, 2**code_bits, channels, generator=g).half().to(device) for _ in range(2)]
+    rope = Rope(1.0 / 500000 ** (torch.arange(0, D, 2, dtype=torch.float) / D)) if pre_rope else None
+    layer = CQLayer(code_bits=code_bits, key_centroids=tables[0], value_centroids=tables[1], residual=0, sink=0,
+                    rope=rope)
+    empty = torch.zeros(B, HKV, 0, D, dtype=torch.float16, device=device)
+    layer.lazy_initialization(empty, empty)
+    for kind in ("keys", "values"):
+        codes = torch.randint(0, 2**code_bits, (B, HKV, T, G), generator=g)
+        store = {"codes": pack_uint8(codes, code_bits).to(device)}
+        if kind == "keys" and pre_rope:
+            store["positions"] = torch.arange(T, dtype=torch.int32, device=device).expand(B, 1, T).contiguous()
+        setattr(layer, f"store_{kind}", store)
+    layer.stored_tokens = layer.cumulative_length = T
+    return layer
+
+
+def _time(fn, iters: int, device: str) -> float:
+    """Median microseconds of ``fn()``."""
+    for _ in range(3):
+        fn()
+    if device != "cuda":
+        import time
+
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e6)
+        return statistics.median(times)
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from quantkit.kvcache.attention import decode_attention
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--pre-rope", action="store_true", help="keys coded before RoPE (turned in the kernel)")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 iterations: checks the script runs")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.heads, a.kv_heads, a.head_dim, a.contexts, a.batches, a.iters = 4, 2, 32, [100], [1], 2
+    dev = a.device
+    HQ, HKV, D = a.heads, a.kv_heads, a.head_dim
+    name = torch.cuda.get_device_name() if dev == "cuda" else dev
+    print(f"{name}; one layer, {HQ} query / {HKV} KV heads of {D}; CQ {a.bits} bits per channel, c = {a.channels}"
+          f"{', pre-RoPE keys' if a.pre_rope else ''}; median of {a.iters}")
+    print("| batch | context | fp16 SDPA µs | dequantize + SDPA µs | kernel µs | kernel vs fp16 | codes+tables MiB |"
+          " kernel GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for B in a.batches:
+        for T in a.contexts:
+            layer = _layer(B, HKV, D, T, a.bits, a.channels, dev, a.pre_rope)
+            q = torch.randn(B, HQ, D, dtype=torch.float16, device=dev)
+            K = layer.decode(layer.store_keys, "keys").half()
+            V = layer.decode(layer.store_values, "values").half()
+            ref = sdpa(q.unsqueeze(2), K, V, enable_gqa=True).squeeze(2).float()
+            out = decode_attention(layer, q)
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            if err > 5e-3:
+                raise SystemExit(f"kernel output differs from the reference by {err:.2e} (batch {B}, context {T})")
+
+            def fp16():
+                return sdpa(q.unsqueeze(2), K, V, enable_gqa=True)
+
+            def dequantized():
+                k = layer.decode(layer.store_keys, "keys").half()
+                v = layer.decode(layer.store_values, "values").half()
+                return sdpa(q.unsqueeze(2), k, v, enable_gqa=True)
+
+            t_fp = _time(fp16, a.iters, dev)
+            t_dq = _time(dequantized, a.iters, dev)
+            t_k = _time(lambda: decode_attention(layer, q), a.iters, dev)
+            nbytes = sum(t.numel() * t.element_size() for t in (*layer.store_keys.values(),
+                                                                 *layer.store_values.values(),
+                                                                 *layer.centroids.values()))
+            print(f"| {B} | {T} | {t_fp:.1f} | {t_dq:.1f} | {t_k:.1f} | {t_fp / t_k:.2f}× | {nbytes / 2**20:.2f} | "
+                  f"{nbytes / t_k / 1e3:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
