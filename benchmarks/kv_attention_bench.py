@@ -70,11 +70,37 @@ def _time(fn, iters: int, device: str) -> float:
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _row(B: int, T: int, a: argparse.Namespace) -> str:
+    """One table row: the three paths timed at batch ``B`` and ``T`` cached tokens, after the kernel's check."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     from quantkit.kvcache.attention import decode_attention
 
+    dev = a.device
+    layer = _layer(B, a.kv_heads, a.head_dim, T, a.bits, a.channels, dev, a.pre_rope)
+    q = torch.randn(B, a.heads, a.head_dim, dtype=torch.float16, device=dev)
+    K = layer.decode(layer.store_keys, "keys").half()
+    V = layer.decode(layer.store_values, "values").half()
+    ref = sdpa(q.unsqueeze(2), K, V, enable_gqa=True).squeeze(2).float()
+    err = ((decode_attention(layer, q) - ref).abs().max() / ref.abs().max()).item()
+    if err > 5e-3:
+        raise SystemExit(f"kernel output differs from the reference by {err:.2e} (batch {B}, context {T})")
+
+    def dequantized():
+        k = layer.decode(layer.store_keys, "keys").half()
+        v = layer.decode(layer.store_values, "values").half()
+        return sdpa(q.unsqueeze(2), k, v, enable_gqa=True)
+
+    t_fp = _time(lambda: sdpa(q.unsqueeze(2), K, V, enable_gqa=True), a.iters, dev)
+    t_dq = _time(dequantized, a.iters, dev)
+    t_k = _time(lambda: decode_attention(layer, q), a.iters, dev)
+    held = (*layer.store_keys.values(), *layer.store_values.values(), *layer.centroids.values())
+    nbytes = sum(t.numel() * t.element_size() for t in held)
+    return (f"| {B} | {T} | {t_fp:.1f} | {t_dq:.1f} | {t_k:.1f} | {t_fp / t_k:.2f}× | {nbytes / 2**20:.2f} | "
+            f"{nbytes / t_k / 1e3:.1f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--heads", type=int, default=32)
@@ -90,9 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.smoke:
         a.heads, a.kv_heads, a.head_dim, a.contexts, a.batches, a.iters = 4, 2, 32, [100], [1], 2
-    dev = a.device
     HQ, HKV, D = a.heads, a.kv_heads, a.head_dim
-    name = torch.cuda.get_device_name() if dev == "cuda" else dev
+    name = torch.cuda.get_device_name() if a.device == "cuda" else a.device
     print(f"{name}; one layer, {HQ} query / {HKV} KV heads of {D}; CQ {a.bits} bits per channel, c = {a.channels}"
           f"{', pre-RoPE keys' if a.pre_rope else ''}; median of {a.iters}")
     print("| batch | context | fp16 SDPA µs | dequantize + SDPA µs | kernel µs | kernel vs fp16 | codes+tables MiB |"
@@ -100,33 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for B in a.batches:
         for T in a.contexts:
-            layer = _layer(B, HKV, D, T, a.bits, a.channels, dev, a.pre_rope)
-            q = torch.randn(B, HQ, D, dtype=torch.float16, device=dev)
-            K = layer.decode(layer.store_keys, "keys").half()
-            V = layer.decode(layer.store_values, "values").half()
-            ref = sdpa(q.unsqueeze(2), K, V, enable_gqa=True).squeeze(2).float()
-            out = decode_attention(layer, q)
-            err = ((out - ref).abs().max() / ref.abs().max()).item()
-            if err > 5e-3:
-                raise SystemExit(f"kernel output differs from the reference by {err:.2e} (batch {B}, context {T})")
-
-            def fp16():
-                return sdpa(q.unsqueeze(2), K, V, enable_gqa=True)
-
-            def dequantized():
-                k = layer.decode(layer.store_keys, "keys").half()
-                v = layer.decode(layer.store_values, "values").half()
-                return sdpa(q.unsqueeze(2), k, v, enable_gqa=True)
-
-            t_fp = _time(fp16, a.iters, dev)
-            t_dq = _time(dequantized, a.iters, dev)
-            t_k = _time(lambda: decode_attention(layer, q), a.iters, dev)
-            nbytes = sum(t.numel() * t.element_size() for t in (*layer.store_keys.values(),
-                                                                 *layer.store_values.values(),
-                                                                 *layer.centroids.values()))
-            print(f"| {B} | {T} | {t_fp:.1f} | {t_dq:.1f} | {t_k:.1f} | {t_fp / t_k:.2f}× | {nbytes / 2**20:.2f} | "
-                  f"{nbytes / t_k / 1e3:.1f} |")
-
+            print(_row(B, T, a))
 
 if __name__ == "__main__":
     main()
