@@ -438,8 +438,29 @@ def test_pre_rope_needs_a_rotary_embedding():
 
     s = parse_kv_scheme("cq:bits=2,channels=4,keys=pre-rope")
     C = [torch.zeros(2, 4, 256, 4).half()]
-    with pytest.raises(QuantkitError, match="pre-rope.*rotary"):
+    with pytest.raises(QuantkitError, match="'pre-rope' is not known to fit model type 'gpt2'"):
         kv_cache(GPT2Config(n_layer=1, n_head=2, n_embd=32), s, CQTables(s, C, C))
+
+
+def test_pre_rope_refuses_a_model_that_pairs_channels_another_way(tiny, monkeypatch):
+    """A model whose own apply_rotary_pos_emb turns keys GPT-J's way (interleaved pairs) is refused: the probe key
+    it rotates differs from quantkit's rotation."""
+    import transformers.models.llama.modeling_llama as llama
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim)[..., ::2], sin.unsqueeze(unsqueeze_dim)[..., ::2]
+        cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+
+        def turn(x):
+            y = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+            return x * cos + y * sin
+
+        return turn(q), turn(k)
+
+    assert Rope.of(tiny) is not None
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", interleaved)
+    with pytest.raises(QuantkitError, match="pairs channels another way"):
+        Rope.of(tiny)
 
 
 def test_top_level_export():

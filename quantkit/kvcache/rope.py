@@ -7,7 +7,10 @@ Post-RoPE, a key channel's values turn with the position, so a table or grid fit
 one length meets phases it never saw at longer contexts. Pre-RoPE channels keep steadier statistics, and coding
 them removes that shift. :class:`Rope` holds the model's inverse frequencies and scaling and applies or removes
 the rotation at given positions. Rope types whose frequencies change with the sequence length (``dynamic``,
-``longrope``) are refused: the rotation of a stored key would depend on when it is read.
+``longrope``) are refused: the rotation of a stored key would depend on when it is read. So is a model whose own
+``apply_rotary_pos_emb`` turns keys another way (GPT-J's interleaved pairs, say): given a model, its rotation of
+a probe key is checked against this one; given only a config, the model type must be one known to use
+``rotate_half``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from quantkit.errors import QuantkitError
 __all__ = ["Rope"]
 
 _UNSUPPORTED = ("dynamic", "longrope")
+# Model types whose attention applies RoPE with transformers' rotate_half pairing (checked when only a config is
+# given; a model is checked by probing its own apply_rotary_pos_emb).
+_ROTATE_HALF = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+                          "gemma", "gemma2", "gpt_neox", "olmo", "olmo2", "starcoder2", "granite", "smollm3"})
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +56,13 @@ class Rope:
             for m in model.modules():
                 inv = getattr(m, "inv_freq", None)
                 if isinstance(inv, torch.Tensor) and inv.dim() == 1 and inv.device.type != "meta":
-                    return cls(inv, getattr(m, "attention_scaling", 1.0))
+                    rope = cls(inv, getattr(m, "attention_scaling", 1.0))
+                    rope._check_against(model, m)
+                    return rope
+        elif getattr(text, "model_type", None) not in _ROTATE_HALF:
+            raise QuantkitError(f"kv_cache field 'keys': 'pre-rope' is not known to fit model type "
+                                f"{getattr(text, 'model_type', None)!r} from its config alone; build the cache "
+                                "from the loaded model, whose rotation is checked")
         if not isinstance(params, dict) or "rope_theta" not in params:
             raise QuantkitError("kv_cache field 'keys': 'pre-rope' needs rotary position embeddings; the config "
                                 "defines none (no rope_parameters.rope_theta)")
@@ -61,6 +74,32 @@ class Rope:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         return cls(1.0 / params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+    def _check_against(self, model, rotary) -> None:
+        """Refuse a model whose own RoPE turns a probe key differently (another pairing or convention)."""
+        import sys
+
+        apply = getattr(sys.modules.get(type(model).__module__), "apply_rotary_pos_emb", None)
+        text = model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        pos = torch.tensor([[0, 5, 77]])
+        error = None
+        # Some models apply RoPE to the whole head (the rotary part inside), others to the rotary part alone.
+        for D in dict.fromkeys((head_dim, self.rotary_dim)):
+            x = torch.randn(1, 1, 3, D, generator=torch.Generator().manual_seed(0))
+            try:
+                with torch.no_grad():
+                    cos, sin = rotary(x.to(self.inv_freq.device), pos.to(self.inv_freq.device))
+                    ref = apply(x, x, cos.float().cpu(), sin.float().cpu())[1]
+            except Exception as e:  # no such function, another signature or shape: try the next, else refuse
+                error = e
+                continue
+            if not torch.allclose(ref, self.apply(x, pos), atol=1e-4):
+                raise QuantkitError(f"kv_cache field 'keys': 'pre-rope' does not fit {type(model).__name__}: its "
+                                    "rotary embedding pairs channels another way; use keys: post-rope")
+            return
+        raise QuantkitError(f"kv_cache field 'keys': 'pre-rope' cannot check {type(model).__name__}'s rotary "
+                            f"embedding ({type(error).__name__}); use keys: post-rope")
 
     def _cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [B, 1, n, r] (float32) at ``positions`` [B, n]."""
