@@ -46,10 +46,10 @@ def _tables(model, tok, scheme, args):
     if not isinstance(scheme, CQScheme):
         return None
     calib = {"nsamples": args.calib_nsamples, "seqlen": args.calib_seqlen, "iters": args.iters,
-             "sample": args.sample, "seed": args.seed}
+             "sample": args.sample, "seed": args.seed, "fisher": args.fisher}
     path = None
     if args.tables_dir:
-        key = "_".join(f"{k}{v}" for k, v in calib.items())
+        key = "_".join(f"{k}{v}" for k, v in calib.items() if k != "fisher") + ("_fisher" if args.fisher else "")
         keys = "_pre-rope" if scheme.pre_rope else ""
         path = Path(args.tables_dir) / f"cq_b{scheme.bits}_c{scheme.channels}{keys}_{key}.safetensors"
         if path.is_file():
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=20, help="Lloyd iterations of the CQ tables")
     p.add_argument("--sample", type=int, default=16384, help="calibration vectors per CQ table")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fisher", action="store_true", help="Fisher-guided CQ tables (quantkit.kvcache.calibrate)")
     p.add_argument("--tables-dir", default=None, help="cache fitted CQ tables here")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="write every row as JSON here")

@@ -191,15 +191,16 @@ def _plain_kmeans_pp(X, K, g):
     return C
 
 
-def _plain_lloyd(X, C, iters, w=None):
+def _plain_lloyd(X, C, iters, w=None, sw=None):
     """Lloyd's iterations written simply, for ``X`` [P, N, c]: every vector against every centroid, each centroid
-    to its cluster's mean (an empty one stays)."""
+    to its cluster's (``sw``-weighted) mean (an empty one stays)."""
     w = torch.ones(X.shape[0], X.shape[2]) if w is None else w
+    sw = torch.ones(X.shape[:2]) if sw is None else sw
     for _ in range(iters):
         a = (((X.unsqueeze(2) - C.unsqueeze(1)) ** 2) * w[:, None, None]).sum(-1).argmin(2)
-        one = torch.nn.functional.one_hot(a, C.shape[1]).float()  # [P, N, K]
+        one = torch.nn.functional.one_hot(a, C.shape[1]).float() * sw.unsqueeze(-1)  # [P, N, K]
         n = one.sum(1).unsqueeze(-1)
-        C = torch.where(n > 0, one.transpose(1, 2) @ X / n.clamp(min=1), C)
+        C = torch.where(n > 0, one.transpose(1, 2) @ X / n.clamp(min=1e-30), C)
     return C
 
 
@@ -220,6 +221,61 @@ def test_lloyd_iterations_equal_plain_lloyd_from_the_same_start(c, K, weighted):
     w = torch.rand(3, c, generator=g) + 0.1 if weighted else None
     C0 = X[:, torch.randperm(1500, generator=g)[:K]]
     assert torch.allclose(_lloyd(X, C0, w, 12), _plain_lloyd(X, C0, 12, w), atol=1e-4)
+
+
+def test_vector_weights_equal_plain_weighted_lloyd_and_repeated_vectors():
+    """Per-vector weights (Fisher-guided centroids) give the weighted means of plain Lloyd from the same start, and
+    a weight of 3 is the vector taken three times."""
+    from quantkit.kvcache.codebook import _lloyd
+
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(2, 800, 4, generator=g)
+    sw = torch.rand(2, 800, generator=g) ** 4  # skewed, as squared gradients are
+    C0 = X[:, :32].clone()
+    assert torch.allclose(_lloyd(X, C0, None, 10, sw), _plain_lloyd(X, C0, 10, sw=sw), atol=1e-4)
+    assert not torch.allclose(_lloyd(X, C0, None, 10, sw), _lloyd(X, C0, None, 10), atol=1e-2)
+    counts = torch.randint(1, 4, (800,), generator=g)
+    repeated = X.repeat_interleave(counts, dim=1)
+    assert torch.allclose(_lloyd(X, C0, None, 10, counts.float().expand(2, -1)), _lloyd(repeated, C0, None, 10),
+                          atol=1e-5)
+
+
+def test_fisher_gradients_are_the_losss_gradients(tiny):
+    """collect_kv's gradients equal those of the next-token loss with respect to the k_proj/v_proj outputs (taken
+    by hooks on a plain forward): values directly, keys once RoPE is taken off them."""
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
+    K, V, gK, gV = collect_kv(tiny, ids, fisher=True)
+    outs = {}
+    attn = tiny.model.layers[1].self_attn
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: outs.__setitem__(name, out))
+             for name, m in (("k", attn.k_proj), ("v", attn.v_proj))]
+    try:
+        grads = {n: [] for n in "kv"}
+        for i in range(2):  # one window per batch, as collect_kv takes them
+            loss = tiny(ids[i : i + 1], labels=ids[i : i + 1]).loss
+            for n, g in zip("kv", torch.autograd.grad(loss, [outs["k"], outs["v"]]), strict=True):
+                grads[n].append(g)
+    finally:
+        for h in hooks:
+            h.remove()
+    # k_proj/v_proj outputs [1, T, H·D] -> [H, T, D]
+    ref = {n: torch.cat([g.view(1, 24, 2, 24).permute(2, 0, 1, 3).reshape(2, 24, 24) for g in grads[n]], 1)
+           for n in "kv"}
+    assert torch.allclose(gV[1], ref["v"], atol=1e-7, rtol=1e-4)
+    pre = unrotate_keys([gK[1]], Rope.of(tiny), 24)[0]
+    assert torch.allclose(pre, ref["k"], atol=1e-7, rtol=1e-4)
+    assert not torch.allclose(gK[1], ref["k"], atol=1e-6, rtol=1e-2)  # the post-RoPE gradient is not it
+
+
+def test_fisher_tables_are_weighted_fits(tiny):
+    ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
+    spec = {"method": "cq", "bits": 2, "channels": 4}
+    plain = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False)
+    fisher = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False, fisher=True)
+    assert fisher.calibration["weighting"] == "fisher" and plain.calibration["weighting"] == "none"
+    K, V, gK, gV = collect_kv(tiny, ids, fisher=True)
+    assert torch.equal(fisher.value_centroids[2], fit_codebooks(V[2], 4, 8, iters=4, seed=2, fisher=gV[2] ** 2))
+    assert not torch.equal(fisher.value_centroids[2], plain.value_centroids[2])
 
 
 def test_kmeans_is_as_good_as_plain_kmeans_and_deterministic():

@@ -4,6 +4,12 @@ k-means table per (layer, KV head, channel group), keys and values apart (quantk
 
 Keys are fitted in the form the scheme codes them: as cached (post-RoPE), or with the rotation taken off
 (``keys: pre-rope``, quantkit.kvcache.rope), each window's tokens at positions 0, 1, ….
+
+``fisher=True`` fits CQ's Fisher-guided centroids: one backward pass of the next-token loss per calibration
+batch gives each cached key and value its gradient, and each vector weighs in the k-means by the sum of its
+channels' squared gradients (the diagonal Fisher information), so the tables spend their centroids where an error
+moves the loss most. The layer walk of ``quantkit quantize`` has no loss to differentiate, so recipes fit
+unweighted tables; Fisher-weighted ones come from here (``quantkit eval --kv-tables``, ``use_kv_cache``).
 """
 
 from __future__ import annotations
@@ -27,27 +33,62 @@ __all__ = ["calibrate_cq", "collect_kv", "unrotate_keys"]
 logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def collect_kv(model, ids: torch.Tensor, *, batch_size: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Keys and values per layer over calibration windows ``ids`` [N, T]: two lists of float32 [H, N·T, D]."""
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> float32 [H, B·T, D] on the CPU."""
+    B, H, T, D = t.shape
+    return t.detach().float().cpu().permute(1, 0, 2, 3).reshape(H, B * T, D)
+
+
+class _GradRecorder(DynamicCache):
+    """A ``DynamicCache`` that keeps the key and value tensors of each update as the graph made them, so their
+    gradients can be asked for. (Not leaves: a later layer's keys depend on an earlier layer's values, and that
+    path must stay in the graph.)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorded: list[torch.Tensor] = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.recorded += [key_states, value_states]
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def collect_kv(model, ids: torch.Tensor, *, batch_size: int | None = None, fisher: bool = False):
+    """Keys and values per layer over calibration windows ``ids`` [N, T]: two lists of float32 [H, N·T, D]; with
+    ``fisher``, also the gradients of each batch's mean next-token loss with respect to them (two more such
+    lists). ``batch_size``: windows per forward (default 4; 1 with ``fisher``, whose backward keeps every
+    activation and the logits' gradient)."""
     device = next(model.parameters()).device
-    keys: list[list[torch.Tensor]] = []
-    values: list[list[torch.Tensor]] = []
+    batch_size = batch_size or (1 if fisher else 4)
+    out: list[list[list[torch.Tensor]]] = [[], [], [], []]  # keys, values, their gradients
     for s in range(0, ids.shape[0], batch_size):
-        cache = DynamicCache(config=model.config)
-        model(ids[s : s + batch_size].to(device), cache=cache, use_cache=True, logits_to_keep=1)
+        x = ids[s : s + batch_size].to(device)
+        if fisher:
+            cache = _GradRecorder(config=model.config)
+            with torch.enable_grad():
+                # The graph starts at the embeddings, so it exists whether or not the weights require gradients.
+                embeds = model.get_input_embeddings()(x).detach().requires_grad_()
+                loss = model(inputs_embeds=embeds, cache=cache, use_cache=True, labels=x).loss
+                grads = torch.autograd.grad(loss, cache.recorded)
+        else:
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(x, cache=cache, use_cache=True, logits_to_keep=1)
         for i, layer in enumerate(cache.layers):
-            if len(keys) <= i:
-                keys.append([])
-                values.append([])
-            for out, t in ((keys[i], layer.keys), (values[i], layer.values)):
-                B, H, T, D = t.shape
-                out.append(t.float().cpu().permute(1, 0, 2, 3).reshape(H, B * T, D))
-    return [torch.cat(k, 1) for k in keys], [torch.cat(v, 1) for v in values]
+            if len(out[0]) <= i:
+                for lists in out:
+                    lists.append([])
+            out[0][i].append(_heads_first(layer.keys))
+            out[1][i].append(_heads_first(layer.values))
+            if fisher:
+                out[2][i].append(_heads_first(grads[2 * i]))
+                out[3][i].append(_heads_first(grads[2 * i + 1]))
+    return tuple([torch.cat(parts, 1) for parts in lists] for lists in out[: 4 if fisher else 2])
 
 
 def unrotate_keys(keys: list[torch.Tensor], rope: Rope, seqlen: int) -> list[torch.Tensor]:
-    """Per-layer keys [H, N·T, D] of windows of ``seqlen`` tokens, each from position 0, with RoPE taken off."""
+    """Per-layer keys [H, N·T, D] of windows of ``seqlen`` tokens, each from position 0, with RoPE taken off (for
+    gradients: their gradients with respect to the pre-RoPE keys, up to the constant attention scaling)."""
     positions = torch.arange(keys[0].shape[1]).remainder(seqlen).unsqueeze(0)
     return [rope.remove(k.unsqueeze(0), positions).squeeze(0) for k in keys]
 
@@ -55,10 +96,11 @@ def unrotate_keys(keys: list[torch.Tensor], rope: Rope, seqlen: int) -> list[tor
 def calibrate_cq(model, tokenizer, scheme: CQScheme | dict[str, Any] | str, *, calib: str = "c4",
                  nsamples: int = 16, seqlen: int = 1024, seed: int = 0, iters: int = 20, sample: int = 16384,
                  data_dir: str | os.PathLike | None = None, ids: torch.Tensor | None = None,
-                 progress: bool = True) -> CQTables:
+                 progress: bool = True, fisher: bool = False) -> CQTables:
     """Tables for ``scheme`` fitted on ``nsamples`` windows of ``seqlen`` tokens (``calib`` as in
     quantkit.data, or the given ``ids`` [N, T]); k-means on at most ``sample`` vectors per table (a seeded
-    random subset), ``iters`` Lloyd iterations, deterministic for a given ``seed``."""
+    random subset), ``iters`` Lloyd iterations, deterministic for a given ``seed``; ``fisher``: Fisher-guided
+    centroids (module docstring)."""
     scheme = parse_kv_scheme(scheme)
     if not isinstance(scheme, CQScheme):
         raise TypeError(f"calibrate_cq needs a 'cq' scheme, got {scheme.method!r}")
@@ -66,17 +108,22 @@ def calibrate_cq(model, tokenizer, scheme: CQScheme | dict[str, Any] | str, *, c
     if ids is None:
         texts = load_calibration_texts(calib, data_dir)
         ids = calibration_ids(tokenizer, texts, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    K, V = collect_kv(model, ids)
+    K, V, *grads = collect_kv(model, ids, fisher=fisher)
     if scheme.pre_rope:
-        K = unrotate_keys(K, Rope.of(model), ids.shape[1])
+        rope = Rope.of(model)
+        K = unrotate_keys(K, rope, ids.shape[1])
+        if fisher:  # the gradient with respect to the pre-RoPE key: the rotation taken off it too
+            grads[0] = unrotate_keys(grads[0], rope, ids.shape[1])
     g = torch.Generator().manual_seed(seed)
     kc, vc = [], []
     for i in tqdm(range(len(K)), desc=f"cq tables ({scheme.label})", disable=not progress):
-        for X, out in ((K[i], kc), (V[i], vc)):
+        for j, (X, out) in enumerate(((K[i], kc), (V[i], vc))):
+            F = grads[j][i].square() if fisher else None
             if sample and X.shape[1] > sample:
-                X = X[:, torch.randperm(X.shape[1], generator=g)[:sample]]
-            out.append(fit_codebooks(X, scheme.channels, scheme.code_bits, iters=iters, seed=seed + i))
+                pick = torch.randperm(X.shape[1], generator=g)[:sample]
+                X, F = X[:, pick], None if F is None else F[:, pick]
+            out.append(fit_codebooks(X, scheme.channels, scheme.code_bits, iters=iters, seed=seed + i, fisher=F))
     info = {"data": source, "nsamples": int(ids.shape[0]),
             "seqlen": int(ids.shape[1]), "seed": seed, "iters": iters, "sample": sample,
-            "keys": "pre-RoPE" if scheme.pre_rope else "post-RoPE"}
+            "keys": "pre-RoPE" if scheme.pre_rope else "post-RoPE", "weighting": "fisher" if fisher else "none"}
     return CQTables(scheme, kc, vc, calibration=info)

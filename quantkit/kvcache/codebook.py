@@ -5,8 +5,10 @@ The ``D`` channels of a KV head are cut into ``D/c`` groups of ``c`` adjacent ch
 correlated, so coding ``c`` of them jointly with one index of ``c·b`` bits into a table of ``2^(c·b)`` learned
 centroids beats ``c`` independent ``b``-bit codes at the same rate (the joint entropy is below the sum of the
 marginal ones). Each (layer, KV head, channel group) has its own table, separately for keys and values, fitted by
-k-means on calibration keys/values: ``min Σ_v Σ_j w_j (x_vj − C_{a(v), j})²`` with optional per-channel weights
-``w`` (all ones by default). A vector is coded by its nearest centroid under the same weighted distance.
+k-means on calibration keys/values: ``min Σ_v s_v Σ_j w_j (x_vj − C_{a(v), j})²`` with optional per-channel weights
+``w`` (all ones by default) and optional per-vector weights ``s`` (CQ's Fisher-guided centroids: ``s_v`` the sum of
+the squared loss gradients of vector ``v``'s channels, so the centroids sit where errors cost most). A vector is
+coded by its nearest centroid under the weighted distance (the per-vector weight does not change which is nearest).
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None = 
     return torch.cat([_dots(X[:, b], C, w).argmin(-1) for b in _blocks(X, C.shape[1])], dim=1)
 
 
-def _kmeans_pp(X: torch.Tensor, K: int, w: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
+def _kmeans_pp(X: torch.Tensor, K: int, w: torch.Tensor | None, g: torch.Generator,
+               sw: torch.Tensor | None = None) -> torch.Tensor:
     """k-means++ seeding, batched over the ``P`` problems: each next centroid is a vector drawn with probability
-    proportional to its (weighted) squared distance to the nearest centroid so far (inverse-CDF sampling of one
-    uniform draw per problem; the distances run channel by channel over a [P, c, N] copy, so each step is a few
-    passes over [P, N])."""
+    proportional to its (weighted) squared distance to the nearest centroid so far, times its own weight ``sw``
+    [P, N] when given (inverse-CDF sampling of one uniform draw per problem; the distances run channel by channel
+    over a [P, c, N] copy, so each step is a few passes over [P, N])."""
     P, N, c = X.shape
     ar = torch.arange(P)
     Xt = X.transpose(1, 2).contiguous()  # [P, c, N]
@@ -59,7 +62,7 @@ def _kmeans_pp(X: torch.Tensor, K: int, w: torch.Tensor | None, g: torch.Generat
         for j in range(c):
             d.add_((Xt[:, j] - last[:, j : j + 1]).square_().mul_(ww[:, j : j + 1]))
         torch.minimum(best, d, out=best)
-        cdf = best.cumsum(1)
+        cdf = (best if sw is None else best * sw).cumsum(1)
         total = cdf[:, -1:]
         u = torch.rand(P, 1, generator=g) * total
         drawn = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=N - 1)
@@ -68,12 +71,15 @@ def _kmeans_pp(X: torch.Tensor, K: int, w: torch.Tensor | None, g: torch.Generat
     return X[ar.unsqueeze(1), idx]
 
 
-def _means(X: torch.Tensor, a: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Each cluster's mean (Lloyd's update); an empty cluster keeps its centroid."""
+def _means(X: torch.Tensor, a: torch.Tensor, C: torch.Tensor, sw: torch.Tensor | None = None) -> torch.Tensor:
+    """Each cluster's mean, weighted by ``sw`` [P, N] when given (Lloyd's update); an empty cluster (or one of
+    weight 0) keeps its centroid."""
     c = X.shape[-1]
-    num = torch.zeros_like(C).scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, c), X)
-    cnt = torch.zeros(C.shape[:2]).scatter_add_(1, a, torch.ones_like(a, dtype=torch.float32))
-    return torch.where(cnt.unsqueeze(-1) > 0, num / cnt.clamp(min=1).unsqueeze(-1), C)
+    ones = torch.ones_like(a, dtype=torch.float32) if sw is None else sw
+    num = torch.zeros_like(C).scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, c), X if sw is None else
+                                           X * sw.unsqueeze(-1))
+    cnt = torch.zeros(C.shape[:2]).scatter_add_(1, a, ones)
+    return torch.where(cnt.unsqueeze(-1) > 0, num / cnt.clamp(min=torch.finfo(cnt.dtype).tiny).unsqueeze(-1), C)
 
 
 def _assign_near(X: torch.Tensor, C: torch.Tensor, a: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -118,13 +124,14 @@ def _assign_near(X: torch.Tensor, C: torch.Tensor, a: torch.Tensor, w: torch.Ten
     return out
 
 
-def _lloyd(X: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None, iters: int) -> torch.Tensor:
+def _lloyd(X: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None, iters: int,
+           sw: torch.Tensor | None = None) -> torch.Tensor:
     """``iters`` Lloyd iterations from the centroids ``C`` (assign each vector to its nearest centroid, move each
     centroid to its cluster's mean), stopping early once no assignment changes (the means are then fixed). After
     the first, the assignments search near the previous ones (:func:`_assign_near`), with the same result."""
     a = nearest_centroid(X, C, w)
     for it in range(iters):
-        C = _means(X, a, C)
+        C = _means(X, a, C, sw)
         if it == iters - 1:
             break
         nxt = _assign_near(X, C, a, w)
@@ -135,11 +142,12 @@ def _lloyd(X: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None, iters: int)
 
 
 def kmeans_batched(X: torch.Tensor, K: int, *, iters: int = 20, seed: int = 0, w: torch.Tensor | None = None,
-                   chunk: int = 32) -> torch.Tensor:
+                   chunk: int = 32, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Centroids [P, K, c] for ``P`` independent k-means problems ``X`` [P, N, c] (k-means++ start, then Lloyd
     iterations; with per-channel weights ``w`` [P, c] the assignment uses the weighted distance while each
-    centroid stays its cluster's mean, since constant per-channel weights cancel in the update). An empty cluster
-    keeps its centroid. Each problem is solved on its vectors minus their mean (k-means does not move with a
+    centroid stays its cluster's mean, since constant per-channel weights cancel in the update; with per-vector
+    weights ``sample_weight`` [P, N] the seeding and the means are weighted). An empty cluster keeps its
+    centroid. Each problem is solved on its vectors minus their mean (k-means does not move with a
     translation; the expanded distances lose less to rounding). Deterministic for a given ``seed`` and ``chunk``
     (problems solved together)."""
     P, N, c = X.shape
@@ -152,23 +160,26 @@ def kmeans_batched(X: torch.Tensor, K: int, *, iters: int = 20, seed: int = 0, w
         mean = Xs.mean(1, keepdim=True)
         Xs = Xs - mean
         ws = None if w is None else w[s : s + chunk].float()
-        C = _kmeans_pp(Xs, K, ws, g)
+        sws = None if sample_weight is None else sample_weight[s : s + chunk].float()
+        C = _kmeans_pp(Xs, K, ws, g, sws)
         if iters > 0:
-            C = _lloyd(Xs, C, ws, iters)
+            C = _lloyd(Xs, C, ws, iters, sws)
         out.append(C + mean)
     return torch.cat(out)
 
 
 def fit_codebooks(X: torch.Tensor, channels: int, code_bits: int, *, iters: int = 20, seed: int = 0,
-                  w: torch.Tensor | None = None) -> torch.Tensor:
+                  w: torch.Tensor | None = None, fisher: torch.Tensor | None = None) -> torch.Tensor:
     """Tables for one layer's keys or values: ``X`` [H, N, D] calibration vectors per KV head, ``w`` [H, D]
-    optional channel weights -> centroids fp16 [H, D/c, 2^code_bits, c]."""
+    optional channel weights, ``fisher`` [H, N, D] optional squared loss gradients of ``X`` (each channel group's
+    vector weighted by their sum over its channels) -> centroids fp16 [H, D/c, 2^code_bits, c]."""
     H, N, D = X.shape
     c = channels
     G = D // c
     Xg = X.reshape(H, N, G, c).permute(0, 2, 1, 3).reshape(H * G, N, c)
     wg = None if w is None else w.reshape(H * G, c)
-    C = kmeans_batched(Xg, 2**code_bits, iters=iters, seed=seed, w=wg)
+    sw = None if fisher is None else fisher.reshape(H, N, G, c).sum(-1).permute(0, 2, 1).reshape(H * G, N)
+    C = kmeans_batched(Xg, 2**code_bits, iters=iters, seed=seed, w=wg, sample_weight=sw)
     return C.reshape(H, G, 2**code_bits, c).to(torch.float16)
 
 
