@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 
 import pytest
 import torch
+from kernelkit import DEVICE, INTERPRET, kernel_module
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -31,8 +31,6 @@ try:
 except ImportError:  # the dispatch and fake-implementation tests still run
     triton = tl = None
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
 # Max error relative to the output's largest magnitude (as tests/test_kernels.py): the GEMV keeps the codeword and
 # the scale in fp32 where the reference rounds their product to the activation dtype; accumulation order and, with
 # split-K, fp16 partial sums differ. A wrong codebook index gives errors of order 1.
@@ -45,14 +43,7 @@ IN = {2: 100, 3: 66, 4: 160, 6: 132, 8: 136}  # K / dim vectors: 50, 22, 40, 22,
 @pytest.fixture(scope="module")
 def tc():
     """The kernel module, compiled the way this run asks (interpreter or CUDA)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install 'quantkit[triton]')")
-    if not INTERPRET and not torch.cuda.is_available():
-        pytest.skip("TRITON_INTERPRET=0 needs a CUDA GPU")
-    mod = importlib.import_module("quantkit.kernels.triton_codebook")
-    if mod.is_interpreted() != INTERPRET:  # imported earlier in this process under the other mode
-        mod = importlib.reload(mod)
-    assert mod.is_interpreted() == INTERPRET
+    mod = kernel_module("triton_codebook")
     if not INTERPRET:  # a few tilings (one split-K) instead of timing the full list per shape
         saved = mod._gemv_configs
         mod._gemv_configs = lambda allow_split_k: [mod._gemv_config(32, 32, 1),

@@ -10,30 +10,20 @@ GPU, ``TRITON_INTERPRET=0 pytest tests/test_kernel_kv.py`` runs the same checks 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 
 import pytest
 import torch
+from kernelkit import DEVICE, kernel_module
 
 from quantkit.kvcache.layers import CQLayer
 from quantkit.kvcache.rope import Rope
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
 TOL = 2e-5  # float32 throughout; only the order of the sums differs. A wrong code moves outputs by ~1e-2 and more.
 
 
 @pytest.fixture(scope="module")
 def attention():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install 'quantkit[triton]')")
-    if not INTERPRET and not torch.cuda.is_available():
-        pytest.skip("TRITON_INTERPRET=0 needs a CUDA GPU")
-    mod = importlib.import_module("quantkit.kernels.triton_kv")
-    if mod.is_interpreted() != INTERPRET:
-        mod = importlib.reload(mod)
-    assert mod.is_interpreted() == INTERPRET
+    kernel_module("triton_kv")
     return importlib.import_module("quantkit.kvcache.attention")
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import pytest
 import torch
+from kernelkit import DEVICE, INTERPRET, kernel_module
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -24,8 +24,6 @@ from quantkit.kernels import dispatch
 from quantkit.kernels.ops import uniform_matmul_triton
 from quantkit.quantizers.groups import num_groups
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
 GROUP_SIZES = (32, 64, 128, -1)
 # Max error relative to the output's largest magnitude. The kernels round the weight to the activation dtype as the
 # reference does, so only accumulation order (and, with split-K, fp16 partial sums) differs. A wrong scale group
@@ -36,14 +34,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 @pytest.fixture(scope="module")
 def tu():
     """The kernel module, compiled the way this run asks (interpreter or CUDA)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install 'quantkit[triton]')")
-    if not INTERPRET and not torch.cuda.is_available():
-        pytest.skip("TRITON_INTERPRET=0 needs a CUDA GPU")
-    mod = importlib.import_module("quantkit.kernels.triton_uniform")
-    if mod.is_interpreted() != INTERPRET:  # imported earlier in this process under the other mode
-        mod = importlib.reload(mod)
-    assert mod.is_interpreted() == INTERPRET
+    mod = kernel_module("triton_uniform")
     if INTERPRET:
         yield mod
         return
