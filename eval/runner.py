@@ -43,7 +43,7 @@ __all__ = ["PPL_DATASETS", "RESULTS_VERSION", "evaluate", "format_results", "sof
 logger = logging.getLogger(__name__)
 
 PPL_DATASETS = ("wikitext2", "c4")
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: "kv_cache" is a list, one entry per KV-cache scheme
 
 
 def _parse_ppl(ppl: str | list[str] | None, data: Path | None) -> list[str]:
@@ -104,7 +104,7 @@ def evaluate(
     dtype: str = "auto",
     command: str | None = None,
     keep_model: bool = False,
-    kv_cache: str | dict[str, Any] | None = None,
+    kv_cache: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
     kv_windows: int | None = None,
     kv_long_windows: int = 0,
     kv_tables: str | os.PathLike | None = None,
@@ -112,15 +112,17 @@ def evaluate(
     """Evaluate ``model`` (anything ``quantize`` accepts). Returns the results dict (see ``write_results``);
     with ``keep_model``, the loaded model is under the key ``"_model"`` (not serialized).
 
-    ``kv_cache``: a KV-cache scheme (quantkit.kvcache.parse_kv_scheme: ``"kivi:bits=2"``, ``"cq:bits=2,channels=4"``,
-    ``"quanto:bits=4"``, ``"fp"``) scored by the chunked protocol (quantkit.eval.kv_perplexity) over the first
-    ``kv_windows`` windows (default 64), and the long-context figure over ``kv_long_windows`` windows (0: off);
-    results under ``"kv_cache"``. CQ reads its tables from ``kv_tables`` or calibrates them first (C4)."""
+    ``kv_cache``: a KV-cache scheme, or a list of them scored side by side in this one run
+    (quantkit.kvcache.parse_kv_scheme: ``"kivi:bits=2"``, ``"cq:bits=2,channels=4"``, ``"quanto:bits=4"``,
+    ``"fp"``; ``"model"``: the folder's own), each by the chunked protocol (quantkit.eval.kv_perplexity) over the
+    first ``kv_windows`` windows (default 64), and the long-context figure over ``kv_long_windows`` windows (0:
+    off); results under ``"kv_cache"``, a list in the order given. CQ reads its tables from ``kv_tables`` or
+    calibrates them first (C4)."""
     t0 = time.time()
-    data, ppl_names, task_list, kv_scheme = _check_request(ppl, ppl_windows, seqlen, tasks, limit, data_dir,
-                                                           kv_cache, kv_windows, kv_long_windows, kv_tables)
+    data, ppl_names, task_list, kv_schemes = _check_request(ppl, ppl_windows, seqlen, tasks, limit, data_dir,
+                                                            kv_cache, kv_windows, kv_long_windows, kv_tables)
     source = resolve_model(model)
-    _check_source(source, seqlen=seqlen, ppl=bool(ppl_names), kv_from_model=kv_scheme == "model")
+    _check_source(source, seqlen=seqlen, ppl=bool(ppl_names), kv_from_model="model" in kv_schemes)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     logger.info("loading %s", source.name)
@@ -146,8 +148,8 @@ def evaluate(
             if task_list:
                 results["error"] += f"; zero-shot tasks {', '.join(t.name for t in task_list)} skipped"
             break
-    if kv_scheme is not None and "error" not in results:
-        _kv_section(results, lm, tokenizer, source, kv_scheme, data, windows=kv_windows,
+    if kv_schemes and "error" not in results:
+        _kv_section(results, lm, tokenizer, source, kv_schemes, data, windows=kv_windows,
                     long_windows=kv_long_windows, tables=kv_tables)
     if task_list and "error" not in results:
         try:
@@ -165,7 +167,7 @@ def evaluate(
 def _check_request(ppl, ppl_windows, seqlen, tasks, limit, data_dir, kv_cache, kv_windows, kv_long_windows,
                    kv_tables) -> tuple[Path | None, list[str], list, Any]:
     """Every argument checked before a model is touched: the data folder, the perplexity sets, the tasks and the
-    KV-cache scheme (``"model"``: the folder's own, read once it is loaded)."""
+    KV-cache schemes (``"model"``: the folder's own, read once it is loaded)."""
     for name, v in (("--ppl-windows", ppl_windows), ("--limit", limit)):
         if v is not None and v < 1:
             raise QuantkitError(f"{name} must be at least 1, got {v}")
@@ -176,20 +178,21 @@ def _check_request(ppl, ppl_windows, seqlen, tasks, limit, data_dir, kv_cache, k
         raise QuantkitError(f"data folder not found: {data}")
     ppl_names = _parse_ppl(ppl, data)
     task_list = resolve_tasks(tasks, data) if tasks else []
-    kv_scheme = None
+    kv_schemes: list = []
     if kv_cache is not None:
         from quantkit.kvcache import parse_kv_scheme
 
-        kv_scheme = "model" if kv_cache == "model" else parse_kv_scheme(kv_cache)
+        specs = kv_cache if isinstance(kv_cache, (list, tuple)) else [kv_cache]
+        kv_schemes = ["model" if spec == "model" else parse_kv_scheme(spec) for spec in specs]
         if kv_windows is not None and kv_windows < 1:
             raise QuantkitError(f"--kv-windows must be at least 1, got {kv_windows}")
         if kv_long_windows is not None and kv_long_windows < 0:
             raise QuantkitError(f"--kv-long-windows must be at least 0, got {kv_long_windows}")
         if kv_tables is not None and not Path(kv_tables).is_file():
             raise QuantkitError(f"--kv-tables file not found: {kv_tables}")
-    if not ppl_names and not task_list and kv_scheme is None:
+    if not ppl_names and not task_list and not kv_schemes:
         raise QuantkitError("nothing to evaluate: give --ppl, --tasks and/or --kv-cache")
-    return data, ppl_names, task_list, kv_scheme
+    return data, ppl_names, task_list, kv_schemes
 
 
 def _check_source(source, *, seqlen: int, ppl: bool, kv_from_model: bool) -> None:
@@ -205,19 +208,24 @@ def _check_source(source, *, seqlen: int, ppl: bool, kv_from_model: bool) -> Non
                             f"(max_position_embeddings = {limit_pos}); use --seqlen {limit_pos} or less")
 
 
-def _kv_section(results: dict[str, Any], lm, tokenizer, source, kv_scheme, data: Path | None, *,
+def _kv_section(results: dict[str, Any], lm, tokenizer, source, kv_schemes: list, data: Path | None, *,
                 windows: int | None, long_windows: int, tables) -> None:
-    """``results["kv_cache"]``, and ``results["error"]`` when a KV-cache perplexity is not finite."""
-    if kv_scheme == "model":
-        stored = getattr(lm, "_quantkit_kv_cache", None)
-        if stored is None or stored[0] is None:
-            raise QuantkitError(f"--kv-cache model: {source.name} loaded without its stored KV cache")
-        kv_scheme, tables = stored
-    results["kv_cache"] = kv = _kv_cache(lm, tokenizer, kv_scheme, data, windows=windows,
-                                         long_windows=long_windows, tables=tables)
-    bad = [k for k in ("chunked", "long_context") if k in kv and not math.isfinite(kv[k]["ppl"])]
-    if bad:
-        results["error"] = f"KV-cache {bad[0]} perplexity of {source.name} is not finite"
+    """``results["kv_cache"]`` (one entry per scheme), and ``results["error"]`` at the first KV-cache perplexity
+    that is not finite (the schemes after it are not scored)."""
+    results["kv_cache"] = entries = []
+    for kv_scheme in kv_schemes:
+        own = tables
+        if kv_scheme == "model":
+            stored = getattr(lm, "_quantkit_kv_cache", None)
+            if stored is None or stored[0] is None:
+                raise QuantkitError(f"--kv-cache model: {source.name} loaded without its stored KV cache")
+            kv_scheme, own = stored
+        entries.append(kv := _kv_cache(lm, tokenizer, kv_scheme, data, windows=windows, long_windows=long_windows,
+                                       tables=own))
+        bad = [k for k in ("chunked", "long_context") if k in kv and not math.isfinite(kv[k]["ppl"])]
+        if bad:
+            results["error"] = f"KV-cache {kv['label']} {bad[0]} perplexity of {source.name} is not finite"
+            return
 
 
 def _kv_cache(lm, tokenizer, scheme, data: Path | None, *, windows: int | None, long_windows: int,
@@ -321,8 +329,7 @@ def format_results(r: dict[str, Any]) -> str:
         for name, p in r["perplexity"].items():
             lines.append(f"  {name:14s}{_fmt(p['ppl']):>10s}  {p['protocol']}, seqlen {p['seqlen']}"
                          + (f" ({p['error']})" if p.get("error") else ""))
-    if r.get("kv_cache"):
-        kv = r["kv_cache"]
+    for kv in r.get("kv_cache") or []:
         b = kv["bits_per_element"]
         lines += ["", f"KV cache       {kv['label']}  ({b['512']:.3f} bits/element at 512 tokens, "
                   f"{b['4096']:.3f} at 4096)"]

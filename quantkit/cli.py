@@ -277,11 +277,11 @@ def _add_eval(sub) -> None:
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype of the unquantized parts (default: as stored)")
-    e.add_argument("--kv-cache", default=None, metavar="SPEC",
+    e.add_argument("--kv-cache", default=None, metavar="SPEC", action="append",
                    help="KV-cache scheme scored by the chunked protocol (WikiText-2 windows of 512 in chunks of 64): "
                    "fp, kivi:bits=2,group_size=64,residual=64,sink=0, cq:bits=2,channels=4,residual=64, "
                    "quanto:bits=4, hqq:bits=2 (or a JSON object), or 'model': the scheme and tables the quantized "
-                   "folder stores")
+                   "folder stores; repeat it to score several side by side in one run")
     e.add_argument("--kv-windows", type=int, default=None, help="chunked protocol: first N windows (default 64)")
     e.add_argument("--kv-long-windows", type=int, default=0,
                    help="also the long-context figure (windows of 2048, last 256 scored) over N windows (default 0)")

@@ -373,9 +373,9 @@ def test_eval_kv_cache_model_scores_the_folders_own_cache(kv_only, tiny_model_fa
     scheme is refused before loading."""
     from quantkit.eval.runner import evaluate
 
-    own = evaluate(str(kv_only), ppl="none", kv_cache="model", kv_windows=1, data_dir=data_dir)["kv_cache"]
+    own = evaluate(str(kv_only), ppl="none", kv_cache="model", kv_windows=1, data_dir=data_dir)["kv_cache"][0]
     by_hand = evaluate(str(kv_only), ppl="none", kv_cache=CQ2, kv_windows=1, data_dir=data_dir,
-                       kv_tables=_tables_file(kv_only))["kv_cache"]
+                       kv_tables=_tables_file(kv_only))["kv_cache"][0]
     assert own["scheme"] == CQ2 and own["chunked"]["ppl"] == by_hand["chunked"]["ppl"]
     with pytest.raises(QuantkitError, match="stores no KV-cache scheme"):
         evaluate(str(tiny_model_factory("llama")), ppl="none", kv_cache="model", kv_windows=1, data_dir=data_dir)
