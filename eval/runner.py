@@ -108,6 +108,7 @@ def evaluate(
     kv_windows: int | None = None,
     kv_long_windows: int = 0,
     kv_tables: str | os.PathLike | None = None,
+    kv_fisher: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (anything ``quantize`` accepts). Returns the results dict (see ``write_results``);
     with ``keep_model``, the loaded model is under the key ``"_model"`` (not serialized).
@@ -117,10 +118,11 @@ def evaluate(
     ``"fp"``; ``"model"``: the folder's own), each by the chunked protocol (quantkit.eval.kv_perplexity) over the
     first ``kv_windows`` windows (default 64), and the long-context figure over ``kv_long_windows`` windows (0:
     off); results under ``"kv_cache"``, a list in the order given. CQ reads its tables from ``kv_tables`` or
-    calibrates them first (C4)."""
+    calibrates them first (C4; Fisher-guided with ``kv_fisher``)."""
     t0 = time.time()
     data, ppl_names, task_list, kv_schemes = _check_request(ppl, ppl_windows, seqlen, tasks, limit, data_dir,
-                                                            kv_cache, kv_windows, kv_long_windows, kv_tables)
+                                                            kv_cache, kv_windows, kv_long_windows, kv_tables,
+                                                            kv_fisher)
     source = resolve_model(model)
     _check_source(source, seqlen=seqlen, ppl=bool(ppl_names), kv_from_model="model" in kv_schemes)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,7 +152,7 @@ def evaluate(
             break
     if kv_schemes and "error" not in results:
         _kv_section(results, lm, tokenizer, source, kv_schemes, data, windows=kv_windows,
-                    long_windows=kv_long_windows, tables=kv_tables)
+                    long_windows=kv_long_windows, tables=kv_tables, fisher=kv_fisher)
     if task_list and "error" not in results:
         try:
             results.update(_zeroshot(lm, tokenizer, task_list, data, limit=limit, batch_size=batch_size))
@@ -165,7 +167,7 @@ def evaluate(
 
 
 def _check_request(ppl, ppl_windows, seqlen, tasks, limit, data_dir, kv_cache, kv_windows, kv_long_windows,
-                   kv_tables) -> tuple[Path | None, list[str], list, Any]:
+                   kv_tables, kv_fisher=False) -> tuple[Path | None, list[str], list, Any]:
     """Every argument checked before a model is touched: the data folder, the perplexity sets, the tasks and the
     KV-cache schemes (``"model"``: the folder's own, read once it is loaded)."""
     for name, v in (("--ppl-windows", ppl_windows), ("--limit", limit)):
@@ -190,6 +192,9 @@ def _check_request(ppl, ppl_windows, seqlen, tasks, limit, data_dir, kv_cache, k
             raise QuantkitError(f"--kv-long-windows must be at least 0, got {kv_long_windows}")
         if kv_tables is not None and not Path(kv_tables).is_file():
             raise QuantkitError(f"--kv-tables file not found: {kv_tables}")
+    if kv_fisher and (kv_tables is not None or not any(getattr(k, "method", None) == "cq" for k in kv_schemes)):
+        raise QuantkitError("--kv-fisher fits the tables of a 'cq' --kv-cache scheme here; it takes no --kv-tables "
+                            "and needs such a scheme")
     if not ppl_names and not task_list and not kv_schemes:
         raise QuantkitError("nothing to evaluate: give --ppl, --tasks and/or --kv-cache")
     return data, ppl_names, task_list, kv_schemes
@@ -209,7 +214,7 @@ def _check_source(source, *, seqlen: int, ppl: bool, kv_from_model: bool) -> Non
 
 
 def _kv_section(results: dict[str, Any], lm, tokenizer, source, kv_schemes: list, data: Path | None, *,
-                windows: int | None, long_windows: int, tables) -> None:
+                windows: int | None, long_windows: int, tables, fisher: bool = False) -> None:
     """``results["kv_cache"]`` (one entry per scheme), and ``results["error"]`` at the first KV-cache perplexity
     that is not finite (the schemes after it are not scored)."""
     results["kv_cache"] = entries = []
@@ -221,7 +226,7 @@ def _kv_section(results: dict[str, Any], lm, tokenizer, source, kv_schemes: list
                 raise QuantkitError(f"--kv-cache model: {source.name} loaded without its stored KV cache")
             kv_scheme, own = stored
         entries.append(kv := _kv_cache(lm, tokenizer, kv_scheme, data, windows=windows, long_windows=long_windows,
-                                       tables=own))
+                                       tables=own, fisher=fisher))
         bad = [k for k in ("chunked", "long_context") if k in kv and not math.isfinite(kv[k]["ppl"])]
         if bad:
             results["error"] = f"KV-cache {kv['label']} {bad[0]} perplexity of {source.name} is not finite"
@@ -229,12 +234,13 @@ def _kv_section(results: dict[str, Any], lm, tokenizer, source, kv_schemes: list
 
 
 def _kv_cache(lm, tokenizer, scheme, data: Path | None, *, windows: int | None, long_windows: int,
-              tables: str | os.PathLike | None) -> dict[str, Any]:
+              tables: str | os.PathLike | None, fisher: bool = False) -> dict[str, Any]:
     from quantkit.eval.kv_perplexity import kv_evaluate
     from quantkit.kvcache import CQTables
 
     loaded = CQTables.load(tables) if isinstance(tables, (str, os.PathLike)) else tables  # or the folder's own
-    entry = kv_evaluate(lm, tokenizer, scheme, windows=windows, long_windows=long_windows, tables=loaded, data=data)
+    entry = kv_evaluate(lm, tokenizer, scheme, windows=windows, long_windows=long_windows, tables=loaded, data=data,
+                        calib={"fisher": True} if fisher else None)
     logger.info("KV cache %s: chunked perplexity %.4f (%s)", entry["label"], entry["chunked"]["ppl"],
                 entry["chunked"]["protocol"])
     return entry

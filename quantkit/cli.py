@@ -99,6 +99,7 @@ def _eval(a: argparse.Namespace) -> int:
         a.model or a.model_arg, ppl=a.ppl, ppl_windows=a.ppl_windows, seqlen=a.seqlen, tasks=a.tasks, limit=a.limit,
         batch_size=a.batch_size, data_dir=a.data_dir, device=a.device, dtype=a.dtype, command=a.command_line,
         kv_cache=a.kv_cache, kv_windows=a.kv_windows, kv_long_windows=a.kv_long_windows, kv_tables=a.kv_tables,
+        kv_fisher=a.kv_fisher,
     )
     path = write_results(r, a.out)
     print(format_results(r))
@@ -286,6 +287,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--kv-long-windows", type=int, default=0,
                    help="also the long-context figure (windows of 2048, last 256 scored) over N windows (default 0)")
     e.add_argument("--kv-tables", default=None, help="CQ tables (safetensors); default: calibrate on C4 first")
+    e.add_argument("--kv-fisher", action="store_true",
+                   help="calibrate CQ tables Fisher-guided (each vector weighted by its squared loss gradients)")
     e.add_argument("--out", required=True, help="results JSON file")
     e.set_defaults(fn=_eval)
 

@@ -584,6 +584,23 @@ def test_quantkit_eval_kv_cache(tiny_model_factory, tmp_path, capsys):
     assert main(["eval", str(folder), "--ppl", "none", "--kv-cache", "kivi:bits=5", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "field 'kv_cache.bits'" in err and err.count("\n") == 1
+    assert main(["eval", str(folder), "--ppl", "none", "--kv-cache", "kivi:bits=4", "--kv-fisher", "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-fisher" in err and err.count("\n") == 1
+
+
+def test_quantkit_eval_fisher_tables(tiny_model_factory, tmp_path):
+    import json
+
+    from quantkit.cli import main
+
+    folder = tiny_model_factory("llama")
+    out = tmp_path / "kv.json"
+    assert main(["eval", str(folder), "--ppl", "none", "--kv-cache", "cq:bits=2,channels=4,residual=8",
+                 "--kv-fisher", "--kv-windows", "1", "--out", str(out)]) == 0
+    [r] = json.loads(out.read_text())["kv_cache"]
+    assert r["tables"]["calibration"]["weighting"] == "fisher" and math.isfinite(r["chunked"]["ppl"])
 
 
 # ---- SmolLM2 ----
