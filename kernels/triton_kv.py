@@ -146,12 +146,8 @@ def cq_decode_attention(q: torch.Tensor, key_codes: torch.Tensor, value_codes: t
     if HQ % HKV or G * C != D or K != 1 << code_bits or code_bits not in (1, 2, 4, 8):
         raise ValueError(f"inconsistent shapes: q {tuple(q.shape)}, codes {tuple(key_codes.shape)}, table "
                          f"{tuple(key_table.shape)}, code_bits {code_bits}")
-    if key_codes.stride() != value_codes.stride():
-        value_codes = value_codes.contiguous()
-        key_codes = key_codes.contiguous()
-    if key_codes.stride(-1) != 1:
-        key_codes, value_codes = key_codes.contiguous(), value_codes.contiguous()
-    q = q.contiguous()
+    # One set of strides serves both code tensors (no copy when they are contiguous already).
+    key_codes, value_codes, q = key_codes.contiguous(), value_codes.contiguous(), q.contiguous()
     pre_rope = positions is not None
     rot = 2 * inv_freq.numel() if pre_rope else 0
     if pre_rope:

@@ -89,12 +89,13 @@ class KVRecorder:
         for out, t in ((self._keys, key_states), (self._values, value_states)):
             B, H, T, D = t.shape
             out.append(t.detach().float().cpu().permute(1, 0, 2, 3).reshape(H, B * T, D))
-        inner = kwargs.get("kwargs")
-        p = (inner if isinstance(inner, dict) else kwargs).get("position_ids")
+        from quantkit.kvcache.rope import forward_positions
+
         B, T = key_states.shape[0], key_states.shape[-2]
-        if not (isinstance(p, torch.Tensor) and p.dim() == 2 and p.shape[-1] == T and p.shape[0] in (1, B)):
-            p = torch.arange(T).unsqueeze(0)  # each calibration sequence from position 0
-        self._positions.append(p.detach().to("cpu", torch.int64).expand(B, T).reshape(B * T))
+        p = forward_positions(kwargs, B, T)
+        if p is None:
+            p = torch.arange(T).expand(B, T)  # each calibration sequence from position 0
+        self._positions.append(p.detach().cpu().reshape(B * T))
         return key_states, value_states
 
     def result(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

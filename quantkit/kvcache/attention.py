@@ -70,7 +70,6 @@ def decode_attention(layer: CQLayer, q: torch.Tensor, scale: float | None = None
             positions=None if rope is None else layer.store_keys["positions"][:, 0],
             inv_freq=None if rope is None else rope.inv_freq, rope_scale=1.0 if rope is None else rope.scaling,
             **kernel_options))
-    out, lse = parts[0]
-    for o, s in parts[1:]:
-        out, lse = merge_attention(out, lse, o, s), torch.logaddexp(lse, s)
-    return out
+    if len(parts) == 1:
+        return parts[0][0]
+    return merge_attention(*parts[0], *parts[1])

@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from quantkit.kvcache.codebook import cq_decode, cq_encode
-from quantkit.kvcache.rope import Rope
+from quantkit.kvcache.rope import Rope, forward_positions
 from quantkit.kvcache.uniform import dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
 __all__ = ["CQLayer", "KIVILayer", "QuantizedKVLayer"]
@@ -72,10 +72,9 @@ class QuantizedKVLayer(DynamicLayer):
         """Positions [B, n] of the ``n`` new tokens: the attention's ``position_ids`` (transformers passes them on
         as ``kwargs``) when they have that shape, else the tokens seen so far onwards."""
         B, n = key_states.shape[0], key_states.shape[-2]
-        inner = kwargs.get("kwargs")
-        p = (inner if isinstance(inner, dict) else kwargs).get("position_ids")
-        if isinstance(p, torch.Tensor) and p.dim() == 2 and p.shape[-1] == n and p.shape[0] in (1, B):
-            return p.to(device=key_states.device, dtype=torch.int64).expand(B, n)
+        p = forward_positions(kwargs, B, n)
+        if p is not None:
+            return p.to(key_states.device)
         start = self.cumulative_length
         return torch.arange(start, start + n, device=key_states.device).expand(B, n)
 

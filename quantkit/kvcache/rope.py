@@ -19,7 +19,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 
-__all__ = ["Rope"]
+__all__ = ["Rope", "forward_positions"]
 
 _UNSUPPORTED = ("dynamic", "longrope")
 # Model types whose attention applies RoPE with transformers' rotate_half pairing (checked when only a config is
@@ -31,6 +31,16 @@ _ROTATE_HALF = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def forward_positions(kwargs: dict, batch: int, n: int) -> torch.Tensor | None:
+    """The ``position_ids`` [batch, n] a transformers attention passed on to ``Cache.update`` (as ``kwargs`` or
+    inside ``kwargs["kwargs"]``), or None when it passed none of that shape."""
+    inner = kwargs.get("kwargs")
+    p = (inner if isinstance(inner, dict) else kwargs).get("position_ids")
+    if isinstance(p, torch.Tensor) and p.dim() == 2 and p.shape[-1] == n and p.shape[0] in (1, batch):
+        return p.to(torch.int64).expand(batch, n)
+    return None
 
 
 class Rope:
