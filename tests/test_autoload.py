@@ -159,3 +159,11 @@ def test_a_built_wheel_installs_the_pth_at_its_root(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "quantkit-autoload.pth" in names and "_quantkit_autoload.py" in names
     assert zipfile.ZipFile(wheel).read("quantkit-autoload.pth").decode().strip() == "import _quantkit_autoload"
+    # every source package and every data file is in the wheel, under its installed name
+    installed = {"kernels": "quantkit/kernels", "eval": "quantkit/eval", "recipes": "quantkit/recipes"}
+    for top in ("quantkit", *installed):
+        for f in (repo / top).rglob("*"):
+            if f.is_file() and f.suffix in {".py", ".yaml", ".json"} and "__pycache__" not in f.parts:
+                rel = f.relative_to(repo).as_posix()
+                name = installed.get(top, top) + rel[len(top):]
+                assert name in names, f"{rel} is not in the wheel (pyproject.toml's packages or package-data)"
