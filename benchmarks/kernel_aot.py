@@ -36,7 +36,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from benchmarks.kernel_bench import SHAPES, BenchScheme
+from benchmarks.kernel_bench import SHAPES, BenchScheme, Codebook, parse_codebook
 
 __all__ = ["Compiled", "Variant", "compile_variant", "fwht_variants", "gemm_variants", "gemv_variants",
            "launch_variants", "loop_stats", "main", "vq_dequant_variants", "vq_gemv_variants"]
@@ -261,16 +261,9 @@ def fwht_variants(n_rows: int, block: int, dtype: torch.dtype = torch.float16, *
                    {"N": block, "ROWS": rows, "SIGNS": where}, num_warps)
 
 
-# The codebook kernels (quantkit.kernels.triton_codebook.triton_codebook_matmul / triton_codebook_dequantize):
-# ``dim`` and ``bits`` as a VQ scheme names them, e.g. d4b8 (256 entries of 4, the 2-bit preset), d8b16.
-DEFAULT_VQ = ("d4b8", "d8b16")
-
-
-def parse_vq(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"d([2-8])b(\d+)", text)
-    if m is None or not 2 <= int(m[2]) <= 16:
-        raise argparse.ArgumentTypeError(f"bad codebook {text!r}: expected d<dim>b<bits>, e.g. d4b8, d8b16")
-    return int(m[1]), int(m[2])
+# The codebook kernels (quantkit.kernels.triton_codebook.triton_codebook_matmul / triton_codebook_dequantize),
+# as benchmarks/kernel_bench.py names them: d4b8 (256 entries of 4, the vq2 preset), d8b16, m2d8b8 (the aq2 preset).
+DEFAULT_VQ = ("d4b8", "d8b16", "m2d8b8")
 
 
 def _perm_dtype(K: int) -> torch.dtype:
@@ -352,7 +345,7 @@ def kv_attention_variants(B: int, HQ: int, HKV: int, D: int, T: int, *, channels
                     args, flags, num_warps, 1)]
 
 
-def vq_launch_variants(shapes: list[tuple[int, int]], batches: list[int], codebooks: list[tuple[int, int]],
+def vq_launch_variants(shapes: list[tuple[int, int]], batches: list[int], codebooks: list[Codebook],
                        dtype: torch.dtype = torch.float16) -> list[Variant]:
     """Every distinct codebook kernel a launch on these shapes, batches and ``(dim, bits)`` codebooks compiles
     (with act-order, as the presets store it)."""
@@ -360,11 +353,12 @@ def vq_launch_variants(shapes: list[tuple[int, int]], batches: list[int], codebo
 
     seen: set[tuple] = set()
     variants = []
-    for dim, bits in codebooks:
+    for tables, dim, bits in codebooks:
         for n, k in shapes:
             for M in batches:
-                vs = (vq_gemv_variants(M, n, k, dim=dim, bits=bits, dtype=dtype, perm=True) if M <= GEMV_MAX_M
-                      else vq_dequant_variants(n, k, dim=dim, bits=bits, dtype=dtype, perm=True))
+                vs = (vq_gemv_variants(M, n, k, dim=dim, bits=bits, dtype=dtype, perm=True, tables=tables)
+                      if M <= GEMV_MAX_M
+                      else vq_dequant_variants(n, k, dim=dim, bits=bits, dtype=dtype, perm=True, tables=tables))
                 for v in vs:
                     key = (v.kernel, tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages, _specialization(v))
                     if key not in seen:
@@ -473,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=[BenchScheme.parse(f) for f in DEFAULT_FORMATS],
                    help="as benchmarks/kernel_bench.py takes them, e.g. w4g128, w3g-1 (per channel), w4g128-sym; "
                         f"default {' '.join(DEFAULT_FORMATS)}")
-    p.add_argument("--vq", nargs="*", type=parse_vq, default=[parse_vq(f) for f in DEFAULT_VQ],
-                   help="codebook kernels (quantkit-vq, with act-order) for these d<dim>b<bits>, e.g. d4b8 d8b16 "
+    p.add_argument("--vq", nargs="*", type=parse_codebook, default=[parse_codebook(f) for f in DEFAULT_VQ],
+                   help="codebook kernels (with act-order) for these [m<tables>]d<dim>b<bits>, e.g. d4b8 m2d8b8 "
                         f"(default {' '.join(DEFAULT_VQ)}; none: --vq with no value)")
     p.add_argument("--warm", action="store_true",
                    help="only compile, in parallel, into Triton's cache (on a GPU machine before benchmarking: "

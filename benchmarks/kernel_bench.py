@@ -3,7 +3,7 @@
     python -m benchmarks.kernel_bench                      # all shapes, batches 1..128, W4 g128, W3 g128, W2 g64,
                                                            # and the 2-bit codebooks d4b8, d8b16
     python -m benchmarks.kernel_bench --formats w4g128 --batches 1,16 --peak-gbps 3350
-    python -m benchmarks.kernel_bench --models llama2-7b --formats "" --vq d4b8,d8b16 --batches 1   # VQ at batch 1
+    python -m benchmarks.kernel_bench --models llama2-7b --formats "" --vq d4b8,d8b16,m2d8b8 --batches 1  # codebooks
 
 For every weight shape ``[out, in]`` (Llama-2-7B: 4096x4096, 11008x4096, 4096x11008; Llama-3-8B: 1024x4096,
 14336x4096, 4096x14336), batch size and format it prints the time of ``torch.ops.quantkit.uniform_matmul`` (the op
@@ -12,11 +12,13 @@ each achieves (bytes of packed weights, scales, zeros, permutation, activations 
 as a fraction of the card's peak. For decode batches (the GEMV path) a last column times the same product on the
 tensor-core GEMM path instead, which decides where the switch between the two belongs.
 
-Vector-codebook rows (``--vq``, format ``quantkit-vq``, with act-order as the presets store it): ``dNbB`` is a
-codebook of ``2**B`` entries of ``N`` weights, ``B / N`` bits per weight for the codes: ``d4b8`` (256 entries of 4,
-the hadamard-gptq-vq2 preset) and ``d8b16`` (65,536 entries of 8, AQLM's 1x16) are both 2 bits. They time
-``torch.ops.quantkit.codebook_matmul`` (GEMV up to 8 rows, dequantize-then-cuBLAS beyond) against the same fp16
-``torch.matmul``; the last column is the dequantize-then-GEMM path at decode batches.
+Codebook rows (``--vq``, with act-order as the presets store it): ``dNbB`` is a vector codebook (``quantkit-vq``)
+of ``2**B`` entries of ``N`` weights, ``B / N`` bits per weight for the codes: ``d4b8`` (256 entries of 4, the
+hadamard-gptq-vq2 preset) and ``d8b16`` (65,536 entries of 8, AQLM's 1x16) are both 2 bits. ``mTdNbB`` is an
+additive codebook (``quantkit-aq``) of ``T`` such tables whose codewords are summed: ``m2d8b8`` is AQLM's 2x8, the
+hadamard-gptq-aq2 preset, 2 bits. They time ``torch.ops.quantkit.codebook_matmul`` (GEMV up to 8 rows,
+dequantize-then-cuBLAS beyond) against the same fp16 ``torch.matmul``; the last column is the dequantize-then-GEMM
+path at decode batches.
 
 Timing: each call is captured once in a CUDA graph (so Python and dispatcher overhead are not timed) and replayed
 by ``triton.testing.do_bench``, which clears the L2 cache before every replay; without that a 4096x4096 4-bit
@@ -32,6 +34,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -39,7 +42,7 @@ from quantkit.formats.packing import pack_codes
 from quantkit.formats.uniform import uniform_matmul_ref
 from quantkit.quantizers.groups import num_groups
 
-__all__ = ["SHAPES", "BenchScheme", "main", "parse_vq", "vq_packed_layer"]
+__all__ = ["SHAPES", "BenchScheme", "Codebook", "main", "parse_codebook", "vq_packed_layer"]
 
 SHAPES = {  # weight shapes [out, in] of the linear layers
     "llama2-7b": [("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008)],
@@ -84,33 +87,55 @@ def packed_layer(N: int, K: int, fmt: BenchScheme, device: torch.device) -> dict
     }
 
 
-def parse_vq(text: str) -> tuple[int, int]:
-    """``d4b8``: vectors of 4 weights, codes of 8 bits (256 entries)."""
-    m = re.fullmatch(r"d([2-8])b(\d+)", text)
-    if m is None or not 2 <= int(m[2]) <= 16:
-        raise argparse.ArgumentTypeError(f"bad codebook {text!r}; expected d<dim>b<bits>, e.g. d4b8, d8b16")
-    return int(m[1]), int(m[2])
+class Codebook(NamedTuple):
+    """A random codebook layer to benchmark: ``tables`` summed tables (1: ``quantkit-vq``, more: ``quantkit-aq``)
+    of ``2**bits`` codewords of ``dim`` weights."""
+
+    tables: int
+    dim: int
+    bits: int
+
+    def __str__(self) -> str:
+        return f"vq-d{self.dim}b{self.bits}" if self.tables == 1 else f"aq{self.tables}x{self.bits}-d{self.dim}"
 
 
-def vq_packed_layer(N: int, K: int, dim: int, bits: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random ``quantkit-vq`` tensors of a [N, K] layer with act-order (codes, codebook, scales, perm)."""
+def parse_codebook(text: str) -> Codebook:
+    """``d4b8``: vectors of 4 weights, codes of 8 bits (256 entries); ``m2d8b8``: two such tables of 8, summed."""
+    m = re.fullmatch(r"(?:m([1-8]))?d([2-8])b(\d+)", text)
+    if m is None or not 2 <= int(m[3]) <= 16:
+        raise argparse.ArgumentTypeError(f"bad codebook {text!r}: expected [m<tables>]d<dim>b<bits>, e.g. d4b8, "
+                                         "d8b16, m2d8b8")
+    return Codebook(int(m[1] or 1), int(m[2]), int(m[3]))
+
+
+def vq_packed_layer(N: int, K: int, cb: Codebook, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random tensors of a [N, K] codebook layer with act-order, as the kernel op takes them: codes, codebook
+    (``[entries, dim]``, or ``[tables, entries, dim]`` stacked for more than one table), scales, perm."""
     from quantkit.formats.packing import pack_bits
 
+    codes = torch.stack([pack_bits(torch.randint(0, 2**cb.bits, (N, K // cb.dim), device=device), cb.bits)
+                         for _ in range(cb.tables)])
+    tables = (0.02 * torch.randn(cb.tables, 2**cb.bits, cb.dim, device=device)).half()
     return {
-        "codes": pack_bits(torch.randint(0, 2**bits, (N, K // dim), device=device), bits),
-        "codebook": (0.02 * torch.randn(2**bits, dim, device=device)).half(),
+        "codes": codes[0] if cb.tables == 1 else codes,
+        "codebook": tables[0] if cb.tables == 1 else tables,
         "scales": (0.5 + torch.rand(N, 1, device=device)).half(),
         "perm": torch.randperm(K, device=device).to(torch.int16 if K < 2**15 else torch.int32),
     }
 
 
-def _vq_reference(x: torch.Tensor, q: dict[str, torch.Tensor], dim: int, bits: int) -> torch.Tensor:
+def _vq_reference(x: torch.Tensor, q: dict[str, torch.Tensor], cb: Codebook) -> torch.Tensor:
+    """The storage format's own PyTorch forward on the same tensors."""
     from quantkit.config import LayerScheme
     from quantkit.formats import get_format
 
+    quantizer = {"name": "vq", "dim": cb.dim, "entries": 2**cb.bits}
+    if cb.tables > 1:
+        quantizer = {"name": "aq", "codebooks": cb.tables, "dim": cb.dim, "entries": 2**cb.bits}
+        q = {**q, "codebooks": q["codebook"]}
     scheme = LayerScheme.from_dict({"method": {"name": "gptq", "act_order": True, "attention_weighted": False},
-                                    "quantizer": {"name": "vq", "dim": dim, "entries": 2**bits}})
-    return get_format("quantkit-vq").linear(x, q, scheme, None)
+                                    "quantizer": quantizer})
+    return get_format("quantkit-aq" if cb.tables > 1 else "quantkit-vq").linear(x, q, scheme, None)
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:
@@ -138,8 +163,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128", help="comma-separated batch sizes (rows of x)")
     p.add_argument("--formats", default="w4g128,w3g128,w2g64", help="comma-separated, e.g. w4g128,w3g-1-sym-act")
-    p.add_argument("--vq", default="d4b8,d8b16",
-                   help="comma-separated vector codebooks d<dim>b<bits> (quantkit-vq, act-order); empty for none")
+    p.add_argument("--vq", default="d4b8,d8b16,m2d8b8",
+                   help="comma-separated codebooks [m<tables>]d<dim>b<bits> (quantkit-vq, or quantkit-aq with m > 1; "
+                        "act-order); empty for none")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="activation dtype")
     p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth; default from the device name")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
@@ -148,7 +174,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
         args.formats = [BenchScheme.parse(f) for f in args.formats.split(",") if f]
-        args.vq = [parse_vq(f) for f in args.vq.split(",") if f]
+        args.vq = [parse_codebook(f) for f in args.vq.split(",") if f]
     except (ValueError, argparse.ArgumentTypeError) as e:
         p.error(str(e))
     return args
@@ -228,23 +254,23 @@ def main(argv: list[str] | None = None) -> int:
                           f"{t_q * 1e3:>9.1f} {t_16 / t_q:>7.2f} {gbps_q:>10.0f} {gbps_q / peak:>7.1%} "
                           f"{gbps_16:>9.0f} {gbps_16 / peak:>7.1%} "
                           f"{'-' if t_gemm is None else f'{t_gemm * 1e3:.1f}':>8}", flush=True)
-            for dim, bits in args.vq:
-                if _bench_vq(model, layer, N, K, W, dim, bits, args, peak) != 0:
+            for cb in args.vq:
+                if _bench_vq(model, layer, N, K, W, cb, args, peak) != 0:
                     return 1
             del W
     return 0
 
 
-def _bench_vq(model: str, layer: str, N: int, K: int, W: torch.Tensor, dim: int, bits: int,
+def _bench_vq(model: str, layer: str, N: int, K: int, W: torch.Tensor, cb: Codebook,
               args: argparse.Namespace, peak: float) -> int:
     """The rows of one codebook on one shape (the same columns as the scalar formats'); 1 if it computes wrong."""
     from quantkit.kernels.triton_codebook import GEMV_MAX_M, triton_codebook_matmul
 
-    q = vq_packed_layer(N, K, dim, bits, W.device)
-    name = f"vq-d{dim}b{bits}"
+    q = vq_packed_layer(N, K, cb, W.device)
+    name, dim, bits = str(cb), cb.dim, cb.bits
     for M in {min(args.batches), max(args.batches)}:
         x = torch.randn(M, K, device=W.device, dtype=W.dtype)
-        ref = _vq_reference(x, q, dim, bits)
+        ref = _vq_reference(x, q, cb)
         outs = {"kernel": torch.ops.quantkit.codebook_matmul(x, **q, bias=None, dim=dim, bits=bits)}
         if M <= GEMV_MAX_M:
             outs["dequantize path"] = triton_codebook_matmul(x, **q, bias=None, dim=dim, bits=bits, gemv_max_m=0)
