@@ -8,6 +8,7 @@
 #             in parallel into Triton's cache; compiled one after another inside the autotuner they take minutes;
 #   bench     benchmarks/kernel_bench.py at batches 1 and 16: dequant-matmul (W4/W3/W2) and lookup-table (VQ d4b8,
 #             d8b16, AQ 2x8) speed against fp16 cuBLAS and the memory-bandwidth bound;
+#   codebooks the codebook rows of bench alone, their kernels compiled first (not in the default list);
 #   decode    benchmarks/decode_bench.py: end-to-end greedy decode tokens/s, Llama-2-7B shapes, fp16 vs W4/W3/W2;
 #   rotation  benchmarks/rotation_cost.py --device cuda: the online Hadamard transform against the W4 g128 kernel;
 #   generate  benchmarks/kernel_vs_reference.py: a quantized SmolLM2 folder's greedy text, kernel path vs reference
@@ -59,6 +60,13 @@ for step in "${steps[@]}"; do
       timeout "$(left 60)" python3 -m benchmarks.kernel_aot --warm --target auto --models llama2-7b \
           --batch 1 16 128 2048 --formats w4g128 w3g128 w2g64 --gemm-decode > "$out/warm.txt" 2>&1
       tail -n 3 "$out/warm.txt" ;;
+    codebooks)  # the codebook rows alone (VQ d4b8 and d8b16, AQ 2x8), batches 1 and 16, compiled first
+      timeout "$(left 30)" python3 -m benchmarks.kernel_aot --warm --target auto --models llama2-7b --batch 1 16 \
+          --formats > "$out/warm_codebooks.txt" 2>&1
+      tail -n 1 "$out/warm_codebooks.txt"
+      timeout "$(left 120)" python3 -m benchmarks.kernel_bench --models llama2-7b --batches 1,16 --formats "" \
+          --vq d4b8,d8b16,m2d8b8 > "$out/bench_codebooks.md" 2>&1
+      cat "$out/bench_codebooks.md" ;;
     bench)
       timeout "$(left 180)" python3 -m benchmarks.kernel_bench --models llama2-7b --batches 1,16 \
           --formats w4g128,w3g128,w2g64 --vq d4b8,d8b16,m2d8b8 > "$out/bench.md" 2>&1
@@ -75,13 +83,21 @@ for step in "${steps[@]}"; do
           > "$out/rotation_cost.md" 2>&1
       cat "$out/rotation_cost.md" ;;
     tests)
-      # pytest-xdist, when carried in .wheels (pip download --no-deps -d .wheels pytest-xdist execnet), compiles
-      # the suite's kernels on several cores at once
-      par=(); python3 -c "import xdist" 2> /dev/null && par=(-n 8)
-      TRITON_INTERPRET=0 timeout "$(left 120)" python3 -m pytest -q -p no:cacheprovider "${par[@]}" \
-          "$src/tests/test_kernels.py" "$src/tests/test_kernel_hadamard.py" "$src/tests/test_kernel_codebook.py" \
-          "$src/tests/test_kernel_aq.py" "$src/tests/test_kernel_kv.py" > "$out/tests.txt" 2>&1
-      echo "kernel tests (compiled): $(tail -n 1 "$out/tests.txt")" ;;
+      # pytest-xdist (on the image) compiles the suite's kernels on several cores at once. A worker that dies
+      # (a crash in compiled code) stops xdist without naming the cause: then the suite runs again in one
+      # process, stopping at the first failure, with faulthandler's stack of a crash (tests_serial.txt).
+      files=("$src/tests/test_kernels.py" "$src/tests/test_kernel_hadamard.py" "$src/tests/test_kernel_codebook.py"
+             "$src/tests/test_kernel_aq.py" "$src/tests/test_kernel_kv.py")
+      par=(); python3 -c "import xdist" 2> /dev/null && par=(-n 8 -p no:benchmark)
+      TRITON_INTERPRET=0 timeout "$(left 150)" python3 -m pytest -q -rfE -p no:cacheprovider "${par[@]}" \
+          "${files[@]}" > "$out/tests.txt" 2>&1
+      echo "kernel tests (compiled): $(tail -n 1 "$out/tests.txt")"
+      if grep -q "INTERNALERROR\|crashed" "$out/tests.txt"; then
+        TRITON_INTERPRET=0 timeout "$(left 120)" python3 -X faulthandler -m pytest -x -q -rfE -p no:cacheprovider \
+            -p no:xdist "${files[@]}" > "$out/tests_serial.txt" 2>&1
+        echo "kernel tests (compiled, one process, to the first failure): $(tail -n 1 "$out/tests_serial.txt")"
+        grep -m 20 -B2 -A12 "Fatal Python error\|^FAILED\|Error" "$out/tests_serial.txt" | head -n 60
+      fi ;;
     generate)
       if [ -z "${QK_FOLDER:-}" ]; then echo "generate: set QK_FOLDER to a quantized folder"; continue; fi
       timeout "$(left 240)" python3 "$src/benchmarks/kernel_vs_reference.py" "$QK_FOLDER" > "$out/generate.txt" 2>&1
@@ -90,7 +106,14 @@ for step in "${steps[@]}"; do
       timeout "$(left 60)" python3 "$src/benchmarks/kv_attention_bench.py" > "$out/kv_attention.md" 2>&1
       timeout "$(left 45)" python3 "$src/benchmarks/kv_attention_bench.py" --pre-rope --bits 1 --channels 8 \
           >> "$out/kv_attention.md" 2>&1
-      cat "$out/kv_attention.md" ;;
-    *) echo "unknown step $step (warm, bench, decode, rotation, tests, kvattn, generate)" ;;
+      cat "$out/kv_attention.md"
+      # the kernel's tile and warps around its defaults (64 tokens, 8 warps), at two lengths and batches
+      for cfg in "32 4" "64 4" "128 8" "32 8"; do
+        set -- $cfg
+        timeout "$(left 30)" python3 "$src/benchmarks/kv_attention_bench.py" --contexts 4096 32768 --batches 1 8 \
+            --block-t "$1" --num-warps "$2" >> "$out/kv_attention_sweep.md" 2>&1
+      done
+      grep -v "^|---" "$out/kv_attention_sweep.md" ;;
+    *) echo "unknown step $step (tests, kvattn, warm, bench, codebooks, decode, rotation, generate)" ;;
   esac
 done

@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode batches (<= 8 rows) on the GEMM path too, as benchmarks/kernel_bench.py times them")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 128],
                    help="rows of the input: GEMV for <= 8, GEMM above (default 1 16 128)")
-    p.add_argument("--formats", nargs="+", type=BenchScheme.parse,
+    p.add_argument("--formats", nargs="*", type=BenchScheme.parse,
                    default=[BenchScheme.parse(f) for f in DEFAULT_FORMATS],
                    help="as benchmarks/kernel_bench.py takes them, e.g. w4g128, w3g-1 (per channel), w4g128-sym; "
                         f"default {' '.join(DEFAULT_FORMATS)}")

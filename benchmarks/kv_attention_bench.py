@@ -91,7 +91,8 @@ def _row(B: int, T: int, a: argparse.Namespace) -> str:
     K = layer.decode(layer.store_keys, "keys").half()
     V = layer.decode(layer.store_values, "values").half()
     ref = sdpa(q.unsqueeze(2), K, V, enable_gqa=True).squeeze(2).float()
-    err = ((decode_attention(layer, q) - ref).abs().max() / ref.abs().max()).item()
+    opts = {k: v for k, v in (("block_t", a.block_t), ("num_warps", a.num_warps), ("splits", a.splits)) if v}
+    err = ((decode_attention(layer, q, **opts) - ref).abs().max() / ref.abs().max()).item()
     if err > 5e-3:
         raise SystemExit(f"kernel output differs from the reference by {err:.2e} (batch {B}, context {T})")
 
@@ -103,11 +104,12 @@ def _row(B: int, T: int, a: argparse.Namespace) -> str:
     EAGER.clear()
     t_fp = _time(lambda: sdpa(q.unsqueeze(2), K, V, enable_gqa=True), a.iters, dev, "fp16")
     t_dq = _time(dequantized, a.iters, dev, "dequantize")
-    t_k = _time(lambda: decode_attention(layer, q), a.iters, dev, "kernel")
+    t_k = _time(lambda: decode_attention(layer, q, **opts), a.iters, dev, "kernel")
     held = (*layer.store_keys.values(), *layer.store_values.values(), *layer.centroids.values())
     nbytes = sum(t.numel() * t.element_size() for t in held)
+    timed = "eager: " + ", ".join(EAGER) if EAGER else "graph" if dev == "cuda" else "wall clock"
     return (f"| {B} | {T} | {t_fp:.1f} | {t_dq:.1f} | {t_k:.1f} | {t_fp / t_k:.2f}× | {nbytes / 2**20:.2f} | "
-            f"{nbytes / t_k / 1e3:.1f} | {'eager: ' + ', '.join(EAGER) if EAGER else 'graph' if dev == 'cuda' else 'wall clock'} |")
+            f"{nbytes / t_k / 1e3:.1f} | {timed} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--pre-rope", action="store_true", help="keys coded before RoPE (turned in the kernel)")
-    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--iters", type=int, default=50, help="repetitions off CUDA (CUDA: do_bench's 100 ms)")
+    p.add_argument("--block-t", type=int, default=None, help="kernel tokens per tile (default: the kernel's)")
+    p.add_argument("--num-warps", type=int, default=None, help="kernel warps (default: the kernel's)")
+    p.add_argument("--splits", type=int, default=None, help="kernel programs per sequence and head (default: the "
+                   "kernel's)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 iterations: checks the script runs")
     a = p.parse_args(argv)
     if a.smoke:
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     HQ, HKV, D = a.heads, a.kv_heads, a.head_dim
     name = torch.cuda.get_device_name() if a.device == "cuda" else a.device
     print(f"{name}; one layer, {HQ} query / {HKV} KV heads of {D}; CQ {a.bits} bits per channel, c = {a.channels}"
-          f"{', pre-RoPE keys' if a.pre_rope else ''}; "
+          f"{', pre-RoPE keys' if a.pre_rope else ''}; kernel block_t {a.block_t or 'default'}, num_warps "
+          f"{a.num_warps or 'default'}, splits {a.splits or 'default'}; "
           + ("medians of CUDA-graph replays with L2 cleared" if a.device == "cuda" else f"median of {a.iters}"))
     print("| batch | context | fp16 SDPA µs | dequantize + SDPA µs | kernel µs | kernel vs fp16 | codes+tables MiB |"
           " kernel GB/s | timed |")

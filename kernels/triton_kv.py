@@ -30,6 +30,8 @@ import triton.language as tl
 
 __all__ = ["cq_decode_attention", "is_interpreted", "merge_attention"]
 
+PROGRAMS = 1024  # the default split count's target: programs per launch
+
 
 @triton.jit
 def _gather(codes_ptr, table_ptr, offs_t, t_mask, offs_d, d_mask, stride_ct, hk,
@@ -136,8 +138,9 @@ def cq_decode_attention(q: torch.Tensor, key_codes: torch.Tensor, value_codes: t
     uint8 [B, H_kv, T, packed bytes], tables [H_kv, D/c, 2^code_bits, c]; pre-RoPE keys with ``positions``
     [B, T] and the rotary ``inv_freq`` [r/2]. Returns the store's softmax output [B, H_q, D] (float32) and its
     log-sum-exp [B, H_q] (of the scaled scores), for :func:`merge_attention`. ``splits``: programs per sequence
-    and head (default: enough for about 128 programs). 64 tokens a tile on 8 warps compiles without spills for
-    heads of 64 and 128 channels, pre-RoPE keys included (tests/test_kernel_aot.py)."""
+    and head (default: enough for about 1,024 programs, several per multiprocessor, so that many tiles' dependent
+    loads, code then centroid, are in flight at once; at most one per tile). 64 tokens a tile on 8 warps compiles
+    without spills for heads of 64 and 128 channels, pre-RoPE keys included (tests/test_kernel_aot.py)."""
     B, HQ, D = q.shape
     _, HKV, T, _ = key_codes.shape
     _, G, K, C = key_table.shape
@@ -154,7 +157,8 @@ def cq_decode_attention(q: torch.Tensor, key_codes: torch.Tensor, value_codes: t
         positions = positions.to(torch.int32).contiguous()
         inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
     n_tiles = triton.cdiv(T, block_t)
-    splits = max(1, min(splits or max(1, 128 // (B * HQ)), n_tiles))
+    # An H200 ran 128 programs (the earlier default) at 24 GB/s: one tile in flight per multiprocessor.
+    splits = max(1, min(splits or triton.cdiv(PROGRAMS, B * HQ), n_tiles))
     acc = torch.empty(B * HQ * splits, D, device=q.device, dtype=torch.float32)
     m = torch.empty(B * HQ * splits, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)

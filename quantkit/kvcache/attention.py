@@ -68,7 +68,8 @@ def decode_attention(layer: CQLayer, q: torch.Tensor, scale: float | None = None
             q, layer.store_keys["codes"], layer.store_values["codes"], layer._table("keys", q.device),
             layer._table("values", q.device), code_bits=layer.code_bits, sm_scale=scale,
             positions=None if rope is None else layer.store_keys["positions"][:, 0],
-            inv_freq=None if rope is None else rope.inv_freq, rope_scale=1.0 if rope is None else rope.scaling,
+            inv_freq=None if rope is None else rope.inv_freq_on(q.device),
+            rope_scale=1.0 if rope is None else rope.scaling,
             **kernel_options))
     if len(parts) == 1:
         return parts[0][0]

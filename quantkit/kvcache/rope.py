@@ -50,6 +50,15 @@ class Rope:
         self.inv_freq = inv_freq.detach().float().cpu()
         self.scaling = float(scaling)
         self.rotary_dim = 2 * self.inv_freq.numel()
+        self._copies: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq_on(self, device: torch.device | str) -> torch.Tensor:
+        """``inv_freq`` on ``device``, copied there once: a decode step then makes no host-to-device copy (which
+        would also keep the step out of a CUDA graph)."""
+        device = torch.device(device)
+        if device not in self._copies:
+            self._copies[device] = self.inv_freq.to(device)
+        return self._copies[device]
 
     @classmethod
     def of(cls, model) -> Rope:
@@ -113,7 +122,7 @@ class Rope:
 
     def _cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [B, 1, n, r] (float32) at ``positions`` [B, n]."""
-        freqs = positions.to(device=device, dtype=torch.float32).unsqueeze(-1) * self.inv_freq.to(device)
+        freqs = positions.to(device=device, dtype=torch.float32).unsqueeze(-1) * self.inv_freq_on(device)
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()
 
