@@ -322,12 +322,16 @@ def vq_dequant_variants(N: int, K: int, *, dim: int, bits: int, dtype: torch.dty
 
 
 def kv_attention_variants(B: int, HQ: int, HKV: int, D: int, T: int, *, channels: int, bits: int,
-                          pre_rope: bool = False, dtype: torch.dtype = torch.float16, block_t: int = 64,
-                          splits: int = 4, num_warps: int = 8) -> list[Variant]:
+                          pre_rope: bool = False, dtype: torch.dtype = torch.float16, block_t: int | None = None,
+                          splits: int = 4, num_warps: int | None = None) -> list[Variant]:
     """The CQ decode-attention launch (quantkit.kernels.triton_kv.cq_decode_attention) for ``B`` sequences of
-    ``HQ`` query heads over ``T`` stored tokens of ``HKV`` KV heads of ``D`` channels, contiguous tensors."""
+    ``HQ`` query heads over ``T`` stored tokens of ``HKV`` KV heads of ``D`` channels, contiguous tensors; tile and
+    warps default to the launcher's."""
+    from quantkit.kernels import triton_kv
     from quantkit.kvcache.packing import packed_bytes
 
+    block_t = block_t or triton_kv.BLOCK_T  # the launcher's defaults
+    num_warps = num_warps or triton_kv.default_warps(pre_rope)
     code_bits = channels * bits
     P = packed_bytes(D // channels, code_bits)
     # (q, key codes, value codes, key table, value table, positions, inv_freq, acc, m, l, T, sm_scale, rope_scale,

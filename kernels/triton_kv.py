@@ -31,6 +31,16 @@ import triton.language as tl
 __all__ = ["cq_decode_attention", "is_interpreted", "merge_attention"]
 
 PROGRAMS = 1024  # the default split count's target: programs per launch
+# Default tile and warps: on an H200 (Llama-3-8B heads, CQ 2-bit, 4k and 32k tokens, batch 1 and 8) 64 tokens on
+# 4 warps ran 1.18-1.27x faster than on 8, and 32 on 4 or 128 on 8 fell between (BENCHMARKS.md). Pre-RoPE keys
+# hold both halves and their angles too: on 4 warps that tile spills (sm_90), so they keep 8.
+BLOCK_T = 64
+NUM_WARPS = 4
+NUM_WARPS_PRE_ROPE = 8
+
+
+def default_warps(pre_rope: bool) -> int:
+    return NUM_WARPS_PRE_ROPE if pre_rope else NUM_WARPS
 
 
 @triton.jit
@@ -132,15 +142,16 @@ def is_interpreted() -> bool:
 def cq_decode_attention(q: torch.Tensor, key_codes: torch.Tensor, value_codes: torch.Tensor,
                         key_table: torch.Tensor, value_table: torch.Tensor, *, code_bits: int, sm_scale: float,
                         positions: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
-                        rope_scale: float = 1.0, block_t: int = 64, splits: int | None = None,
-                        num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                        rope_scale: float = 1.0, block_t: int = BLOCK_T, splits: int | None = None,
+                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [B, H_q, D] (one token per sequence) over a CQ store: ``key_codes``/``value_codes``
     uint8 [B, H_kv, T, packed bytes], tables [H_kv, D/c, 2^code_bits, c]; pre-RoPE keys with ``positions``
     [B, T] and the rotary ``inv_freq`` [r/2]. Returns the store's softmax output [B, H_q, D] (float32) and its
     log-sum-exp [B, H_q] (of the scaled scores), for :func:`merge_attention`. ``splits``: programs per sequence
     and head (default: enough for about 1,024 programs, several per multiprocessor, so that many tiles' dependent
-    loads, code then centroid, are in flight at once; at most one per tile). 64 tokens a tile on 8 warps compiles
-    without spills for heads of 64 and 128 channels, pre-RoPE keys included (tests/test_kernel_aot.py)."""
+    loads, code then centroid, are in flight at once; at most one per tile). The default tile (``BLOCK_T`` tokens on
+    ``default_warps(pre_rope)`` warps) compiles without spills for heads of 64 and 128 channels, pre-RoPE keys included
+    (tests/test_kernel_aot.py)."""
     B, HQ, D = q.shape
     _, HKV, T, _ = key_codes.shape
     _, G, K, C = key_table.shape
@@ -172,7 +183,7 @@ def cq_decode_attention(q: torch.Tensor, key_codes: torch.Tensor, value_codes: t
         HQ=HQ, HKV=HKV, D=D, C=C, CODE_BITS=code_bits, PRE_ROPE=pre_rope,
         ROT=rot, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(D), SPLITS=splits,
         HALF_P=triton.next_power_of_2(max(1, rot // 2)), PASS_P=triton.next_power_of_2(max(1, D - rot)),
-        num_warps=num_warps, num_stages=1,
+        num_warps=num_warps or default_warps(pre_rope), num_stages=1,
     )
     m = m.view(B, HQ, splits)
     m_max = m.max(-1, keepdim=True).values
