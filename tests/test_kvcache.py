@@ -324,7 +324,8 @@ def test_cq_cache_tables_round_trip(tiny, tokens, tables, tmp_path):
 
 @pytest.mark.parametrize("spec", ["kivi:bits=2,group_size=8,residual=10,sink=3", "kivi:bits=4,group_size=12",
                                   "cq:bits=2,channels=4,residual=5,sink=2", "cq:bits=1,channels=8,residual=0",
-                                  "cq:bits=4,channels=2,residual=3,keys=pre-rope"])
+                                  "cq:bits=4,channels=2,residual=3,keys=pre-rope",
+                                  "cq:bits=2,channels=4,residual=2,keys=pre-rope,outliers=3"])
 @pytest.mark.parametrize("context", [1, 40, 97])
 def test_bits_formula_matches_the_bytes_held(tiny, spec, context):
     cfg = tiny.config
@@ -356,15 +357,17 @@ def test_bits_hand_counted():
     assert bits_per_element("fp", 64, 100) == 16
     # pre-RoPE keys: plus one int32 position per stored token and layer, shared by the 4 KV heads
     assert bits_per_element("cq:bits=2,channels=4,residual=0,keys=pre-rope", 64, 4096, 4) == 3.0 + 32 / 4 / 128
+    # key outliers: per token and head, 2 x (16-bit value + 8-bit index) over its 128 key and value elements
+    assert bits_per_element("cq:bits=2,channels=4,residual=0,outliers=2", 64, 4096) == 3.0 + 2 * 24 / 128
 
 
 # ---- schemes ----
 
 @pytest.mark.parametrize("spec", [{"method": "kivi", "bits": 4, "group_size": 32, "residual": 128, "sink": 4},
                                   {"method": "cq", "bits": 1, "channels": 8, "residual": 0, "sink": 0,
-                                   "keys": "post-rope"},
+                                   "keys": "post-rope", "outliers": 0},
                                   {"method": "cq", "bits": 2, "channels": 4, "residual": 8, "sink": 1,
-                                   "keys": "pre-rope"},
+                                   "keys": "pre-rope", "outliers": 2},
                                   {"method": "quanto", "bits": 2, "group_size": 64, "residual": 128, "axis_key": 0,
                                    "axis_value": 0},
                                   {"method": "fp"}])
@@ -385,6 +388,7 @@ def test_scheme_round_trips(spec):
     ({"method": "cq", "bits": 2, "channels": 8}, "kv_cache.channels"),
     ({"method": "cq", "channels": 3}, "kv_cache.channels"),
     ({"method": "cq", "keys": "pre"}, "kv_cache.keys"),
+    ({"method": "cq", "outliers": -1}, "kv_cache.outliers"),
     ({"method": "quanto", "bits": 8}, "kv_cache.bits"),
     ({"method": "kivy"}, "kv_cache.method"),
     ({"bits": 2}, "kv_cache.method"),
@@ -402,6 +406,29 @@ def test_model_dependent_checks(tiny, tables):
         kv_cache(tiny, "cq:bits=2,channels=4")
     with pytest.raises(QuantkitError, match="fitted for bits=2"):
         kv_cache(tiny, "cq:bits=1,channels=8", tables)
+    with pytest.raises(QuantkitError, match="kv_cache.outliers.*head size 24"):
+        kv_cache(tiny, "cq:bits=2,channels=4,outliers=24", tables)
+
+
+def test_key_outliers_keep_the_worst_coded_channels_exact(tiny, tables):
+    """Each stored token's keys read back exactly on its ``outliers`` worst-coded channels, which are the channels
+    the plain code misses most; values are untouched, and the error only falls."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 40, 24, generator=g), torch.randn(1, 2, 40, 24, generator=g)
+    reads = {}
+    for n in (0, 3):
+        layer = kv_cache(tiny, f"cq:bits=2,channels=4,residual=0,outliers={n}", tables).layers[0]
+        reads[n] = layer.update(k, v)
+    (k0, v0), (k3, v3) = reads[0], reads[3]
+    assert torch.equal(v0, v3)
+    worst = (k - k0).abs().topk(3, dim=-1).indices
+    assert torch.equal(k3.gather(-1, worst), k.gather(-1, worst).half().float())
+    assert torch.equal(k3.scatter(-1, worst, 0.0), k0.scatter(-1, worst, 0.0))  # elsewhere the code's values
+    assert (k - k3).square().sum() < 0.8 * (k - k0).square().sum()
+    from quantkit.kvcache.attention import decode_attention
+
+    with pytest.raises(NotImplementedError, match="outliers"):
+        decode_attention(layer, torch.randn(1, 4, 24))
 
 
 # ---- pre-RoPE keys ----

@@ -171,13 +171,15 @@ class CQLayer(QuantizedKVLayer):
     ``value_centroids`` [H, D/c, 2^(c·b), c] (fp16) and optional channel weights [H, D/c, c] for the encoding
     distance. Every token is coded on its own, so the flush block is one token. With ``rope`` the keys are coded
     before RoPE: the rotation comes off before coding and goes back on when the store is read, at each token's
-    position, kept with its code (int32)."""
+    position, kept with its code (int32). With ``outliers`` each token's keys keep that many channels exactly
+    beside the code: those the code reproduces worst (largest weighted error), as fp16 values with one-byte channel
+    indices, written over the decoded keys (before RoPE goes back on)."""
 
     def __init__(self, *, code_bits: int, key_centroids: torch.Tensor, value_centroids: torch.Tensor,
                  residual: int, sink: int, key_weights: torch.Tensor | None = None,
-                 value_weights: torch.Tensor | None = None, rope: Rope | None = None):
+                 value_weights: torch.Tensor | None = None, rope: Rope | None = None, outliers: int = 0):
         super().__init__(residual=residual, sink=sink, block=1)
-        self.code_bits, self.rope = code_bits, rope
+        self.code_bits, self.rope, self.outliers = code_bits, rope, outliers
         self.centroids = {"keys": key_centroids, "values": value_centroids}
         self.weights = {"keys": key_weights, "values": value_weights}
 
@@ -192,14 +194,24 @@ class CQLayer(QuantizedKVLayer):
         pre_rope = kind == "keys" and self.rope is not None
         if pre_rope:
             x = self.rope.remove(x.float(), positions)
-        out = {"codes": cq_encode(x, self._table(kind, x.device), self.code_bits,
-                                  None if w is None else w.to(x.device))}
+        table = self._table(kind, x.device)
+        w = None if w is None else w.to(x.device)
+        out = {"codes": cq_encode(x, table, self.code_bits, w)}
+        if kind == "keys" and self.outliers:
+            err = (x.float() - cq_decode(out["codes"], table, self.code_bits)).abs()
+            if w is not None:  # [H, D/c, c]: the encoding distance's channel weights
+                err = err * w.reshape(1, w.shape[0], 1, -1).sqrt()
+            idx = err.topk(self.outliers, dim=-1).indices.sort(dim=-1).values
+            out["outlier_index"] = idx.to(torch.uint8)
+            out["outlier_value"] = x.gather(-1, idx).to(torch.float16)
         if pre_rope:
             out["positions"] = positions.to(torch.int32).unsqueeze(1)  # [B, 1, n]
         return out
 
     def decode(self, t: Store, kind: str) -> torch.Tensor:
         x = cq_decode(t["codes"], self._table(kind, t["codes"].device), self.code_bits)
+        if "outlier_index" in t:
+            x = x.scatter(-1, t["outlier_index"].long(), t["outlier_value"].float())
         if kind == "keys" and self.rope is not None:
             x = self.rope.apply(x, t["positions"][:, 0])
         return x
