@@ -302,6 +302,8 @@ def test_cq_encode_decode_reads_centroids_back():
     packed = cq_encode(x, C, 4)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 2, 7, 2)
     assert torch.equal(cq_decode(packed, C, 4), x)
+    y = torch.randn(3, 2, 7, 16, generator=g)  # a mask that keeps every channel changes nothing
+    assert torch.equal(cq_encode(y, C, 4, keep=torch.ones_like(y, dtype=torch.bool)), cq_encode(y, C, 4))
 
 
 def test_cq_cache_tables_round_trip(tiny, tokens, tables, tmp_path):
@@ -412,7 +414,8 @@ def test_model_dependent_checks(tiny, tables):
 
 def test_key_outliers_keep_the_worst_coded_channels_exact(tiny, tables):
     """Each stored token's keys read back exactly on its ``outliers`` worst-coded channels, which are the channels
-    the plain code misses most; values are untouched, and the error only falls."""
+    the plain code misses most; their groups' other channels are coded at least as well as before, the other
+    groups as before, values untouched."""
     g = torch.Generator().manual_seed(3)
     k, v = torch.randn(1, 2, 40, 24, generator=g), torch.randn(1, 2, 40, 24, generator=g)
     reads = {}
@@ -423,7 +426,14 @@ def test_key_outliers_keep_the_worst_coded_channels_exact(tiny, tables):
     assert torch.equal(v0, v3)
     worst = (k - k0).abs().topk(3, dim=-1).indices
     assert torch.equal(k3.gather(-1, worst), k.gather(-1, worst).half().float())
-    assert torch.equal(k3.scatter(-1, worst, 0.0), k0.scatter(-1, worst, 0.0))  # elsewhere the code's values
+    # elsewhere the code's values, coded again where a group lost a channel: never further from the keys there
+    groups = torch.zeros_like(k, dtype=torch.bool).scatter_(-1, worst, True).view(1, 2, 40, 6, 4).any(-1)
+    same = ~groups.repeat_interleave(4, dim=-1)
+    assert torch.equal(k3[same], k0[same])
+    kept = torch.ones_like(same).scatter_(-1, worst, False)
+    e3, e0 = ((k - k3).square() * kept).view(1, 2, 40, 6, 4).sum(-1), ((k - k0).square() * kept).view(
+        1, 2, 40, 6, 4).sum(-1)
+    assert (e3 <= e0 + 1e-6).all() and (e3 < e0 - 1e-6).any()
     assert (k - k3).square().sum() < 0.8 * (k - k0).square().sum()
     from quantkit.kvcache.attention import decode_attention
 

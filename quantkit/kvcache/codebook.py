@@ -183,13 +183,29 @@ def fit_codebooks(X: torch.Tensor, channels: int, code_bits: int, *, iters: int 
     return C.reshape(H, G, 2**code_bits, c).to(torch.float16)
 
 
-def cq_encode(x: torch.Tensor, C: torch.Tensor, code_bits: int, w: torch.Tensor | None = None) -> torch.Tensor:
+def _nearest_masked(X: torch.Tensor, C: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """:func:`nearest_centroid` with a weight per vector and channel, ``A`` [P, N, c] (0 leaves a channel out of
+    that vector's distance): ``argmin_k Σ_j A_vj (x_vj − C_kj)²``."""
+    C2 = (C * C).transpose(1, 2)  # [P, c, K]
+    Ct = C.transpose(1, 2)
+    return torch.cat([(torch.bmm(A[:, b], C2) - 2 * torch.bmm(A[:, b] * X[:, b], Ct)).argmin(-1)
+                      for b in _blocks(X, C.shape[1])], dim=1)
+
+
+def cq_encode(x: torch.Tensor, C: torch.Tensor, code_bits: int, w: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [B, H, n, D], tables ``C`` [H, G, K, c], weights ``w`` [H, G, c] -> packed codes uint8
-    [B, H, n, packed G]: the index of each channel group's nearest centroid."""
+    [B, H, n, packed G]: the index of each channel group's nearest centroid. ``keep`` [B, H, n, D] (bool) leaves
+    the channels it marks False out of their group's distance (channels stored apart, as key outliers are)."""
     B, H, n, D = x.shape
     _, G, K, c = C.shape
     Xg = x.float().reshape(B, H, n, G, c).permute(1, 3, 0, 2, 4).reshape(H * G, B * n, c)
-    codes = nearest_centroid(Xg, C.float().reshape(H * G, K, c), None if w is None else w.reshape(H * G, c))
+    Cg, wg = C.float().reshape(H * G, K, c), None if w is None else w.reshape(H * G, c).float()
+    if keep is None:
+        codes = nearest_centroid(Xg, Cg, wg)
+    else:
+        A = keep.float().reshape(B, H, n, G, c).permute(1, 3, 0, 2, 4).reshape(H * G, B * n, c)
+        codes = _nearest_masked(Xg, Cg, A if wg is None else A * wg.unsqueeze(1))
     codes = codes.reshape(H, G, B, n).permute(2, 0, 3, 1)
     return pack_uint8(codes, code_bits)
 

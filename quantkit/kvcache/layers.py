@@ -173,7 +173,8 @@ class CQLayer(QuantizedKVLayer):
     before RoPE: the rotation comes off before coding and goes back on when the store is read, at each token's
     position, kept with its code (int32). With ``outliers`` each token's keys keep that many channels exactly
     beside the code: those the code reproduces worst (largest weighted error), as fp16 values with one-byte channel
-    indices, written over the decoded keys (before RoPE goes back on)."""
+    indices, written over the decoded keys (before RoPE goes back on); their groups are coded again with those
+    channels left out of the distance."""
 
     def __init__(self, *, code_bits: int, key_centroids: torch.Tensor, value_centroids: torch.Tensor,
                  residual: int, sink: int, key_weights: torch.Tensor | None = None,
@@ -202,6 +203,9 @@ class CQLayer(QuantizedKVLayer):
             if w is not None:  # [H, D/c, c]: the encoding distance's channel weights
                 err = err * w.reshape(1, w.shape[0], 1, -1).sqrt()
             idx = err.topk(self.outliers, dim=-1).indices.sort(dim=-1).values
+            # The outliers' groups coded again on their other channels: the stored values replace the rest.
+            keep = torch.ones_like(x, dtype=torch.bool).scatter_(-1, idx, False)
+            out["codes"] = cq_encode(x, table, self.code_bits, w, keep=keep)
             out["outlier_index"] = idx.to(torch.uint8)
             out["outlier_value"] = x.gather(-1, idx).to(torch.float16)
         if pre_rope:
