@@ -23,9 +23,9 @@ Two paths, picked by the number of rows ``M`` of ``x``:
 - **Dequantize, then GEMM** (prefill): a kernel writes the dense weight [out, in] in ``x.dtype`` (the same fp32
   product, rounded once, that the reference dequantization gives), then ``x @ W.T`` runs in PyTorch (cuBLAS). With
   act-order the weight is written in stored column order and the activations are gathered into that order instead
-  (``x[:, perm] @ W_stored.T``): writing it in original order scatters every store (2.2 ms for an 11008 x 4096
-  weight on an H200, against 34 µs for the fp16 GEMV it replaces). For long inputs the GEMM dominates and the
-  dense weight costs one write.
+  (``x[:, perm] @ W_stored.T``): writing it in original order scatters every store (an 11008 x 4096 weight at 16
+  rows on an H200: 2,208 µs scattered, 115.8 µs in stored order, 35 µs for fp16 cuBLAS). For long inputs the GEMM
+  dominates and the dense weight costs one write.
 
 ``dim`` (2 to 8), ``bits`` (2 to 16) and the number of tables are compile-time constants; a ``dim`` that is not a
 power of two is padded to the next one inside the tile (masked lanes). Importing this module imports Triton;

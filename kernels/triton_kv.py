@@ -30,7 +30,10 @@ import triton.language as tl
 
 __all__ = ["cq_decode_attention", "is_interpreted", "merge_attention"]
 
-PROGRAMS = 1024  # the default split count's target: programs per launch
+# The default split count's target, programs per launch. On an H200 128 programs (the earlier target) and 1,024
+# timed the same within 4% (BENCHMARKS.md): each program's dependent gathers, code then centroid, set the time, not
+# the number of programs. The tile and warps below were measured at 1,024.
+PROGRAMS = 1024
 # Default tile and warps: on an H200 (Llama-3-8B heads, CQ 2-bit, 4k and 32k tokens, batch 1 and 8) 64 tokens on
 # 4 warps ran 1.18-1.27x faster than on 8, and 32 on 4 or 128 on 8 fell between (BENCHMARKS.md). Pre-RoPE keys
 # hold both halves and their angles too: on 4 warps that tile spills (sm_90), so they keep 8.
@@ -148,8 +151,7 @@ def cq_decode_attention(q: torch.Tensor, key_codes: torch.Tensor, value_codes: t
     uint8 [B, H_kv, T, packed bytes], tables [H_kv, D/c, 2^code_bits, c]; pre-RoPE keys with ``positions``
     [B, T] and the rotary ``inv_freq`` [r/2]. Returns the store's softmax output [B, H_q, D] (float32) and its
     log-sum-exp [B, H_q] (of the scaled scores), for :func:`merge_attention`. ``splits``: programs per sequence
-    and head (default: enough for about 1,024 programs, several per multiprocessor, so that many tiles' dependent
-    loads, code then centroid, are in flight at once; at most one per tile). The default tile (``BLOCK_T`` tokens on
+    and head (default: enough for about ``PROGRAMS`` programs, at most one per tile). The default tile (``BLOCK_T`` tokens on
     ``default_warps(pre_rope)`` warps) compiles without spills for heads of 64 and 128 channels, pre-RoPE keys included
     (tests/test_kernel_aot.py)."""
     B, HQ, D = q.shape
@@ -168,7 +170,6 @@ def cq_decode_attention(q: torch.Tensor, key_codes: torch.Tensor, value_codes: t
         positions = positions.to(torch.int32).contiguous()
         inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
     n_tiles = triton.cdiv(T, block_t)
-    # An H200 ran 128 programs (the earlier default) at 24 GB/s: one tile in flight per multiprocessor.
     splits = max(1, min(splits or triton.cdiv(PROGRAMS, B * HQ), n_tiles))
     acc = torch.empty(B * HQ * splits, D, device=q.device, dtype=torch.float32)
     m = torch.empty(B * HQ * splits, device=q.device, dtype=torch.float32)
