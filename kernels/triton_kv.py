@@ -151,9 +151,9 @@ def cq_decode_attention(q: torch.Tensor, key_codes: torch.Tensor, value_codes: t
     uint8 [B, H_kv, T, packed bytes], tables [H_kv, D/c, 2^code_bits, c]; pre-RoPE keys with ``positions``
     [B, T] and the rotary ``inv_freq`` [r/2]. Returns the store's softmax output [B, H_q, D] (float32) and its
     log-sum-exp [B, H_q] (of the scaled scores), for :func:`merge_attention`. ``splits``: programs per sequence
-    and head (default: enough for about ``PROGRAMS`` programs, at most one per tile). The default tile (``BLOCK_T`` tokens on
-    ``default_warps(pre_rope)`` warps) compiles without spills for heads of 64 and 128 channels, pre-RoPE keys included
-    (tests/test_kernel_aot.py)."""
+    and head (default: enough for about ``PROGRAMS`` programs, at most one per tile). The default tile
+    (``BLOCK_T`` tokens on ``default_warps(pre_rope)`` warps) compiles without spills for heads of 64 and 128
+    channels, pre-RoPE keys included (tests/test_kernel_aot.py)."""
     B, HQ, D = q.shape
     _, HKV, T, _ = key_codes.shape
     _, G, K, C = key_table.shape
