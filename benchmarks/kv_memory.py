@@ -75,7 +75,9 @@ def one(spec: str, a) -> dict:
     tables = None
     if isinstance(scheme, CQScheme):
         # kv_ppl.py's file name for its default calibration (16 x 1024 C4 tokens, 20 iterations, seed 0)
-        name = f"cq_b{scheme.bits}_c{scheme.channels}_nsamples16_seqlen1024_iters20_sample16384_seed0.safetensors"
+        keys = "_pre-rope" if scheme.pre_rope else ""
+        name = (f"cq_b{scheme.bits}_c{scheme.channels}{keys}_nsamples16_seqlen1024_iters20_sample16384_seed0"
+                ".safetensors")
         path = Path(a.tables_dir) / name if a.tables_dir else None
         if path is not None and path.is_file():
             tables = CQTables.load(path)
