@@ -327,7 +327,7 @@ def test_cq_cache_tables_round_trip(tiny, tokens, tables, tmp_path):
 @pytest.mark.parametrize("spec", ["kivi:bits=2,group_size=8,residual=10,sink=3", "kivi:bits=4,group_size=12",
                                   "cq:bits=2,channels=4,residual=5,sink=2", "cq:bits=1,channels=8,residual=0",
                                   "cq:bits=4,channels=2,residual=3,keys=pre-rope",
-                                  "cq:bits=2,channels=4,residual=2,keys=pre-rope,outliers=3"])
+                                  "cq:bits=2,channels=4,residual=2,keys=pre-rope,outliers=3,value_outliers=2"])
 @pytest.mark.parametrize("context", [1, 40, 97])
 def test_bits_formula_matches_the_bytes_held(tiny, spec, context):
     cfg = tiny.config
@@ -361,15 +361,17 @@ def test_bits_hand_counted():
     assert bits_per_element("cq:bits=2,channels=4,residual=0,keys=pre-rope", 64, 4096, 4) == 3.0 + 32 / 4 / 128
     # key outliers: per token and head, 2 x (16-bit value + 8-bit index) over its 128 key and value elements
     assert bits_per_element("cq:bits=2,channels=4,residual=0,outliers=2", 64, 4096) == 3.0 + 2 * 24 / 128
+    assert bits_per_element("cq:bits=2,channels=4,residual=0,outliers=1,value_outliers=3", 64, 4096) == \
+        3.0 + 4 * 24 / 128
 
 
 # ---- schemes ----
 
 @pytest.mark.parametrize("spec", [{"method": "kivi", "bits": 4, "group_size": 32, "residual": 128, "sink": 4},
                                   {"method": "cq", "bits": 1, "channels": 8, "residual": 0, "sink": 0,
-                                   "keys": "post-rope", "outliers": 0},
+                                   "keys": "post-rope", "outliers": 0, "value_outliers": 0},
                                   {"method": "cq", "bits": 2, "channels": 4, "residual": 8, "sink": 1,
-                                   "keys": "pre-rope", "outliers": 2},
+                                   "keys": "pre-rope", "outliers": 2, "value_outliers": 1},
                                   {"method": "quanto", "bits": 2, "group_size": 64, "residual": 128, "axis_key": 0,
                                    "axis_value": 0},
                                   {"method": "fp"}])
@@ -391,6 +393,7 @@ def test_scheme_round_trips(spec):
     ({"method": "cq", "channels": 3}, "kv_cache.channels"),
     ({"method": "cq", "keys": "pre"}, "kv_cache.keys"),
     ({"method": "cq", "outliers": -1}, "kv_cache.outliers"),
+    ({"method": "cq", "value_outliers": -2}, "kv_cache.value_outliers"),
     ({"method": "quanto", "bits": 8}, "kv_cache.bits"),
     ({"method": "kivy"}, "kv_cache.method"),
     ({"bits": 2}, "kv_cache.method"),
@@ -410,31 +413,35 @@ def test_model_dependent_checks(tiny, tables):
         kv_cache(tiny, "cq:bits=1,channels=8", tables)
     with pytest.raises(QuantkitError, match="kv_cache.outliers.*head size 24"):
         kv_cache(tiny, "cq:bits=2,channels=4,outliers=24", tables)
+    with pytest.raises(QuantkitError, match="kv_cache.value_outliers.*head size 24"):
+        kv_cache(tiny, "cq:bits=2,channels=4,value_outliers=30", tables)
 
 
-def test_key_outliers_keep_the_worst_coded_channels_exact(tiny, tables):
-    """Each stored token's keys read back exactly on its ``outliers`` worst-coded channels, which are the channels
-    the plain code misses most; their groups' other channels are coded at least as well as before, the other
-    groups as before, values untouched."""
+@pytest.mark.parametrize("kind", ["keys", "values"])
+def test_outliers_keep_the_worst_coded_channels_exact(tiny, tables, kind):
+    """Each stored token's keys (values) read back exactly on their ``outliers`` (``value_outliers``) worst-coded
+    channels, which are the channels the plain code misses most; their groups' other channels are coded at least as
+    well as before, the other groups as before, and the other kind is untouched."""
     g = torch.Generator().manual_seed(3)
-    k, v = torch.randn(1, 2, 40, 24, generator=g), torch.randn(1, 2, 40, 24, generator=g)
+    kv = torch.randn(1, 2, 40, 24, generator=g), torch.randn(1, 2, 40, 24, generator=g)
+    field, i = ("outliers", 0) if kind == "keys" else ("value_outliers", 1)
     reads = {}
     for n in (0, 3):
-        layer = kv_cache(tiny, f"cq:bits=2,channels=4,residual=0,outliers={n}", tables).layers[0]
-        reads[n] = layer.update(k, v)
-    (k0, v0), (k3, v3) = reads[0], reads[3]
-    assert torch.equal(v0, v3)
-    worst = (k - k0).abs().topk(3, dim=-1).indices
-    assert torch.equal(k3.gather(-1, worst), k.gather(-1, worst).half().float())
-    # elsewhere the code's values, coded again where a group lost a channel: never further from the keys there
-    groups = torch.zeros_like(k, dtype=torch.bool).scatter_(-1, worst, True).view(1, 2, 40, 6, 4).any(-1)
+        layer = kv_cache(tiny, f"cq:bits=2,channels=4,residual=0,{field}={n}", tables).layers[0]
+        reads[n] = layer.update(*kv)
+    x, x0, x3 = kv[i], reads[0][i], reads[3][i]
+    assert torch.equal(reads[0][1 - i], reads[3][1 - i])
+    worst = (x - x0).abs().topk(3, dim=-1).indices
+    assert torch.equal(x3.gather(-1, worst), x.gather(-1, worst).half().float())
+    # elsewhere the code's values, coded again where a group lost a channel: never further from x there
+    groups = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, worst, True).view(1, 2, 40, 6, 4).any(-1)
     same = ~groups.repeat_interleave(4, dim=-1)
-    assert torch.equal(k3[same], k0[same])
+    assert torch.equal(x3[same], x0[same])
     kept = torch.ones_like(same).scatter_(-1, worst, False)
-    e3, e0 = ((k - k3).square() * kept).view(1, 2, 40, 6, 4).sum(-1), ((k - k0).square() * kept).view(
-        1, 2, 40, 6, 4).sum(-1)
+    e3 = ((x - x3).square() * kept).view(1, 2, 40, 6, 4).sum(-1)
+    e0 = ((x - x0).square() * kept).view(1, 2, 40, 6, 4).sum(-1)
     assert (e3 <= e0 + 1e-6).all() and (e3 < e0 - 1e-6).any()
-    assert (k - k3).square().sum() < 0.8 * (k - k0).square().sum()
+    assert (x - x3).square().sum() < 0.8 * (x - x0).square().sum()
     from quantkit.kvcache.attention import decode_attention
 
     with pytest.raises(NotImplementedError, match="outliers"):

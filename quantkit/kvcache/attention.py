@@ -56,9 +56,9 @@ def decode_attention(layer: CQLayer, q: torch.Tensor, scale: float | None = None
     from quantkit.kernels.triton_kv import cq_decode_attention, merge_attention
 
     _check(layer, q)
-    if layer.outliers:
-        raise NotImplementedError("the decode-attention kernel does not read key outliers yet (kv_cache field "
-                                  "'outliers'); use decode_attention_reference")
+    if any(layer.outliers.values()):
+        raise NotImplementedError("the decode-attention kernel does not read outliers yet (kv_cache fields "
+                                  "'outliers', 'value_outliers'); use decode_attention_reference")
     scale = layer.head_dim**-0.5 if scale is None else scale
     fp_k = torch.cat([layer.sink_keys, layer.keys], dim=-2)
     fp_v = torch.cat([layer.sink_values, layer.values], dim=-2)

@@ -9,8 +9,8 @@ registers its builder here.
 1 — codes, fp16 scales and zeros, CQ tables (whose size does not grow with the context, so they are amortized
 over it) and the full-precision sink and residual tokens at 16 bits — divided by the number of cached key and
 value elements. A CQ cache that codes keys before RoPE also keeps each stored token's position (32 bits per token
-and layer, shared by the layer's KV heads); one with key ``outliers`` keeps, per token and KV head, that many fp16
-values with their one-byte channel indices (24 bits each).
+and layer, shared by the layer's KV heads); one with ``outliers`` (keys) or ``value_outliers`` keeps, per token and KV
+head, that many fp16 values with their one-byte channel indices (24 bits each).
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def _cq(scheme: CQScheme, config, tables: CQTables | None, model) -> Cache:
     rope = Rope.of(model) if scheme.pre_rope else None
     layers = [CQLayer(code_bits=scheme.code_bits, key_centroids=tables.key_centroids[i],
                       value_centroids=tables.value_centroids[i], key_weights=kw[i], value_weights=vw[i],
-                      residual=scheme.residual, sink=scheme.sink, rope=rope, outliers=scheme.outliers)
+                      residual=scheme.residual, sink=scheme.sink, rope=rope, outliers=scheme.outliers,
+                      value_outliers=scheme.value_outliers)
               for i in range(tables.num_layers)]
     return QuantizedKVCache(layers, scheme, tables)
 
@@ -159,6 +160,6 @@ def bits_per_element(scheme: KVScheme | dict[str, Any] | str, head_dim: int, con
         code_bits = 2 * q * groups * scheme.code_bits
         table_bits = 2 * groups * 2**scheme.code_bits * scheme.channels * 16
         position_bits = 32 * q / kv_heads if scheme.pre_rope else 0
-        outlier_bits = q * scheme.outliers * (16 + 8)  # fp16 value and one-byte channel index, keys only
+        outlier_bits = q * (scheme.outliers + scheme.value_outliers) * (16 + 8)  # fp16 value, one-byte index
         return (fp_bits + code_bits + table_bits + position_bits + outlier_bits) / (2 * context * head_dim)
     raise QuantkitError(f"no bits count for KV-cache method {scheme.method!r}")

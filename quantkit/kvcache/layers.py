@@ -171,16 +171,18 @@ class CQLayer(QuantizedKVLayer):
     ``value_centroids`` [H, D/c, 2^(c·b), c] (fp16) and optional channel weights [H, D/c, c] for the encoding
     distance. Every token is coded on its own, so the flush block is one token. With ``rope`` the keys are coded
     before RoPE: the rotation comes off before coding and goes back on when the store is read, at each token's
-    position, kept with its code (int32). With ``outliers`` each token's keys keep that many channels exactly
-    beside the code: those the code reproduces worst (largest weighted error), as fp16 values with one-byte channel
-    indices, written over the decoded keys (before RoPE goes back on); their groups are coded again with those
-    channels left out of the distance."""
+    position, kept with its code (int32). With ``outliers`` (``value_outliers``) each token's keys (values) keep
+    that many channels exactly beside the code: those the code reproduces worst (largest weighted error), as fp16
+    values with one-byte channel indices, written over the decoded vectors (before RoPE goes back on); their groups
+    are coded again with those channels left out of the distance."""
 
     def __init__(self, *, code_bits: int, key_centroids: torch.Tensor, value_centroids: torch.Tensor,
                  residual: int, sink: int, key_weights: torch.Tensor | None = None,
-                 value_weights: torch.Tensor | None = None, rope: Rope | None = None, outliers: int = 0):
+                 value_weights: torch.Tensor | None = None, rope: Rope | None = None, outliers: int = 0,
+                 value_outliers: int = 0):
         super().__init__(residual=residual, sink=sink, block=1)
-        self.code_bits, self.rope, self.outliers = code_bits, rope, outliers
+        self.code_bits, self.rope = code_bits, rope
+        self.outliers = {"keys": outliers, "values": value_outliers}
         self.centroids = {"keys": key_centroids, "values": value_centroids}
         self.weights = {"keys": key_weights, "values": value_weights}
 
@@ -198,11 +200,11 @@ class CQLayer(QuantizedKVLayer):
         table = self._table(kind, x.device)
         w = None if w is None else w.to(x.device)
         out = {"codes": cq_encode(x, table, self.code_bits, w)}
-        if kind == "keys" and self.outliers:
+        if self.outliers[kind]:
             err = (x.float() - cq_decode(out["codes"], table, self.code_bits)).abs()
             if w is not None:  # [H, D/c, c]: the encoding distance's channel weights
                 err = err * w.reshape(1, w.shape[0], 1, -1).sqrt()
-            idx = err.topk(self.outliers, dim=-1).indices.sort(dim=-1).values
+            idx = err.topk(self.outliers[kind], dim=-1).indices.sort(dim=-1).values
             # The outliers' groups coded again on their other channels: the stored values replace the rest.
             keep = torch.ones_like(x, dtype=torch.bool).scatter_(-1, idx, False)
             out["codes"] = cq_encode(x, table, self.code_bits, w, keep=keep)

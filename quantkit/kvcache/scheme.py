@@ -4,15 +4,16 @@ Canonical form (``to_dict``; ``parse_kv_scheme`` accepts it, a scheme, or the co
 ``"kivi:bits=2,group_size=64"``)::
 
     {"method": "kivi", "bits": 2, "group_size": 64, "residual": 64, "sink": 0}
-    {"method": "cq", "bits": 2, "channels": 4, "residual": 64, "sink": 0, "keys": "post-rope", "outliers": 0}
+    {"method": "cq", "bits": 2, "channels": 4, "residual": 64, "sink": 0, "keys": "post-rope", "outliers": 0,
+     "value_outliers": 0}
     {"method": "quanto", "bits": 4, "group_size": 64, "residual": 128, "axis_key": 0, "axis_value": 0}
     {"method": "fp"}
 
 ``bits`` is bits per element for the scalar methods and bits per *channel* for CQ (a code of ``channels · bits``
 bits per group of ``channels`` channels). ``residual``: the most recent tokens kept in full precision; ``sink``:
-the first tokens kept in full precision (attention sinks); CQ's ``outliers``: per token and KV head, the key
-channels the code reproduces worst kept exactly (fp16 value and channel index: KVQuant's dense-and-sparse
-keys). Errors name the field: ``field 'kv_cache.bits': ...``.
+the first tokens kept in full precision (attention sinks); CQ's ``outliers`` (``value_outliers``): per token and
+KV head, the key (value) channels the code reproduces worst kept exactly (fp16 value and channel index:
+KVQuant's dense-and-sparse form). Errors name the field: ``field 'kv_cache.bits': ...``.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class CQScheme(KVScheme):
     sink: int = 0
     keys: str = "post-rope"  # or "pre-rope": keys coded before the rotary embedding (quantkit.kvcache.rope)
     outliers: int = 0  # key channels per token and KV head kept in fp16 beside the code (the worst coded)
+    value_outliers: int = 0  # the same for values
 
     def validate(self) -> None:
         super().validate()
@@ -119,7 +121,7 @@ class CQScheme(KVScheme):
         if self.code_bits > 8:
             raise self.bad("channels", f"times bits ({self.bits}) must be at most 8 (tables of at most 256 "
                                        "centroids)")
-        self._nonneg("residual", "sink", "outliers")
+        self._nonneg("residual", "sink", "outliers", "value_outliers")
         if self.keys not in ("post-rope", "pre-rope"):
             raise self.bad("keys", "must be 'post-rope' or 'pre-rope'")
 
@@ -134,14 +136,16 @@ class CQScheme(KVScheme):
     def check_model(self, head_dim: int) -> None:
         if head_dim % self.channels:
             raise self.bad("channels", f"must divide the head size {head_dim}")
-        if self.outliers and not (self.outliers < head_dim <= 256):
-            raise self.bad("outliers", f"must be below the head size {head_dim} (of at most 256 channels: one-byte "
-                                       "channel indices)")
+        for name in ("outliers", "value_outliers"):
+            if getattr(self, name) and not (getattr(self, name) < head_dim <= 256):
+                raise self.bad(name, f"must be below the head size {head_dim} (of at most 256 channels: one-byte "
+                                     "channel indices)")
 
     @property
     def label(self) -> str:
         return (f"cq-{self.bits} c{self.channels} r{self.residual}" + (f" s{self.sink}" if self.sink else "")
-                + (" pre-rope" if self.pre_rope else "") + (f" o{self.outliers}" if self.outliers else ""))
+                + (" pre-rope" if self.pre_rope else "") + (f" o{self.outliers}" if self.outliers else "")
+                + (f" vo{self.value_outliers}" if self.value_outliers else ""))
 
 
 @dataclasses.dataclass(frozen=True)
