@@ -25,7 +25,8 @@ from quantkit.kvcache.stored import KV_FILE, use_kv_cache
 from quantkit.verify import verify
 
 CAL = dict(nsamples=4, seqlen=64)
-CQ2 = {"method": "cq", "bits": 2, "channels": 4, "residual": 8, "sink": 0, "keys": "post-rope"}
+CQ2 = {"method": "cq", "bits": 2, "channels": 4, "residual": 8, "sink": 0, "keys": "post-rope", "outliers": 0,
+       "value_outliers": 0}
 KV_ONLY = {"name": "kv-cq2", "schemes": [], "kv_cache": CQ2}
 W4_CQ2 = {"name": "w4-cq2", "schemes": [{"method": "rtn", "bits": 4, "group_size": 32}], "kv_cache": CQ2}
 
