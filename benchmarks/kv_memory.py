@@ -66,26 +66,16 @@ def one(spec: str, a) -> dict:
     """The measurement of one cache, in this process."""
     from transformers import GenerationConfig
 
-    from quantkit.kvcache import CQScheme, CQTables, calibrate_cq, kv_cache, parse_kv_scheme
+    from quantkit.kvcache import CQScheme, kv_cache, parse_kv_scheme
+    from quantkit.kvcache.calibrate import cached_calibration
     from quantkit.loading import load_model
 
     torch.manual_seed(0)
     scheme = parse_kv_scheme(spec)
     model, tok = load_model(a.model, dtype=torch.float32)
     tables = None
-    if isinstance(scheme, CQScheme):
-        # kv_ppl.py's file name for its default calibration (16 x 1024 C4 tokens, 20 iterations, seed 0)
-        keys = "_pre-rope" if scheme.pre_rope else ""
-        name = (f"cq_b{scheme.bits}_c{scheme.channels}{keys}_nsamples16_seqlen1024_iters20_sample16384_seed0"
-                ".safetensors")
-        path = Path(a.tables_dir) / name if a.tables_dir else None
-        if path is not None and path.is_file():
-            tables = CQTables.load(path)
-        else:
-            tables = calibrate_cq(model, tok, scheme, data_dir=a.data_dir, nsamples=16, seqlen=1024, seed=0)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tables.save(path)
+    if isinstance(scheme, CQScheme):  # kv_ppl.py's default calibration (16 x 1024 C4 tokens), its cached file
+        tables = cached_calibration(model, tok, scheme, a.tables_dir, data_dir=a.data_dir)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     mask = torch.ones_like(ids)
     config = GenerationConfig(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False,

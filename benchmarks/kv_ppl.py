@@ -41,26 +41,15 @@ DEFAULT_SPECS = [
 
 
 def _tables(model, tok, scheme, args):
-    from quantkit.kvcache import CQScheme, CQTables, calibrate_cq
+    from quantkit.kvcache import CQScheme
+    from quantkit.kvcache.calibrate import cached_calibration
 
     if not isinstance(scheme, CQScheme):
         return None
-    calib = {"nsamples": args.calib_nsamples, "seqlen": args.calib_seqlen, "iters": args.iters,
-             "sample": args.sample, "seed": args.seed, "fisher": args.fisher}
-    path = None
-    if args.tables_dir:
-        key = "_".join(f"{k}{v}" for k, v in calib.items() if k != "fisher") + ("_fisher" if args.fisher else "")
-        keys = "_pre-rope" if scheme.pre_rope else ""
-        path = Path(args.tables_dir) / f"cq_b{scheme.bits}_c{scheme.channels}{keys}_{key}.safetensors"
-        if path.is_file():
-            return CQTables.load(path)
-    t0 = time.time()
-    tables = calibrate_cq(model, tok, scheme, data_dir=args.data_dir, **calib)
-    logging.info("calibrated %s in %.0f s", scheme.label, time.time() - t0)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tables.save(path)
-    return tables
+    return cached_calibration(model, tok, scheme, args.tables_dir, nsamples=args.calib_nsamples,
+                              seqlen=args.calib_seqlen, iters=args.iters, sample=args.sample, seed=args.seed,
+                              fisher=args.fisher or args.channel_weights, channel_weights=args.channel_weights,
+                              data_dir=args.data_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample", type=int, default=16384, help="calibration vectors per CQ table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fisher", action="store_true", help="Fisher-guided CQ tables (quantkit.kvcache.calibrate)")
+    p.add_argument("--channel-weights", action="store_true",
+                   help="Fisher-guided CQ tables with per-channel weights too (implies --fisher)")
     p.add_argument("--tables-dir", default=None, help="cache fitted CQ tables here")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="write every row as JSON here")

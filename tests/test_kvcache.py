@@ -269,13 +269,43 @@ def test_fisher_gradients_are_the_losss_gradients(tiny):
 
 def test_fisher_tables_are_weighted_fits(tiny):
     ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
-    spec = {"method": "cq", "bits": 2, "channels": 4}
+    spec = {"method": "cq", "bits": 2, "channels": 4, "sink": 2}  # each window's first 2 tokens left out
     plain = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False)
     fisher = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False, fisher=True)
     assert fisher.calibration["weighting"] == "fisher" and plain.calibration["weighting"] == "none"
     K, V, gK, gV = collect_kv(tiny, ids, fisher=True)
-    assert torch.equal(fisher.value_centroids[2], fit_codebooks(V[2], 4, 8, iters=4, seed=2, fisher=gV[2] ** 2))
+    coded = torch.arange(8 * 64) % 64 >= 2
+    assert torch.equal(fisher.value_centroids[2], fit_codebooks(V[2][:, coded], 4, 8, iters=4, seed=2,
+                                                                fisher=gV[2][:, coded] ** 2))
     assert not torch.equal(fisher.value_centroids[2], plain.value_centroids[2])
+
+
+def test_channel_weighted_tables(tiny, tokens, tmp_path):
+    """``channel_weights``: each channel's mean squared gradient over the calibration vectors, a group's weights
+    averaging 1, weigh the k-means distance and travel with the tables into the cache's encoding."""
+    ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
+    spec = {"method": "cq", "bits": 2, "channels": 4, "residual": 0}
+    with pytest.raises(ValueError, match="fisher"):
+        calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False, channel_weights=True)
+    t = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False, fisher=True, channel_weights=True)
+    assert t.calibration["weighting"] == "fisher+channels"
+    K, V, gK, gV = collect_kv(tiny, ids, fisher=True)
+    F = gK[1] ** 2  # [H, N, D]
+    H, _, D = F.shape
+    w = F.mean(1).reshape(H, D // 4, 4)
+    w = (w / w.mean(-1, keepdim=True)).clamp(min=1e-3)
+    assert torch.allclose(t.key_weights[1], w, rtol=1e-5) and torch.allclose(t.key_weights[1].mean(-1), torch.ones(1))
+    assert t.key_weights[1].std() > 0.1  # the channels do differ
+    assert torch.equal(t.key_centroids[1], fit_codebooks(K[1], 4, 8, iters=4, seed=1, w=t.key_weights[1].flatten(1),
+                                                         fisher=F))
+    path = tmp_path / "t.safetensors"
+    t.save(path)
+    loaded = CQTables.load(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.value_weights, t.value_weights, strict=True))
+    a = chunked_logits(tiny, tokens, kv_cache(tiny, spec, loaded))
+    assert torch.equal(a, chunked_logits(tiny, tokens, kv_cache(tiny, spec, t)))
+    unweighted = CQTables(t.scheme, t.key_centroids, t.value_centroids, calibration=t.calibration)
+    assert not torch.equal(a, chunked_logits(tiny, tokens, kv_cache(tiny, spec, unweighted)))  # the encoding uses them
 
 
 def test_kmeans_is_as_good_as_plain_kmeans_and_deterministic():
@@ -304,6 +334,27 @@ def test_cq_encode_decode_reads_centroids_back():
     assert torch.equal(cq_decode(packed, C, 4), x)
     y = torch.randn(3, 2, 7, 16, generator=g)  # a mask that keeps every channel changes nothing
     assert torch.equal(cq_encode(y, C, 4, keep=torch.ones_like(y, dtype=torch.bool)), cq_encode(y, C, 4))
+
+
+def test_cq_encode_masked_searches_only_the_touched_groups():
+    """With ``keep``, each group with a dropped channel gets the centroid nearest on its kept channels (brute force
+    over the table, here), every other group its plain code; handing in the plain codes changes nothing."""
+    g = torch.Generator().manual_seed(5)
+    C = fit_codebooks(torch.randn(3, 400, 16, generator=g), 4, 4, iters=3)  # [H=3, G=4, 16, 4]
+    w = torch.rand(3, 4, 4, generator=g) + 0.5
+    y = torch.randn(2, 3, 9, 16, generator=g)
+    keep = torch.rand(y.shape, generator=g) > 0.1
+    keep[0, 0] = True  # one head of one sequence untouched
+    got = cq_decode(cq_encode(y, C, 4, w, keep=keep), C, 4)
+    d = ((y.view(2, 3, 9, 4, 1, 4) - C.float().view(1, 3, 1, 4, 16, 4)).square() * w.view(1, 3, 1, 4, 1, 4)
+         * keep.view(2, 3, 9, 4, 1, 4)).sum(-1)  # [B, H, n, G, K]
+    best = d.argmin(-1)
+    want = C.float()[torch.arange(3).view(1, 3, 1, 1), torch.arange(4).view(1, 1, 1, 4), best].reshape(2, 3, 9, 16)
+    assert torch.equal(got, want)
+    plain = cq_encode(y, C, 4, w)
+    assert torch.equal(cq_encode(y, C, 4, w, keep=keep, codes=plain), cq_encode(y, C, 4, w, keep=keep))
+    untouched = keep.view(2, 3, 9, 4, 4).all(-1).repeat_interleave(4, -1)
+    assert torch.equal(got[untouched], cq_decode(plain, C, 4)[untouched])
 
 
 def test_cq_cache_tables_round_trip(tiny, tokens, tables, tmp_path):
@@ -522,13 +573,16 @@ def test_pre_rope_cache_reads_back_exact_keys_at_the_forward_positions(tiny):
 
 
 def test_pre_rope_tables_are_fitted_on_unrotated_keys(tiny):
+    """... and on the tokens the cache codes: each window's ``sink`` first tokens stay exact, so they are left out."""
     ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
-    spec = {"method": "cq", "bits": 2, "channels": 4, "keys": "pre-rope"}
+    spec = {"method": "cq", "bits": 2, "channels": 4, "keys": "pre-rope", "sink": 3}
     pre = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False)
-    K, _ = collect_kv(tiny, ids)
+    K, V = collect_kv(tiny, ids)
+    coded = torch.arange(8 * 64) % 64 >= 3
     unrotated = unrotate_keys(K, Rope.of(tiny), 64)
-    C = fit_codebooks(unrotated[1], 4, 8, iters=4, seed=1)
+    C = fit_codebooks(unrotated[1][:, coded], 4, 8, iters=4, seed=1)
     assert torch.equal(pre.key_centroids[1], C) and pre.calibration["keys"] == "pre-RoPE"
+    assert torch.equal(pre.value_centroids[1], fit_codebooks(V[1][:, coded], 4, 8, iters=4, seed=1))
     with pytest.raises(QuantkitError, match="fitted on pre-rope keys"):
         kv_cache(tiny, "cq:bits=2,channels=4", pre)
 

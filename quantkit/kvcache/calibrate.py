@@ -8,7 +8,11 @@ Keys are fitted in the form the scheme codes them: as cached (post-RoPE), or wit
 ``fisher=True`` fits CQ's Fisher-guided centroids: one backward pass of the next-token loss per calibration
 batch gives each cached key and value its gradient, and each vector weighs in the k-means by the sum of its
 channels' squared gradients (the diagonal Fisher information), so the tables spend their centroids where an error
-moves the loss most. The layer walk of ``quantkit quantize`` has no loss to differentiate, so recipes fit
+moves the loss most. ``channel_weights=True`` (with ``fisher``) also weighs each channel of a group by its mean
+squared gradient over the calibration tokens, in the k-means distance and in the cache's encoding (the tables'
+``weights``): the diagonal Fisher factored into a per-vector and a per-channel part, so a group's centroids resolve
+the channels the loss is most sensitive to (the query-heavy key channels, the value channels ``o_proj`` amplifies)
+more finely than the others. The layer walk of ``quantkit quantize`` has no loss to differentiate, so recipes fit
 unweighted tables; Fisher-weighted ones come from here (``quantkit eval --kv-tables``, ``use_kv_cache``).
 """
 
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +34,7 @@ from quantkit.kvcache.rope import Rope
 from quantkit.kvcache.scheme import CQScheme, parse_kv_scheme
 from quantkit.kvcache.tables import CQTables
 
-__all__ = ["calibrate_cq", "collect_kv", "unrotate_keys"]
+__all__ = ["cached_calibration", "calibrate_cq", "channel_fisher", "collect_kv", "unrotate_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +102,16 @@ def unrotate_keys(keys: list[torch.Tensor], rope: Rope, seqlen: int) -> list[tor
 def calibrate_cq(model, tokenizer, scheme: CQScheme | dict[str, Any] | str, *, calib: str = "c4",
                  nsamples: int = 16, seqlen: int = 1024, seed: int = 0, iters: int = 20, sample: int = 16384,
                  data_dir: str | os.PathLike | None = None, ids: torch.Tensor | None = None,
-                 progress: bool = True, fisher: bool = False) -> CQTables:
+                 progress: bool = True, fisher: bool = False, channel_weights: bool = False) -> CQTables:
     """Tables for ``scheme`` fitted on ``nsamples`` windows of ``seqlen`` tokens (``calib`` as in
     quantkit.data, or the given ``ids`` [N, T]); k-means on at most ``sample`` vectors per table (a seeded
     random subset), ``iters`` Lloyd iterations, deterministic for a given ``seed``; ``fisher``: Fisher-guided
-    centroids (module docstring)."""
+    centroids, ``channel_weights``: per-channel Fisher weights too (module docstring)."""
     scheme = parse_kv_scheme(scheme)
     if not isinstance(scheme, CQScheme):
         raise TypeError(f"calibrate_cq needs a 'cq' scheme, got {scheme.method!r}")
+    if channel_weights and not fisher:
+        raise ValueError("channel_weights needs fisher=True (the weights are mean squared loss gradients)")
     source = calib if ids is None else "given ids"
     if ids is None:
         texts = load_calibration_texts(calib, data_dir)
@@ -114,16 +122,59 @@ def calibrate_cq(model, tokenizer, scheme: CQScheme | dict[str, Any] | str, *, c
         K = unrotate_keys(K, rope, ids.shape[1])
         if fisher:  # the gradient with respect to the pre-RoPE key: the rotation taken off it too
             grads[0] = unrotate_keys(grads[0], rope, ids.shape[1])
+    if scheme.sink:  # the cache keeps each sequence's first tokens exact: the tables never code them
+        coded = torch.arange(K[0].shape[1]).remainder(ids.shape[1]) >= scheme.sink
+        K, V, *grads = ([t[:, coded] for t in lists] for lists in (K, V, *grads))
     g = torch.Generator().manual_seed(seed)
-    kc, vc = [], []
+    kc, vc, kw, vw = [], [], [], []
     for i in tqdm(range(len(K)), desc=f"cq tables ({scheme.label})", disable=not progress):
-        for j, (X, out) in enumerate(((K[i], kc), (V[i], vc))):
+        for j, (X, out, wout) in enumerate(((K[i], kc, kw), (V[i], vc, vw))):
             F = grads[j][i].square() if fisher else None
+            w = channel_fisher(F, scheme.channels) if channel_weights else None
             if sample and X.shape[1] > sample:
                 pick = torch.randperm(X.shape[1], generator=g)[:sample]
                 X, F = X[:, pick], None if F is None else F[:, pick]
-            out.append(fit_codebooks(X, scheme.channels, scheme.code_bits, iters=iters, seed=seed + i, fisher=F))
+            out.append(fit_codebooks(X, scheme.channels, scheme.code_bits, iters=iters, seed=seed + i,
+                                     w=None if w is None else w.flatten(1), fisher=F))
+            wout.append(w)
+    weighting = ("fisher+channels" if channel_weights else "fisher") if fisher else "none"
     info = {"data": source, "nsamples": int(ids.shape[0]),
             "seqlen": int(ids.shape[1]), "seed": seed, "iters": iters, "sample": sample,
-            "keys": "pre-RoPE" if scheme.pre_rope else "post-RoPE", "weighting": "fisher" if fisher else "none"}
-    return CQTables(scheme, kc, vc, calibration=info)
+            "keys": "pre-RoPE" if scheme.pre_rope else "post-RoPE", "weighting": weighting}
+    return CQTables(scheme, kc, vc, kw if channel_weights else None, vw if channel_weights else None,
+                    calibration=info)
+
+
+def channel_fisher(F: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per-channel weights [H, D/c, c] from squared gradients ``F`` [H, N, D]: each channel's mean over the
+    vectors, scaled so a group's weights average 1 (the scale of a group's distance does not change its nearest
+    centroid), and floored at 1e-3 of that mean so no channel drops out of the distance."""
+    H, _, D = F.shape
+    w = F.mean(1).reshape(H, D // channels, channels)
+    w = w / w.mean(-1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+    return w.clamp(min=1e-3).float()
+
+
+def cached_calibration(model, tokenizer, scheme: CQScheme, tables_dir: str | os.PathLike | None, *,
+                       nsamples: int = 16, seqlen: int = 1024, iters: int = 20, sample: int = 16384, seed: int = 0,
+                       fisher: bool = False, channel_weights: bool = False, **kwargs) -> CQTables:
+    """:func:`calibrate_cq`, its tables kept in ``tables_dir`` (when given) under a name made of the scheme's code
+    form and every calibration setting, and read back from there by a later call with the same ones (the
+    benchmarks' cache: ``benchmarks/kv_ppl.py`` fits, ``benchmarks/kv_memory.py`` reuses)."""
+    calib = {"nsamples": nsamples, "seqlen": seqlen, "iters": iters, "sample": sample, "seed": seed}
+    path = None
+    if tables_dir is not None:
+        key = "_".join(f"{k}{v}" for k, v in calib.items())
+        key += ("_fisher" if fisher else "") + ("_chw" if channel_weights else "")
+        keys = ("_pre-rope" if scheme.pre_rope else "") + (f"_s{scheme.sink}" if scheme.sink else "")
+        path = Path(tables_dir) / f"cq_b{scheme.bits}_c{scheme.channels}{keys}_{key}.safetensors"
+        if path.is_file():
+            return CQTables.load(path)
+    t0 = time.time()
+    tables = calibrate_cq(model, tokenizer, scheme, **calib, fisher=fisher, channel_weights=channel_weights,
+                          **kwargs)
+    logger.info("calibrated %s in %.0f s", scheme.label, time.time() - t0)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tables.save(path)
+    return tables

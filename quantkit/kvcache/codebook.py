@@ -115,13 +115,20 @@ def _assign_near(X: torch.Tensor, C: torch.Tensor, a: torch.Tensor, w: torch.Ten
         out = torch.where(closer, cand[:, m], out)
     far = radius <= 2 * own.sqrt()  # the list may miss a nearer centroid: compare with all
     if far.any():
-        p, n = far.nonzero(as_tuple=True)
-        counts = far.sum(1)
-        pos = torch.arange(p.numel()) - (counts.cumsum(0) - counts)[p]  # rank of each such vector in its problem
-        Xf = X.new_zeros(P, int(counts.max()), c)
+        p, n, pos, width = _ragged(far)
+        Xf = X.new_zeros(P, width, c)
         Xf[p, pos] = X[p, n]
         out[p, n] = nearest_centroid(Xf, C, w)[p, pos]
     return out
+
+
+def _ragged(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The vectors ``mask`` [P, N] marks, packed problem by problem into a [P, width] block: their problem ``p``,
+    vector ``n`` and slot ``pos`` in the block (``X[p, n]`` goes to ``block[p, pos]``), and the block's width."""
+    p, n = mask.nonzero(as_tuple=True)
+    counts = mask.sum(1)
+    pos = torch.arange(p.numel(), device=mask.device) - (counts.cumsum(0) - counts)[p]
+    return p, n, pos, int(counts.max())
 
 
 def _lloyd(X: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None, iters: int,
@@ -193,21 +200,29 @@ def _nearest_masked(X: torch.Tensor, C: torch.Tensor, A: torch.Tensor) -> torch.
 
 
 def cq_encode(x: torch.Tensor, C: torch.Tensor, code_bits: int, w: torch.Tensor | None = None,
-              keep: torch.Tensor | None = None) -> torch.Tensor:
+              keep: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [B, H, n, D], tables ``C`` [H, G, K, c], weights ``w`` [H, G, c] -> packed codes uint8
     [B, H, n, packed G]: the index of each channel group's nearest centroid. ``keep`` [B, H, n, D] (bool) leaves
-    the channels it marks False out of their group's distance (channels stored apart, as key outliers are)."""
+    the channels it marks False out of their group's distance (channels stored apart, as key outliers are); only
+    the groups with such a channel are searched under it, and the others keep their plain code, which ``codes``
+    (this function's output without ``keep``) supplies when the caller has it already."""
     B, H, n, D = x.shape
     _, G, K, c = C.shape
     Xg = x.float().reshape(B, H, n, G, c).permute(1, 3, 0, 2, 4).reshape(H * G, B * n, c)
     Cg, wg = C.float().reshape(H * G, K, c), None if w is None else w.reshape(H * G, c).float()
-    if keep is None:
-        codes = nearest_centroid(Xg, Cg, wg)
+    if codes is None:
+        a = nearest_centroid(Xg, Cg, wg)
     else:
+        a = unpack_uint8(codes, code_bits, G).long().permute(1, 3, 0, 2).reshape(H * G, B * n)
+    if keep is not None:
         A = keep.float().reshape(B, H, n, G, c).permute(1, 3, 0, 2, 4).reshape(H * G, B * n, c)
-        codes = _nearest_masked(Xg, Cg, A if wg is None else A * wg.unsqueeze(1))
-    codes = codes.reshape(H, G, B, n).permute(2, 0, 3, 1)
-    return pack_uint8(codes, code_bits)
+        touched = (A < 1).any(-1)
+        if touched.any():
+            p, m, pos, width = _ragged(touched)
+            Xf, Af = Xg.new_zeros(H * G, width, c), Xg.new_ones(H * G, width, c)
+            Xf[p, pos], Af[p, pos] = Xg[p, m], A[p, m]
+            a[p, m] = _nearest_masked(Xf, Cg, Af if wg is None else Af * wg.unsqueeze(1))[p, pos]
+    return pack_uint8(a.reshape(H, G, B, n).permute(2, 0, 3, 1), code_bits)
 
 
 def cq_decode(packed: torch.Tensor, C: torch.Tensor, code_bits: int) -> torch.Tensor:

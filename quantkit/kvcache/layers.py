@@ -207,7 +207,7 @@ class CQLayer(QuantizedKVLayer):
             idx = err.topk(self.outliers[kind], dim=-1).indices.sort(dim=-1).values
             # The outliers' groups coded again on their other channels: the stored values replace the rest.
             keep = torch.ones_like(x, dtype=torch.bool).scatter_(-1, idx, False)
-            out["codes"] = cq_encode(x, table, self.code_bits, w, keep=keep)
+            out["codes"] = cq_encode(x, table, self.code_bits, w, keep=keep, codes=out["codes"])
             out["outlier_index"] = idx.to(torch.uint8)
             out["outlier_value"] = x.gather(-1, idx).to(torch.float16)
         if pre_rope:
