@@ -4,10 +4,10 @@ tables see the keys and values the quantized model will cache. KIVI needs no tab
 
 The step asks the walk for the keys and values of its final pass over the layer (``wants_kv``; the pass that makes
 the next layer's inputs, run after every step), so the layer runs no extra time. Keys are fitted in the form the
-scheme codes them: post-RoPE as cached, or with the rotation taken off at each token's position (``keys: pre-
-rope``); a scheme's sink tokens, which the cache keeps exact, are left out. The tables of each layer are stored with
-its progress (quantkit.resume) under ``kv_cache.layers.{i}.*`` and written by the assembly into their own file
-(quantkit.kvcache.stored).
+scheme codes them: post-RoPE as cached, or with the rotation taken off at each token's position
+(``keys: pre-rope``); a scheme's sink tokens, which the cache keeps exact, are left out. The tables of each layer are
+stored with its progress (quantkit.resume) under ``kv_cache.layers.{i}.*`` and written by the assembly into their own
+file (quantkit.kvcache.stored).
 """
 
 from __future__ import annotations
