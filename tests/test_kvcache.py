@@ -269,14 +269,15 @@ def test_fisher_gradients_are_the_losss_gradients(tiny):
 
 def test_fisher_tables_are_weighted_fits(tiny):
     ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
-    spec = {"method": "cq", "bits": 2, "channels": 4, "sink": 2}  # each window's first 2 tokens left out
+    spec = {"method": "cq", "bits": 2, "channels": 4, "keys": "pre-rope"}
     plain = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False)
     fisher = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False, fisher=True)
     assert fisher.calibration["weighting"] == "fisher" and plain.calibration["weighting"] == "none"
     K, V, gK, gV = collect_kv(tiny, ids, fisher=True)
-    coded = torch.arange(8 * 64) % 64 >= 2
-    assert torch.equal(fisher.value_centroids[2], fit_codebooks(V[2][:, coded], 4, 8, iters=4, seed=2,
-                                                                fisher=gV[2][:, coded] ** 2))
+    assert torch.equal(fisher.value_centroids[2], fit_codebooks(V[2], 4, 8, iters=4, seed=2, fisher=gV[2] ** 2))
+    rope = Rope.of(tiny)  # pre-RoPE keys, weighted by the gradients with respect to them
+    assert torch.equal(fisher.key_centroids[2], fit_codebooks(unrotate_keys(K, rope, 64)[2], 4, 8, iters=4, seed=2,
+                                                              fisher=unrotate_keys(gK, rope, 64)[2] ** 2))
     assert not torch.equal(fisher.value_centroids[2], plain.value_centroids[2])
 
 
@@ -573,16 +574,13 @@ def test_pre_rope_cache_reads_back_exact_keys_at_the_forward_positions(tiny):
 
 
 def test_pre_rope_tables_are_fitted_on_unrotated_keys(tiny):
-    """... and on the tokens the cache codes: each window's ``sink`` first tokens stay exact, so they are left out."""
     ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
-    spec = {"method": "cq", "bits": 2, "channels": 4, "keys": "pre-rope", "sink": 3}
+    spec = {"method": "cq", "bits": 2, "channels": 4, "keys": "pre-rope"}
     pre = calibrate_cq(tiny, None, spec, ids=ids, iters=4, progress=False)
-    K, V = collect_kv(tiny, ids)
-    coded = torch.arange(8 * 64) % 64 >= 3
+    K, _ = collect_kv(tiny, ids)
     unrotated = unrotate_keys(K, Rope.of(tiny), 64)
-    C = fit_codebooks(unrotated[1][:, coded], 4, 8, iters=4, seed=1)
+    C = fit_codebooks(unrotated[1], 4, 8, iters=4, seed=1)
     assert torch.equal(pre.key_centroids[1], C) and pre.calibration["keys"] == "pre-RoPE"
-    assert torch.equal(pre.value_centroids[1], fit_codebooks(V[1][:, coded], 4, 8, iters=4, seed=1))
     with pytest.raises(QuantkitError, match="fitted on pre-rope keys"):
         kv_cache(tiny, "cq:bits=2,channels=4", pre)
 

@@ -2,12 +2,11 @@
 each decoder layer produces on the calibration set *as quantized* (the quantize step has run on the layer), so the
 tables see the keys and values the quantized model will cache. KIVI needs no tables; the step records its scheme.
 
-The step asks the walk for the keys and values of its final pass over the layer (``wants_kv``; the pass that makes
-the next layer's inputs, run after every step), so the layer runs no extra time. Keys are fitted in the form the
-scheme codes them: post-RoPE as cached, or with the rotation taken off at each token's position
-(``keys: pre-rope``); a scheme's sink tokens, which the cache keeps exact, are left out. The tables of each layer are
-stored with its progress (quantkit.resume) under ``kv_cache.layers.{i}.*`` and written by the assembly into their own
-file (quantkit.kvcache.stored).
+The step asks the walk for the keys and values of its final pass over the layer (``wants_kv``; the pass that
+makes the next layer's inputs, run after every step), so the layer runs no extra time. Keys are fitted in the
+form the scheme codes them: post-RoPE as cached, or with the rotation taken off at each token's position
+(``keys: pre-rope``). The tables of each layer are stored with its progress (quantkit.resume) under
+``kv_cache.layers.{i}.*`` and written by the assembly into their own file (quantkit.kvcache.stored).
 """
 
 from __future__ import annotations
@@ -34,10 +33,10 @@ class KVCacheStep(LayerStep):
         self.needs_calibration = isinstance(scheme, CQScheme)
 
     def fingerprint(self) -> Any:
-        # "fit": the fitting's version (2: the seeding and search of 158ff7b; 3: the sink tokens left out), so a run
-        # resumed across a change of it starts afresh instead of mixing the tables of two versions.
+        # "fit": the k-means implementation (2: the seeding and search of 158ff7b), so a run resumed across a change
+        # of it starts afresh instead of mixing the tables of two implementations.
         return {"scheme": self.scheme.to_dict(), "iters": self.iters, "sample": self.sample, "seed": self.seed,
-                "fit": 3}
+                "fit": 2}
 
     def run(self, ctx: LayerContext, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if isinstance(self.scheme, CQScheme) and ctx.calib is None:
@@ -52,9 +51,6 @@ class KVCacheStep(LayerStep):
         g = torch.Generator().manual_seed(self.seed + ctx.index)
         if self.scheme.pre_rope:
             keys = Rope.of(ctx.model).remove(keys.unsqueeze(0), positions.unsqueeze(0)).squeeze(0)
-        if self.scheme.sink:  # the cache keeps each sequence's first tokens exact: the tables never code them
-            coded = positions >= self.scheme.sink
-            keys, values = keys[:, coded], values[:, coded]
         record = {**record, "vectors": int(keys.shape[1]), "keys": "pre-RoPE" if self.scheme.pre_rope else "post-RoPE"}
         for kind, X in (("keys", keys), ("values", values)):
             if self.sample and X.shape[1] > self.sample:

@@ -122,9 +122,6 @@ def calibrate_cq(model, tokenizer, scheme: CQScheme | dict[str, Any] | str, *, c
         K = unrotate_keys(K, rope, ids.shape[1])
         if fisher:  # the gradient with respect to the pre-RoPE key: the rotation taken off it too
             grads[0] = unrotate_keys(grads[0], rope, ids.shape[1])
-    if scheme.sink:  # the cache keeps each sequence's first tokens exact: the tables never code them
-        coded = torch.arange(K[0].shape[1]).remainder(ids.shape[1]) >= scheme.sink
-        K, V, *grads = ([t[:, coded] for t in lists] for lists in (K, V, *grads))
     g = torch.Generator().manual_seed(seed)
     kc, vc, kw, vw = [], [], [], []
     for i in tqdm(range(len(K)), desc=f"cq tables ({scheme.label})", disable=not progress):
@@ -166,7 +163,7 @@ def cached_calibration(model, tokenizer, scheme: CQScheme, tables_dir: str | os.
     if tables_dir is not None:
         key = "_".join(f"{k}{v}" for k, v in calib.items())
         key += ("_fisher" if fisher else "") + ("_chw" if channel_weights else "")
-        keys = ("_pre-rope" if scheme.pre_rope else "") + (f"_s{scheme.sink}" if scheme.sink else "")
+        keys = "_pre-rope" if scheme.pre_rope else ""
         path = Path(tables_dir) / f"cq_b{scheme.bits}_c{scheme.channels}{keys}_{key}.safetensors"
         if path.is_file():
             return CQTables.load(path)
