@@ -9,9 +9,10 @@ per-group scales of ``quantkit-uniform``), as fp32 copies the forward dequantize
 stay frozen. Adam; the tuned tensors are stored in their stored dtypes at the end, so the codes and the bits per
 weight are the input's.
 
-The teacher's logits are recomputed at every step rather than cached: on SmolLM2 one 512-token teacher forward is
-a fraction of the student's forward and backward, and a cache of full logits costs 96 KiB per token
-(49,152 fp16 values; 800 MB for 16 × 512 tokens), while a top-k cache changes the loss.
+The teacher's logits of each window are kept after its first step, in fp32 and whole (a top-k cache would change
+the loss), while all the windows' logits fit in ``TEACHER_CACHE_BYTES`` (SmolLM2, 16 × 512 tokens: 1.6 GB); past
+that they are recomputed at every step. Kept or recomputed, they are the same values (the teacher is frozen and its
+forward deterministic), so the cache changes the time, not the result.
 
 Resume: every ``checkpoint_every`` steps the state (trainable tensors, Adam's moments and step, the data order's
 generator, the losses so far) goes to ``OUT.quantkit-partial/`` under the run's fingerprint (input folder's files,
@@ -56,6 +57,7 @@ __all__ = ["FinetuneOutput", "finetune", "kl_loss"]
 logger = logging.getLogger(__name__)
 
 FINETUNE_VERSION = 1
+TEACHER_CACHE_BYTES = 4 << 30  # fp32 teacher logits kept across epochs up to this size
 _ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                 "num_attention_heads", "num_key_value_heads")
 
@@ -311,14 +313,21 @@ def _train(student: nn.Module, tmodel: nn.Module, params: dict[str, nn.Parameter
         order = _unpack_state(tensors, params, opt, gen)
         logger.info("resuming fine-tuning at step %d of %d", start, steps)
     bar = tqdm(range(start, steps), total=steps, initial=start, desc="finetune", disable=not progress)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    cache: dict[int, torch.Tensor] | None = {} if ids.numel() * vocab * 4 <= TEACHER_CACHE_BYTES else None
     teacher_seconds, t_train = 0.0, time.time()
     for step in bar:
         if step % len(ids) == 0 and step > 0:
             order = torch.randperm(len(ids), generator=gen)
-        window = ids[order[step % len(ids)]].unsqueeze(0)
+        i = int(order[step % len(ids)])
+        window = ids[i].unsqueeze(0)
         t1 = time.time()
-        with torch.no_grad():
-            tl = tmodel(window, use_cache=False).logits
+        tl = cache.get(i) if cache is not None else None
+        if tl is None:
+            with torch.no_grad():
+                tl = tmodel(window, use_cache=False).logits.float()
+            if cache is not None:
+                cache[i] = tl
         teacher_seconds += time.time() - t1
         loss = kl_loss(tl, student(window, use_cache=False).logits)
         opt.zero_grad(set_to_none=True)
@@ -333,7 +342,7 @@ def _train(student: nn.Module, tmodel: nn.Module, params: dict[str, nn.Parameter
     bar.close()
     _stop_tuning(student)
     times = {"teacher_forward_seconds": teacher_seconds, "train_seconds": time.time() - t_train,
-             "steps_this_run": steps - start}
+             "steps_this_run": steps - start, "teacher_logits_cached": cache is not None}
     return losses, times, start
 
 

@@ -94,6 +94,21 @@ def test_resume_after_a_kill_is_byte_identical(quantized, calib_file, tmp_path):
     assert _run(q, tmp_path / "cut", calib_file, steps=10).skipped
 
 
+def test_teacher_cache_changes_time_not_result(quantized, calib_file, tmp_path, monkeypatch):
+    """Kept teacher logits (the default at this size) and logits recomputed every step give the same bytes."""
+    import quantkit.finetune as ft
+
+    q = quantized("vq")
+    kept = _run(q, tmp_path / "kept", calib_file, steps=10)  # 4 windows, 10 steps: every window is seen again
+    assert kept.report["finetune"]["teacher_logits_cached"]
+    monkeypatch.setattr(ft, "TEACHER_CACHE_BYTES", 0)
+    fresh = _run(q, tmp_path / "fresh", calib_file, steps=10)
+    assert not fresh.report["finetune"]["teacher_logits_cached"]
+    assert (tmp_path / "kept" / "model.safetensors").read_bytes() == (tmp_path / "fresh" /
+                                                                       "model.safetensors").read_bytes()
+    assert kept.report["finetune"]["losses"] == fresh.report["finetune"]["losses"]
+
+
 @pytest.mark.parametrize("kind", ["quantkit-vq", "quantkit-aq", "quantkit-uniform"])
 def test_dequantize_gradient_matches_finite_differences(kind):
     """d/dθ of <G, W(θ)> for each trainable tensor θ, against central differences in float64."""
