@@ -71,9 +71,10 @@ _COMPUTE = torch.bfloat16
 
 
 def _native_bf16() -> bool:
-    cpu = getattr(torch._C, "_cpu", None)
+    """PyTorch's own CPU feature probes (``torch.cpu``; older releases had them in ``torch._C._cpu``)."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return cpu is not None and any(getattr(cpu, p, lambda: False)() for p in probes)
+    return any(getattr(mod, p, lambda: False)() for mod in (torch.cpu, getattr(torch._C, "_cpu", None))
+               if mod is not None for p in probes)
 
 
 NATIVE_BF16 = _native_bf16()  # the CPU multiplies bf16 in hardware (AMX or AVX512-BF16): long inputs GEMM in bf16

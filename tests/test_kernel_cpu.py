@@ -296,3 +296,13 @@ def test_tiny_model_close_to_reference_saves_the_same_tensors(tiny_llama, calib_
         monkeypatch.setenv(cpu.ENV_VAR, "bf16")
         assert kernel_for(model) == "cpu-int4pack"
         assert rel_err(model(ids).logits, ref_logits) < TOL
+
+
+def test_native_bf16_probe_agrees_with_the_cpu_flags():
+    """Long inputs GEMM in bf16 only where the CPU multiplies bf16 in hardware; the probe must see it where the
+    kernel (Linux) lists the feature (torch 2.13 moved the probes: the old lookup said False on AVX512-BF16)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags to compare with (not Linux x86)")
+    assert cpu._native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
