@@ -250,6 +250,8 @@ def _dense(module, pack: CpuPack, dtype: torch.dtype) -> torch.Tensor:
     """The weight [N, K] in stored column order as ``dtype``: ``c * s - z * s`` in fp32 (each term and the sum
     exact, so the reference's ``s * (c - z)``), rounded once to ``dtype`` as it is written; the short last group
     separately."""
+    if dtype != torch.float32:  # the same single rounding; addcmul writing bf16 is ~1.7x slower than fp32 + a cast
+        return _dense(module, pack, torch.float32).to(dtype)
     plan = pack.plan
     N, K, g = module.out_features, module.in_features, plan.group
     c = _codes_u8(module.qweight, plan.bits, K)
@@ -260,6 +262,12 @@ def _dense(module, pack: CpuPack, dtype: torch.dtype) -> torch.Tensor:
             torch.addcmul(pack.zs[:, lo:hi], c[:, lo * g:hi * g].view(N, hi - lo, n), pack.s32[:, lo:hi],
                           out=W[:, lo * g:hi * g].view(N, hi - lo, n))
     return W
+
+
+def _gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[:, perm]``, contiguous: the same values as ``index_select(1, perm)``, which is ~5x slower for bf16 here
+    ([1024, 576]: 1.2 ms against 0.26 ms on 2 AVX-512 cores)."""
+    return torch.gather(x, 1, perm.expand(x.shape[0], -1))
 
 
 def linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
@@ -278,19 +286,19 @@ def linear(x: torch.Tensor, module, *, bias: torch.Tensor | None = None, rotatio
         dtype = _COMPUTE if NATIVE_BF16 and not exact else torch.float32
         xd = x2.to(dtype)
         if pack.perm is not None:
-            xd = xd.index_select(1, pack.perm)
+            xd = _gather_columns(xd, pack.perm)
         W = _dense(module, pack, dtype)
         if dtype == x.dtype:  # the reference's own GEMM (bias included), bit for bit
             return F.linear(xd, W, bias).view(*lead, N)
         y = F.linear(xd, W).to(x.dtype)
     elif plan.bits == 4:
         xb = x2.to(_COMPUTE)
-        xb = xb.index_select(1, pack.perm) if pack.perm is not None else xb
+        xb = _gather_columns(xb, pack.perm) if pack.perm is not None else xb
         xb = F.pad(xb, (0, plan.k_pad - K)) if plan.k_pad != K else xb.contiguous()
         y = _int4_mm(xb, pack.weight, plan.tiny_group, pack.scales).to(x.dtype)
     else:
         xb = x2.to(_COMPUTE)
-        xb = xb.index_select(1, pack.perm) if pack.perm is not None else xb
+        xb = _gather_columns(xb, pack.perm) if pack.perm is not None else xb
         xb = _aligned(F.pad(xb, (0, plan.k_pad - K)) if plan.k_pad != K else xb)
         y = _int8_mm(xb, pack.weight, pack.ones).float().mul_(pack.scales)
         if pack.offset is not None:
