@@ -131,6 +131,18 @@ def test_vq_model_round_trips_and_counts_its_bits(tiny_model_factory, calib_file
     assert 1.5 < res.report["bits_per_weight"] < 3.0
 
 
+@pytest.mark.parametrize("preset, dim, bits", [("hadamard-gptq-vq3", 2, 6)])  # vq2's: test_faults_input
+def test_vector_presets_quantize_and_round_trip(preset, dim, bits, tiny_model_factory, calib_file, tmp_path,
+                                                assert_round_trip):
+    """The preset as shipped (its 6-bit codes straddle the 32-bit words), counted as above."""
+    res = pipeline.quantize(str(tiny_model_factory("llama")), preset, tmp_path / "q", calib=str(calib_file),
+                            nsamples=4, seqlen=64, progress=False, keep_model=True)
+    assert_round_trip(res.model, tmp_path / "q")
+    expected = sum(o * (((i // dim) * bits + 31) // 32) * 32 + 2**bits * dim * 16 + o * 16 + i * 8 + i * 16
+                   for o, i in (s["shape"] for s in res.report["layers"].values()))
+    assert res.report["quantized_bits"] == expected
+
+
 def test_per_head_hessians_cannot_split_one_codebook():
     """Row blocks would fit one codebook per head; the format stores one per layer, so the loop refuses (the
     quantize step gives codebook schemes the plain Hessian instead)."""

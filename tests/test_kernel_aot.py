@@ -72,15 +72,17 @@ CASES = [
     # the standalone Hadamard transform, signs before and after, short and long blocks
     *[(f"fwht-{n}-{w}", "fwht", {"shape": (rows, n), "where": w}, "first")
       for rows, n, w in ((16, 4096, 1), (300, 64, 2), (3, 128, 0), (1, 16384, 1))],
-    # the codebook kernels (quantkit-vq): every GEMV config for the 2-bit preset's codebook (4 dims, 256 entries) and
-    # for 8 dims x 2^16 entries, act-order, on Llama-2-7B; a straddling width (12 bits) with dim 3 padded to 4 lanes,
-    # bias and bf16; fp32; the dequantize kernel before the cuBLAS GEMM
+    # the codebook kernels (quantkit-vq): every GEMV config for the 2-bit preset's codebook (4 dims, 256 entries), the
+    # 3-bit preset's (2 dims, 64 entries) and 8 dims x 2^16 entries, act-order, on Llama-2-7B; a straddling width
+    # (12 bits) with dim 3 padded to 4 lanes, bias and bf16; fp32; the dequantize kernel before the cuBLAS GEMM
     ("vq-gemv-d4b8-configs", "vq_gemv", {"shape": LLAMA, "dim": 4, "bits": 8, "perm": True}, "all"),
     ("vq-gemv-d8b16-configs", "vq_gemv", {"shape": LLAMA, "dim": 8, "bits": 16, "perm": True}, "all"),
+    ("vq3-gemv-d2b6-configs", "vq_gemv", {"shape": LLAMA, "dim": 2, "bits": 6, "perm": True}, "all"),
     ("vq-gemv-d3b12-bias-bf16", "vq_gemv", {"shape": (4, 1000, 576), "dim": 3, "bits": 12, "perm": True,
                                             "bias": True, "dtype": "bf16"}, "first"),
     ("vq-gemv-d2b4-f32", "vq_gemv", {"shape": (8, 4096, 11008), "dim": 2, "bits": 4, "dtype": "f32"}, "first"),
     ("vq-dequant-d4b8", "vq_dequant", {"shape": (4096, 4096), "dim": 4, "bits": 8, "perm": True}, "all"),
+    ("vq3-dequant-d2b6", "vq_dequant", {"shape": (4096, 4096), "dim": 2, "bits": 6, "perm": True}, "first"),
     ("vq-dequant-d8b16", "vq_dequant", {"shape": (11008, 4096), "dim": 8, "bits": 16, "perm": True}, "all"),
     ("vq-dequant-d6b10-bf16", "vq_dequant", {"shape": (4096, 11008), "dim": 6, "bits": 10, "dtype": "bf16"}, "all"),
     # additive codebooks (quantkit-aq, the same kernels with the tables summed): every GEMV config for

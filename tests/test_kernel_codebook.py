@@ -3,8 +3,9 @@ PyTorch reference (``VQFormat.linear``: dequantize, then matmul).
 
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (tests/conftest.py sets
 ``TRITON_INTERPRET=1`` before anything imports Triton); on a GPU, ``TRITON_INTERPRET=0 pytest
-tests/test_kernel_codebook.py`` runs the same checks compiled. Codebook shapes: the preset's (hadamard-gptq-vq2: 4
-dims, 256 entries) and 2/3/6/8 dims at 4 to 16 bits, among them widths that straddle words (5, 10, 12).
+tests/test_kernel_codebook.py`` runs the same checks compiled. Codebook shapes: the presets' (hadamard-gptq-vq2: 4
+dims, 256 entries; hadamard-gptq-vq3: 2 dims, 64 entries) and 2/3/6/8 dims at 4 to 16 bits, among them widths
+that straddle words (5, 6, 10, 12).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ except ImportError:  # the dispatch and fake-implementation tests still run
 # the scale in fp32 where the reference rounds their product to the activation dtype; accumulation order and, with
 # split-K, fp16 partial sums differ. A wrong codebook index gives errors of order 1.
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-# (dim, bits): the preset's codebook first, then straddling widths (5, 10, 12) and the largest tables.
-SHAPES = [(4, 8), (2, 4), (3, 5), (6, 10), (8, 12), (8, 16), (2, 16)]
+# (dim, bits): the presets' codebooks first (vq2: 4 x 2^8; vq3: 2 x 2^6, a straddling width), then straddling widths
+# (5, 10, 12) and the largest tables.
+SHAPES = [(4, 8), (2, 6), (2, 4), (3, 5), (6, 10), (8, 12), (8, 16), (2, 16)]
 IN = {2: 100, 3: 66, 4: 160, 6: 132, 8: 136}  # K / dim vectors: 50, 22, 40, 22, 17 (none a multiple of 16)
 
 

@@ -76,6 +76,36 @@ def test_vector_codes_follow_the_block_obs_update(block_size):
     assert r.loss == pytest.approx(output_error(W, r.W_hat, H) / 2, rel=0.25)
 
 
+class TripleQuantizer(PairQuantizer):
+    """Three columns per code, each on the same 4-bit grid: a 12-bit code."""
+
+    codesz = 3
+    code_dtype = torch.int32
+
+    def quantize(self, x, col, window):
+        idx = torch.clamp(torch.round(x / self.scale), -8, 7) + 8
+        t = idx.view(x.shape[0], -1, 3).long()
+        codes = (t[..., 0] + 16 * t[..., 1] + 256 * t[..., 2]).to(torch.int32)
+        return self.decode(codes, col), codes
+
+    def decode(self, codes, col):
+        c = codes.long()
+        idx = torch.stack([c % 16, c // 16 % 16, c // 256], -1).reshape(c.shape[0], -1)
+        return (idx - 8).float() * self.scale
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_codes_wider_than_a_block_boundary_keep_whole_codes_in_a_block(block_size):
+    """Blocks that 3-column codes do not tile (16, the default 128) shrink to whole codes (15, 126): the lazy
+    batching changes only rounding, so the result is the eager update's."""
+    W, H = _problem(n=192)
+    r = gptq(W, H, TripleQuantizer(), block_size=block_size)
+    codes, Q = _reference(W, H, TripleQuantizer(), 0.01)
+    assert r.codes.shape == (24, 64)
+    assert torch.equal(r.codes, codes)
+    torch.testing.assert_close(r.W_hat, Q)
+
+
 def test_vector_codes_with_act_order_and_row_blocks():
     W, H = _problem(seed=1)
     q = PairQuantizer()

@@ -109,8 +109,11 @@ def gptq(
     W = W.clone().float()
     H = H.clone().float()
     n, c = W.shape[1], quantizer.codesz
-    if n % c or block_size % c:
-        raise QuantkitError(f"{c}-column codes do not tile {n} columns in blocks of {block_size}")
+    if n % c:
+        raise QuantkitError(f"{c}-column codes do not tile the {n} columns")
+    # Lazy blocks only batch the updates (the result is the same up to rounding), so a block holds whole codes:
+    # 126 columns for 3-column codes and the default 128.
+    block_size = max(c, block_size // c * c)
 
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
