@@ -29,21 +29,33 @@ logger = logging.getLogger(__name__)
 
 
 def stored_bits(schemes: dict[str, LayerScheme], shapes: dict[str, list[int]],
-                tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(stored bits, weights) of the quantized linears, each counted by its format (``Format.stored_bits``).
-    Each module's tensors are checked against its format's specs first: what is counted is what is written."""
+                tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, int]]:
+    """(stored bits, weights, bits by tensor name) of the quantized linears, each counted by its format
+    (``Format.stored_bits``); the split names each module's tensors by their key (``codes``, ``codebook``,
+    ``scales``, ``perm``, ``rot_in_signs``, ``bias``, ...) and sums to the total. Each module's tensors are checked
+    against its format's specs first: what is counted is what is written."""
     bits = weights = 0
+    split: dict[str, int] = {}
     for name, scheme in schemes.items():
         out_features, in_features = shapes[name]
         fmt = get_format(scheme.format)
-        for key, (shape, dtype) in fmt.layer_specs(scheme, in_features, out_features).items():
+        specs = fmt.layer_specs(scheme, in_features, out_features)
+        for key, (shape, dtype) in specs.items():
             t = tensors.get(f"{name}.{key}")
             if t is None or tuple(t.shape) != shape or t.dtype != dtype:
                 raise QuantkitError(f"{name}.{key}: missing or not {dtype} {list(shape)}; refusing to publish")
         bias = tensors.get(f"{name}.bias")
-        bits += fmt.stored_bits(scheme, in_features, out_features, bias.dtype if bias is not None else None)
+        bias_dtype = bias.dtype if bias is not None else None
+        layer_bits = fmt.stored_bits(scheme, in_features, out_features, bias_dtype)
+        parts = {key: tensors[f"{name}.{key}"].numel() * tensors[f"{name}.{key}"].element_size() * 8
+                 for key in [*specs, *(["bias"] if bias is not None else [])]}
+        if sum(parts.values()) != layer_bits:  # a format that counts other than its tensors: one part
+            parts = {"other": layer_bits}
+        for key, b in parts.items():
+            split[key] = split.get(key, 0) + b
+        bits += layer_bits
         weights += in_features * out_features
-    return bits, weights
+    return bits, weights, split
 
 
 def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, recipe: Recipe,
@@ -60,7 +72,7 @@ def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, r
         for name, experts in (dense_experts or {}).items():
             experts.fuse_weights(name, tensors)
         layers = {n: s for per_layer in records["quantize"].values() for n, s in per_layer.items()}
-        bits, weights = stored_bits(schemes, {n: layers[n]["shape"] for n in schemes}, tensors)
+        bits, weights, split = stored_bits(schemes, {n: layers[n]["shape"] for n in schemes}, tensors)
         kv = _kv_cache(recipe, tensors, nlayers, info, tmp)
         if schemes:
             tensors[guard_key(schemes)] = guard_tensor()  # transformers without quantkit refuses the folder
@@ -75,6 +87,7 @@ def assemble(out: OutputFolder, source: ModelSource, reader: CheckpointReader, r
             "recipe": recipe.to_dict(),
             "formats": {s.format: get_format(s.format).version for s in schemes.values()},
             "bits_per_weight": bits / weights if weights else None,
+            "bits_per_weight_by_tensor": {k: b / weights for k, b in sorted(split.items())} if weights else None,
             "quantized_weights": weights,
             "quantized_bits": bits,
             "size_on_disk_bytes": folder_size(tmp),

@@ -25,10 +25,12 @@ def _quantize(a: argparse.Namespace) -> int:
     )
     rep = r.report
     bpw = rep["bits_per_weight"]
+    split = rep.get("bits_per_weight_by_tensor")  # absent in reports written before it existed
+    split = f" ({', '.join(f'{k} {v:.3f}' for k, v in split.items())})" if split else ""
     kv = rep["recipe"].get("kv_cache")
     print(
         f"{'unchanged' if r.skipped else 'wrote'} {r.out}\n"
-        f"  bits per weight  {'weights not quantized' if bpw is None else f'{bpw:.4f}'}\n"
+        f"  bits per weight  {'weights not quantized' if bpw is None else f'{bpw:.4f}{split}'}\n"
         + (f"  KV cache         {kv['method']} {kv['bits']} bits\n" if kv else "") +
         f"  size on disk     {rep['size_on_disk_bytes'] / 2**20:.1f} MiB\n"
         f"  time             {rep['seconds']:.1f} s\n"

@@ -138,9 +138,13 @@ def test_vector_presets_quantize_and_round_trip(preset, dim, bits, tiny_model_fa
     res = pipeline.quantize(str(tiny_model_factory("llama")), preset, tmp_path / "q", calib=str(calib_file),
                             nsamples=4, seqlen=64, progress=False, keep_model=True)
     assert_round_trip(res.model, tmp_path / "q")
-    expected = sum(o * (((i // dim) * bits + 31) // 32) * 32 + 2**bits * dim * 16 + o * 16 + i * 8 + i * 16
-                   for o, i in (s["shape"] for s in res.report["layers"].values()))
-    assert res.report["quantized_bits"] == expected
+    shapes = [s["shape"] for s in res.report["layers"].values()]
+    expected = {"codes": sum(o * (((i // dim) * bits + 31) // 32) * 32 for o, i in shapes),
+                "codebook": len(shapes) * 2**bits * dim * 16, "scales": sum(o * 16 for o, _ in shapes),
+                "rot_in_signs": sum(i * 8 for _, i in shapes), "perm": sum(i * 16 for _, i in shapes)}
+    assert res.report["quantized_bits"] == sum(expected.values())
+    weights = res.report["quantized_weights"]  # the report splits the bits by tensor
+    assert res.report["bits_per_weight_by_tensor"] == pytest.approx({k: b / weights for k, b in expected.items()})
 
 
 def test_per_head_hessians_cannot_split_one_codebook():
