@@ -16,8 +16,11 @@ forward deterministic), so the cache changes the time, not the result.
 
 Resume: every ``checkpoint_every`` steps the state (trainable tensors, Adam's moments and step, the data order's
 generator, the losses so far) goes to ``OUT.quantkit-partial/`` under the run's fingerprint (input folder's files,
-teacher's files, calibration text and settings); a rerun of the same command continues from it and ends with the
-same bytes as an uninterrupted run. The output is published with quantkit.outdir like ``quantize``'s.
+teacher's files, calibration text and settings but ``steps``); a rerun of the same command continues from it and
+ends with the same bytes as an uninterrupted run. Nothing before a step depends on the total (constant lr), so a
+rerun with another ``steps`` at or past the saved step continues too, and ends as a run of that many steps would:
+a long run stopped at a checkpoint is published by rerunning it with ``--steps`` set to that checkpoint. The
+output is published with quantkit.outdir like ``quantize``'s, under the fingerprint with ``steps``.
 """
 
 from __future__ import annotations
@@ -228,6 +231,10 @@ def finetune(
     blob = {"version": FINETUNE_VERSION, "input": source_digests(qdir), "teacher": source_digests(tsource.folder),
             "calibration_text": text_digest(texts), "settings": settings, "torch": torch.__version__}
     fp = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    # The saved state does not depend on --steps (constant lr, data order drawn epoch by epoch), so a run with more
+    # or fewer steps continues from it: stop a long run at a checkpoint and publish it with --steps set there.
+    state_blob = {**blob, "settings": {k: v for k, v in settings.items() if k != "steps"}}
+    state_fp = hashlib.sha256(json.dumps(state_blob, sort_keys=True).encode()).hexdigest()
 
     out = Path(out).expanduser().absolute()
     folder = OutputFolder(out)
@@ -238,7 +245,7 @@ def finetune(
         if folder.holds(fp, overwrite):
             shutil.rmtree(folder.partial, ignore_errors=True)
             return FinetuneOutput(out, json.loads((out / REPORT_NAME).read_text()), skipped=True)
-        state = _State(folder.partial, fp)
+        state = _State(folder.partial, state_fp)
         try:
             student, tmodel, params, reader = _load_pair(qdir, tsource)
         except QuantkitError:
@@ -308,6 +315,9 @@ def _train(student: nn.Module, tmodel: nn.Module, params: dict[str, nn.Parameter
     order = torch.randperm(len(ids), generator=gen)
     start, losses = 0, []
     resumed = state.load()
+    if resumed is not None and resumed[0] > steps:
+        logger.warning("the saved state is at step %d, past --steps %d; starting over", resumed[0], steps)
+        resumed = None
     if resumed is not None:
         start, tensors, losses = resumed
         order = _unpack_state(tensors, params, opt, gen)

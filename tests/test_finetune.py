@@ -94,6 +94,31 @@ def test_resume_after_a_kill_is_byte_identical(quantized, calib_file, tmp_path):
     assert _run(q, tmp_path / "cut", calib_file, steps=10).skipped
 
 
+def test_a_run_stopped_at_a_checkpoint_is_published_with_fewer_steps(quantized, calib_file, tmp_path):
+    """--steps is not in the state's fingerprint: a 10-step run killed after its step-8 checkpoint, rerun with
+    --steps 8, ends with the bytes of an uninterrupted 8-step run; a state past --steps is not used."""
+    q = quantized("vq")
+    _run(q, tmp_path / "eight", calib_file, steps=8)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, loss):
+        if step == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _run(q, tmp_path / "cut", calib_file, steps=10, on_step=kill)
+    r = _run(q, tmp_path / "cut", calib_file, steps=8)
+    assert r.report["finetune"]["resumed_at_step"] == 8 and r.report["finetune"]["settings"]["steps"] == 8
+    assert (tmp_path / "eight" / "model.safetensors").read_bytes() == (tmp_path / "cut" /
+                                                                        "model.safetensors").read_bytes()
+    with pytest.raises(Killed):
+        _run(q, tmp_path / "past", calib_file, steps=10, on_step=kill)
+    r = _run(q, tmp_path / "past", calib_file, steps=4)
+    assert r.report["finetune"]["resumed_at_step"] == 0 and len(r.report["finetune"]["losses"]) == 4
+
+
 def test_teacher_cache_changes_time_not_result(quantized, calib_file, tmp_path, monkeypatch):
     """Kept teacher logits (the default at this size) and logits recomputed every step give the same bytes."""
     import quantkit.finetune as ft
