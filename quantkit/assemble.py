@@ -31,29 +31,22 @@ logger = logging.getLogger(__name__)
 def stored_bits(schemes: dict[str, LayerScheme], shapes: dict[str, list[int]],
                 tensors: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, int]]:
     """(stored bits, weights, bits by tensor name) of the quantized linears, each counted by its format
-    (``Format.stored_bits``); the split names each module's tensors by their key (``codes``, ``codebook``,
-    ``scales``, ``perm``, ``rot_in_signs``, ``bias``, ...) and sums to the total. Each module's tensors are checked
+    (``Format.stored_bits_by_tensor``, whose sum is ``Format.stored_bits``). Each module's tensors are checked
     against its format's specs first: what is counted is what is written."""
     bits = weights = 0
     split: dict[str, int] = {}
     for name, scheme in schemes.items():
         out_features, in_features = shapes[name]
         fmt = get_format(scheme.format)
-        specs = fmt.layer_specs(scheme, in_features, out_features)
-        for key, (shape, dtype) in specs.items():
+        for key, (shape, dtype) in fmt.layer_specs(scheme, in_features, out_features).items():
             t = tensors.get(f"{name}.{key}")
             if t is None or tuple(t.shape) != shape or t.dtype != dtype:
                 raise QuantkitError(f"{name}.{key}: missing or not {dtype} {list(shape)}; refusing to publish")
         bias = tensors.get(f"{name}.bias")
-        bias_dtype = bias.dtype if bias is not None else None
-        layer_bits = fmt.stored_bits(scheme, in_features, out_features, bias_dtype)
-        parts = {key: tensors[f"{name}.{key}"].numel() * tensors[f"{name}.{key}"].element_size() * 8
-                 for key in [*specs, *(["bias"] if bias is not None else [])]}
-        if sum(parts.values()) != layer_bits:  # a format that counts other than its tensors: one part
-            parts = {"other": layer_bits}
+        parts = fmt.stored_bits_by_tensor(scheme, in_features, out_features, bias.dtype if bias is not None else None)
         for key, b in parts.items():
             split[key] = split.get(key, 0) + b
-        bits += layer_bits
+        bits += sum(parts.values())
         weights += in_features * out_features
     return bits, weights, split
 

@@ -99,10 +99,15 @@ class Format:
                     bias_dtype: torch.dtype | None = None) -> int:
         """Every stored bit of one quantized linear (DESIGN.md, bits per weight): its tensors, the rotation signs
         and the bias, if it has one. The count comes from the specs the loader allocates, so it is the file's."""
+        return sum(self.stored_bits_by_tensor(scheme, in_features, out_features, bias_dtype).values())
+
+    def stored_bits_by_tensor(self, scheme, in_features: int, out_features: int,
+                              bias_dtype: torch.dtype | None = None) -> dict[str, int]:
+        """``stored_bits`` split by tensor name (``codes``, ``scales``, ``rot_in_signs``, ``bias``, ...)."""
         specs = dict(self.layer_specs(scheme, in_features, out_features))
         if bias_dtype is not None:
             specs["bias"] = ((out_features,), bias_dtype)
-        return sum(math.prod(shape) * _bits(dtype) for shape, dtype in specs.values())
+        return {k: math.prod(shape) * _bits(dtype) for k, (shape, dtype) in specs.items()}
 
     def check_version(self, version: Any) -> None:
         if not isinstance(version, int) or not self.min_version <= version <= self.version:
