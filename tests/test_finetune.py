@@ -46,6 +46,18 @@ def _run(q, out, calib_file, **kw):
     return finetune(q, out, calib=str(calib_file), **kw)
 
 
+class Killed(Exception):
+    pass
+
+
+def _kill_at(n):
+    """An ``on_step`` that stops the run (as a kill would) after step ``n``."""
+    def kill(step, loss):
+        if step == n:
+            raise Killed
+    return kill
+
+
 @pytest.mark.parametrize("kind", ["vq", "uniform"])
 def test_kl_decreases_and_only_trainable_tensors_change(kind, quantized, calib_file, tmp_path, assert_round_trip):
     q = quantized(kind)
@@ -72,15 +84,8 @@ def test_resume_after_a_kill_is_byte_identical(quantized, calib_file, tmp_path):
     q = quantized("vq")
     _run(q, tmp_path / "whole", calib_file, steps=10)
 
-    class Killed(Exception):
-        pass
-
-    def kill(step, loss):
-        if step == 6:  # after the checkpoint at step 4 and two more steps
-            raise Killed
-
     with pytest.raises(Killed):
-        _run(q, tmp_path / "cut", calib_file, steps=10, on_step=kill)
+        _run(q, tmp_path / "cut", calib_file, steps=10, on_step=_kill_at(6))  # after the step-4 checkpoint
     assert not (tmp_path / "cut").exists()
     assert json.loads((tmp_path / "cut.quantkit-partial" / "state.json").read_text())["step"] == 4
     r = _run(q, tmp_path / "cut", calib_file, steps=10)
@@ -100,21 +105,14 @@ def test_a_run_stopped_at_a_checkpoint_is_published_with_fewer_steps(quantized, 
     q = quantized("vq")
     _run(q, tmp_path / "eight", calib_file, steps=8)
 
-    class Killed(Exception):
-        pass
-
-    def kill(step, loss):
-        if step == 8:
-            raise Killed
-
     with pytest.raises(Killed):
-        _run(q, tmp_path / "cut", calib_file, steps=10, on_step=kill)
+        _run(q, tmp_path / "cut", calib_file, steps=10, on_step=_kill_at(8))
     r = _run(q, tmp_path / "cut", calib_file, steps=8)
     assert r.report["finetune"]["resumed_at_step"] == 8 and r.report["finetune"]["settings"]["steps"] == 8
     assert (tmp_path / "eight" / "model.safetensors").read_bytes() == (tmp_path / "cut" /
                                                                         "model.safetensors").read_bytes()
     with pytest.raises(Killed):
-        _run(q, tmp_path / "past", calib_file, steps=10, on_step=kill)
+        _run(q, tmp_path / "past", calib_file, steps=10, on_step=_kill_at(8))
     r = _run(q, tmp_path / "past", calib_file, steps=4)
     assert r.report["finetune"]["resumed_at_step"] == 0 and len(r.report["finetune"]["losses"]) == 4
 
@@ -226,15 +224,8 @@ def test_the_fingerprint_covers_settings_and_input(quantized, calib_file, tmp_pa
     q = tmp_path / "q"
     shutil.copytree(quantized("uniform"), q)
 
-    class Killed(Exception):
-        pass
-
-    def kill(step, loss):
-        if step == 2:
-            raise Killed
-
     with pytest.raises(Killed):
-        _run(q, tmp_path / "ft", calib_file, steps=4, checkpoint_every=2, on_step=kill)
+        _run(q, tmp_path / "ft", calib_file, steps=4, checkpoint_every=2, on_step=_kill_at(2))
     r = _run(q, tmp_path / "ft", calib_file, steps=4, checkpoint_every=2, lr=1e-3)  # another lr: starts over
     assert r.report["finetune"]["resumed_at_step"] == 0
     with pytest.raises(QuantkitError, match="already holds a different result"):
