@@ -8,7 +8,8 @@ PyTorch reference serves everything else (layouts no kernel takes, odd shapes, n
   its PyTorch transform when none applies): the Triton fast Walsh–Hadamard transform on CUDA.
 
 The kernels register lazily, on first use: the CPU kernels (:mod:`quantkit.kernels.cpu`, PyTorch's weight-only
-int4/int8 matmuls; ``QUANTKIT_CPU_KERNELS=0`` turns them off) always, the Triton kernels only when Triton is
+int4/int8 matmuls, and :mod:`quantkit.kernels.cpu_codebook`, the codebook formats' decoded weight kept;
+``QUANTKIT_CPU_KERNELS=0`` turns them off) always, the Triton kernels only when Triton is
 installed.
 """
 
@@ -68,8 +69,10 @@ def _load_builtin_kernels() -> None:
         return
     _builtins_loaded = True
     from quantkit.kernels.cpu import register_cpu_kernels
+    from quantkit.kernels.cpu_codebook import register_cpu_codebook_kernels
 
     register_cpu_kernels()
+    register_cpu_codebook_kernels()
     if importlib.util.find_spec("triton") is None:
         logger.debug("triton is not installed: quantized linears and rotations use the PyTorch reference")
         return

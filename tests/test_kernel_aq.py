@@ -253,7 +253,7 @@ def test_dispatch_routes_cuda_to_the_kernel(tables):
     assert out.shape == (3, 40) and out.dtype == torch.float16 and out.device.type == "cuda"
 
 
-def test_dispatch_uses_reference_on_cpu(monkeypatch):
+def test_cpu_tensors_never_take_the_triton_kernel(monkeypatch):
     if importlib.util.find_spec("triton") is not None:
 
         def fail(*args, **kwargs):
@@ -266,5 +266,8 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     module = QuantizedLinear.from_packed({k: v.cpu() for k, v in tensors.items()}, _scheme(2, 8, 8, True), 96, 40,
                                          b.cpu())
     x = torch.randn(3, 96)
+    assert dispatch.select(x, module).name == "cpu-codebook"  # the reference, decoded once
+    assert torch.equal(module(x), reference(x, {k: v.cpu() for k, v in tensors.items()}, b.cpu(), 8, 8))
+    monkeypatch.setenv("QUANTKIT_CPU_KERNELS", "0")
     assert dispatch.select(x, module) is None
     assert torch.equal(module(x), reference(x, {k: v.cpu() for k, v in tensors.items()}, b.cpu(), 8, 8))

@@ -297,8 +297,9 @@ def test_dispatch_routes_cuda_to_the_custom_op(act_order):
     assert out.shape == (3, N) and out.dtype == torch.float16 and out.device.type == "cuda"
 
 
-def test_dispatch_uses_reference_on_cpu(monkeypatch):
-    """CPU tensors take the reference even with TRITON_INTERPRET=1 set: nothing changes for CPU users."""
+def test_cpu_tensors_never_take_the_triton_kernel(monkeypatch):
+    """CPU tensors take ``cpu-codebook`` (the reference with the decoded weight kept; tests/test_kernel_cpu_codebook.py)
+    even with TRITON_INTERPRET=1 set, and the reference itself with the CPU kernels off."""
     if importlib.util.find_spec("triton") is not None:
 
         def fail(*args, **kwargs):
@@ -311,6 +312,9 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     b = b.cpu()
     module = _linear(96, 40, 4, 8, act_order=True, packed=tensors, bias=b)
     x = torch.randn(3, 96)
+    assert dispatch.select(x, module).name == "cpu-codebook"
+    assert torch.equal(module(x), reference(x, tensors, b, 4, 8))
+    monkeypatch.setenv("QUANTKIT_CPU_KERNELS", "0")
     assert dispatch.select(x, module) is None
     assert torch.equal(module(x), reference(x, tensors, b, 4, 8))
     names = [k.name for k in dispatch.KERNELS]
