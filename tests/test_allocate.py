@@ -299,7 +299,9 @@ def test_layer_granularity_gives_each_layer_one_scheme(measured):
 
 def test_default_candidates_parse_and_round_trip():
     cands = default_candidates()
-    assert {"fp16", "gptq-w3g128", "hadamard-gptq-w2g64", "rtn-w8"} <= {c.name for c in cands}
+    assert {"fp16", "gptq-w3g128", "hadamard-gptq-w2g64", "rtn-w8", "hadamard-gptq-vq2",
+            "hadamard-gptq-vq3"} <= {c.name for c in cands}
+    assert len(cands) == 26
     again = parse_candidates([{"name": c.name, **c.scheme.to_dict()} for c in cands])
     assert again == cands
 
@@ -361,3 +363,30 @@ def test_plan_checks_the_sensitivity_windows(tiny_llama, calib_file):
     with pytest.raises(QuantkitError, match="--kl-windows"):
         plan(str(tiny_llama), parse_candidates(CANDIDATES), calib=str(calib_file), nsamples=2, seqlen=48,
              settings=SensitivitySettings(windows=3))
+
+
+def test_codebook_candidates_are_measured_and_allocated(tiny_llama, calib_file, tmp_path):
+    """Codebook quantizers are candidates like any scheme: their bits are the format's count (codes, the codebook,
+    scales), their errors the stored weight's, and the emitted recipe mixing them with scalar grids quantizes to
+    the solver's bits exactly."""
+    cands = parse_candidates([
+        "rtn-w2g64",
+        {"name": "hgptq-vq3", "method": "gptq", "act_order": True, "grid": "vq", "dim": 2, "entries": 8, "iters": 3,
+         "rotation": "hadamard"},
+        {"name": "gptq-w4g32", "method": "gptq", "bits": 4, "group_size": 32, "act_order": True},
+    ])
+    m, res = allocate(str(tiny_llama), cands, [2.9], tmp_path / "a", calib=str(calib_file), settings=WINDOWS,
+                      sensitivity="none", progress=False, plot=False, **CALIB)
+    vq = cands[1]
+    fmt = get_format(vq.scheme.format)
+    assert fmt.name == "quantkit-vq"
+    for r in m["linears"].values():
+        out_f, in_f = r["shape"]
+        assert r["bits"][1] == fmt.stored_bits(vq.scheme, in_f, out_f)
+        assert 0 < r["error"][1] < 1
+    recipe = yaml.safe_load(res[0].recipe.read_text())
+    quantizers = {s["quantizer"]["name"] for s in recipe["schemes"]}
+    assert quantizers == {"vq", "uniform"}  # a real mix at 2.9 bits
+    q = pipeline.quantize(str(tiny_llama), str(res[0].recipe), tmp_path / "q", calib=str(calib_file),
+                          progress=False, **CALIB)
+    assert q.report["quantized_bits"] == res[0].bits

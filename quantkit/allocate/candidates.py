@@ -54,11 +54,14 @@ def _rtn(bits: int, group: int) -> dict[str, Any]:
 # (groups of 128) and 8 bits; fp16 (chosen only where a budget allows). The coarse groups and per-row scales are
 # 3- and 4-bit grids at nearly 3.0 and 4.0 stored bits, so a budget there need not pay for 2-bit layers (whose
 # error the linear model underestimates most); round to nearest at 2 and 3 bits is never better than GPTQ at the
-# same bits and is left out.
+# same bits and is left out. The codebook presets at 2 and 3 bits (quantkit.codebooks, rotated, act-order): on
+# SmolLM2 vq3 at 3.06 bpw scores below rotated scalar W3 g128 at 3.30 and vq2 is the one 2-bit scheme that does not
+# collapse (BENCHMARKS.md); each adds a k-means fit per linear to the measurement.
 DEFAULT: list[Any] = [
     _rtn(4, 128), _rtn(8, -1),
     *(_gptq(2, g) for g in (64, 128)), *(_gptq(b, g) for b in (3, 4) for g in (64, 128, 256, -1)), _gptq(8, -1),
     *(_gptq(2, g, True) for g in (64, 128)), *(_gptq(b, g, True) for b in (3, 4) for g in (64, 128, 256, -1)),
+    "hadamard-gptq-vq2", "hadamard-gptq-vq3",
     "fp16",
 ]
 
