@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 
 import pytest
@@ -390,3 +391,26 @@ def test_codebook_candidates_are_measured_and_allocated(tiny_llama, calib_file, 
     q = pipeline.quantize(str(tiny_llama), str(res[0].recipe), tmp_path / "q", calib=str(calib_file),
                           progress=False, **CALIB)
     assert q.report["quantized_bits"] == res[0].bits
+
+
+def test_allocation_check_gives_the_solvers_prediction_and_the_measured_increase(measured, quantized, tmp_path,
+                                                                                   capsys):
+    """benchmarks/allocation_check.py (issue 18, item 2) finds each linear's candidate in a quantized folder: its
+    prediction for the allocated folder is the solver's, and the measured column is nll − nll_fp."""
+    from benchmarks import allocation_check
+
+    out, m, res = measured
+
+    def eval_file(name, nll):
+        p = tmp_path / name
+        p.write_text(json.dumps({"perplexity": {"wikitext2": {"nll": nll, "ppl": math.exp(nll), "windows": 2,
+                                                                "protocol": "first 2 windows"}}}))
+        return p
+
+    fp, q = eval_file("fp.json", 3.0), eval_file("q.json", 3.25)
+    assert allocation_check.main([str(out / "measurement.json"), str(fp), f"{quantized.out}={q}"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")][0].split("|")
+    assert float(row[2]) == pytest.approx(quantized.report["bits_per_weight"], abs=1e-4)
+    assert float(row[4]) == pytest.approx(0.25, abs=1e-4)
+    assert float(row[5]) == pytest.approx(res[0].predicted, abs=1e-4)
+    assert allocation_check.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(0.9934, abs=1e-4)

@@ -1,0 +1,87 @@
+"""Issue 18, item 2: the linear model's prediction against measured perplexity, for any quantized folders.
+
+For each folder (uniform preset or allocated recipe), every linear's scheme is looked up among the measurement's
+candidates; the prediction is Σ coeff_l · err_l of those candidates (what the solver minimizes, nats per token),
+and the measurement is log(ppl / ppl_fp) = nll − nll_fp from ``quantkit eval`` results files of the same protocol.
+Prints a Markdown table (bits per weight, perplexity, measured, predicted, their ratio) and Pearson's r.
+
+    python benchmarks/allocation_check.py MEASUREMENT.json FP_EVAL.json FOLDER=EVAL.json [FOLDER=EVAL.json ...]
+
+A folder with a linear whose scheme is not a candidate is an error naming the linear: its error was not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from quantkit.allocate.emit import predicted
+from quantkit.checkpoint import REPORT_NAME
+from quantkit.config import LayerScheme, Recipe
+
+
+def _nll(path: str) -> tuple[float, float, str]:
+    r = json.loads(Path(path).read_text())
+    p = r["perplexity"]["wikitext2"]
+    return p["nll"], p["ppl"], p.get("protocol", f"{p['windows']} windows")
+
+
+def choice_of(folder: Path, m: dict) -> tuple[dict[str, int], float, str]:
+    """Each measured linear's candidate index in ``folder``'s recipe, its bits per weight, and the recipe's name."""
+    rep = json.loads((folder / REPORT_NAME).read_text())
+    recipe = Recipe.from_dict(rep["recipe"], source=str(folder / REPORT_NAME))
+    schemes = [LayerScheme.from_dict(c["scheme"]) for c in m["candidates"]]
+    resolved = recipe.resolve(list(rep["layers"]))
+    choice = {}
+    for name in m["linears"]:
+        if name not in resolved:
+            raise SystemExit(f"{folder}: linear {name} is not quantized there")
+        s = resolved[name]
+        if s not in schemes:
+            raise SystemExit(f"{folder}: {name}'s scheme is none of the measurement's candidates")
+        choice[name] = schemes.index(s)
+    return choice, rep["bits_per_weight"], recipe.name
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("measurement")
+    ap.add_argument("fp_eval", help="quantkit eval results of the unquantized model (same protocol)")
+    ap.add_argument("runs", nargs="+", metavar="FOLDER=EVAL.json")
+    a = ap.parse_args(argv)
+    m = json.loads(Path(a.measurement).read_text())
+    nll_fp, ppl_fp, protocol = _nll(a.fp_eval)
+    rows = []
+    for run in a.runs:
+        folder, _, ev = run.partition("=")
+        choice, bpw, name = choice_of(Path(folder), m)
+        nll, ppl, proto = _nll(ev)
+        if proto != protocol:
+            raise SystemExit(f"{ev}: protocol {proto!r}, but the fp32 run's is {protocol!r}")
+        rows.append((bpw, name, ppl, nll - nll_fp, predicted(m, choice)))
+    rows.sort()
+    print(f"fp: ppl {ppl_fp:.3f} ({protocol}); measurement {a.measurement}\n")
+    print("| configuration | bits per weight | perplexity | measured log(ppl/fp) | predicted | measured / predicted |")
+    print("|---|---|---|---|---|---|")
+    for bpw, name, ppl, meas, pred in rows:
+        print(f"| `{name}` | {bpw:.4f} | {ppl:.3f} | {meas:.4f} | {pred:.4f} | {meas / pred:.2f} |")
+    if len(rows) > 2:
+        print(f"\nPearson r (measured, predicted) over {len(rows)} configurations: "
+              f"{pearson([r[3] for r in rows], [r[4] for r in rows]):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
