@@ -1,13 +1,16 @@
 """Issue 18, item 2: the linear model's prediction against measured perplexity, for any quantized folders.
 
-For each folder (uniform preset or allocated recipe), every linear's scheme is looked up among the measurement's
-candidates; the prediction is Σ coeff_l · err_l of those candidates (what the solver minimizes, nats per token),
-and the measurement is log(ppl / ppl_fp) = nll − nll_fp from ``quantkit eval`` results files of the same protocol.
-Prints a Markdown table (bits per weight, perplexity, measured, predicted, their ratio) and Pearson's r.
+For each configuration (a quantized folder, or a recipe: a preset name or YAML file, resolved over the measured
+linears, when its folder is gone), every linear's scheme is looked up among the measurement's candidates; the
+prediction is Σ coeff_l · err_l of those candidates (what the solver minimizes, nats per token), and the measurement
+is log(ppl / ppl_fp) = nll − nll_fp from ``quantkit eval`` results files of the same protocol. Prints a Markdown
+table (bits per weight, perplexity, measured, predicted, their ratio) and Pearson's r.
 
-    python benchmarks/allocation_check.py MEASUREMENT.json FP_EVAL.json FOLDER=EVAL.json [FOLDER=EVAL.json ...]
+    python benchmarks/allocation_check.py MEASUREMENT.json FP_EVAL.json CONFIG=EVAL.json [CONFIG=EVAL.json ...]
 
-A folder with a linear whose scheme is not a candidate is an error naming the linear: its error was not measured.
+A configuration with a linear whose scheme is not a candidate is an error naming the linear: its error was not
+measured. A recipe's bits per weight are the measurement's count of its candidates' stored bits (a folder's report
+gives the same figure; tests/test_allocate.py checks that for an allocated recipe).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from quantkit.allocate.emit import predicted
 from quantkit.checkpoint import REPORT_NAME
 from quantkit.config import LayerScheme, Recipe
+from quantkit.config.recipe import load_recipe
 
 
 def _nll(path: str) -> tuple[float, float, str]:
@@ -29,21 +33,28 @@ def _nll(path: str) -> tuple[float, float, str]:
     return p["nll"], p["ppl"], p.get("protocol", f"{p['windows']} windows")
 
 
-def choice_of(folder: Path, m: dict) -> tuple[dict[str, int], float, str]:
-    """Each measured linear's candidate index in ``folder``'s recipe, its bits per weight, and the recipe's name."""
-    rep = json.loads((folder / REPORT_NAME).read_text())
-    recipe = Recipe.from_dict(rep["recipe"], source=str(folder / REPORT_NAME))
+def choice_of(config: str, m: dict) -> tuple[dict[str, int], float, str]:
+    """Each measured linear's candidate index in ``config``'s recipe, its bits per weight, and the recipe's name."""
+    report = Path(config) / REPORT_NAME
+    if report.is_file():
+        rep = json.loads(report.read_text())
+        recipe, names, bpw = Recipe.from_dict(rep["recipe"], source=str(report)), list(rep["layers"]), \
+            rep["bits_per_weight"]
+    else:
+        recipe, names, bpw = load_recipe(config), list(m["linears"]), None
     schemes = [LayerScheme.from_dict(c["scheme"]) for c in m["candidates"]]
-    resolved = recipe.resolve(list(rep["layers"]))
+    resolved = recipe.resolve(names)
     choice = {}
     for name in m["linears"]:
         if name not in resolved:
-            raise SystemExit(f"{folder}: linear {name} is not quantized there")
+            raise SystemExit(f"{config}: linear {name} is not quantized there")
         s = resolved[name]
         if s not in schemes:
-            raise SystemExit(f"{folder}: {name}'s scheme is none of the measurement's candidates")
+            raise SystemExit(f"{config}: {name}'s scheme is none of the measurement's candidates")
         choice[name] = schemes.index(s)
-    return choice, rep["bits_per_weight"], recipe.name
+    if bpw is None:
+        bpw = sum(m["linears"][n]["bits"][k] for n, k in choice.items()) / m["weights"]
+    return choice, bpw, recipe.name
 
 
 def pearson(x: list[float], y: list[float]) -> float:
@@ -59,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("measurement")
     ap.add_argument("fp_eval", help="quantkit eval results of the unquantized model (same protocol)")
-    ap.add_argument("runs", nargs="+", metavar="FOLDER=EVAL.json")
+    ap.add_argument("runs", nargs="+", metavar="CONFIG=EVAL.json", help="CONFIG: a quantized folder or a recipe")
     a = ap.parse_args(argv)
     m = json.loads(Path(a.measurement).read_text())
     nll_fp, ppl_fp, protocol = _nll(a.fp_eval)
     rows = []
     for run in a.runs:
-        folder, _, ev = run.partition("=")
-        choice, bpw, name = choice_of(Path(folder), m)
+        config, _, ev = run.partition("=")
+        choice, bpw, name = choice_of(config, m)
         nll, ppl, proto = _nll(ev)
         if proto != protocol:
             raise SystemExit(f"{ev}: protocol {proto!r}, but the fp32 run's is {protocol!r}")

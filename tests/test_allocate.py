@@ -413,4 +413,8 @@ def test_allocation_check_gives_the_solvers_prediction_and_the_measured_increase
     assert float(row[2]) == pytest.approx(quantized.report["bits_per_weight"], abs=1e-4)
     assert float(row[4]) == pytest.approx(0.25, abs=1e-4)
     assert float(row[5]) == pytest.approx(res[0].predicted, abs=1e-4)
+    # The recipe alone (its folder gone) gives the same row: bits counted from the measurement.
+    assert allocation_check.main([str(out / "measurement.json"), str(fp), f"{res[0].recipe}={q}"]) == 0
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")][0].split("|")
+    assert again == row
     assert allocation_check.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(0.9934, abs=1e-4)
