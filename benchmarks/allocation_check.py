@@ -71,13 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("measurement")
     ap.add_argument("fp_eval", help="quantkit eval results of the unquantized model (same protocol)")
     ap.add_argument("runs", nargs="+", metavar="CONFIG=EVAL.json", help="CONFIG: a quantized folder or a recipe")
+    ap.add_argument("--skip-unmeasured", action="store_true",
+                    help="leave out (with a note) configurations using a scheme that is not a candidate")
     a = ap.parse_args(argv)
     m = json.loads(Path(a.measurement).read_text())
     nll_fp, ppl_fp, protocol = _nll(a.fp_eval)
     rows = []
     for run in a.runs:
         config, _, ev = run.partition("=")
-        choice, bpw, name = choice_of(config, m)
+        try:
+            choice, bpw, name = choice_of(config, m)
+        except SystemExit as e:
+            if not a.skip_unmeasured:
+                raise
+            print(f"left out: {e}")
+            continue
         nll, ppl, proto = _nll(ev)
         if proto != protocol:
             raise SystemExit(f"{ev}: protocol {proto!r}, but the fp32 run's is {protocol!r}")
