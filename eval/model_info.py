@@ -33,7 +33,7 @@ _SAFETENSORS_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, 
 
 @dataclass
 class ModelInfo:
-    method: str  # recipe name, "unquantized", or another tool's quant_method
+    method: str  # recipe name (+ " + finetune N steps"), "unquantized", or another tool's quant_method
     quantized: bool
     bits_per_weight: float | None
     size_on_disk_bytes: int
@@ -105,14 +105,18 @@ def describe_model(source: ModelSource, model: nn.Module) -> ModelInfo:
     qcfg = _quantization_config(model)
     if qcfg is not None and qcfg.get("quant_method") == QUANT_METHOD:
         report_path = source.folder / REPORT_NAME
+        method = qcfg.get("recipe") or "quantkit"
         if report_path.is_file():
             report = json.loads(report_path.read_text())
             bpw, size = report["bits_per_weight"], report["size_on_disk_bytes"]
+            tuned = report.get("finetune")
+            if isinstance(tuned, dict):  # quantkit finetune: same recipe and bits, other values; say so in the row
+                method += f" + finetune {tuned.get('settings', {}).get('steps', '?')} steps"
         else:
             bits, weights = quantized_bits(model)
             bpw, size = (bits / weights if weights else None), folder_size(source.folder)
-        return ModelInfo(method=qcfg.get("recipe") or "quantkit", quantized=True, bits_per_weight=bpw,
-                         size_on_disk_bytes=size, format=_formats(qcfg))
+        return ModelInfo(method=method, quantized=True, bits_per_weight=bpw, size_on_disk_bytes=size,
+                         format=_formats(qcfg))
     size = folder_size(source.folder)
     if qcfg is not None:  # another tool's checkpoint: name it, without guessing its bit count
         return ModelInfo(method=str(qcfg.get("quant_method")), quantized=True, bits_per_weight=None,

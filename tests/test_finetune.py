@@ -76,6 +76,12 @@ def test_kl_decreases_and_only_trainable_tensors_change(kind, quantized, calib_f
         assert before[k].dtype == after[k].dtype and before[k].shape == after[k].shape
     assert r.report["bits_per_weight"] == json.loads((q / "quantkit_report.json").read_text())["bits_per_weight"]
     verify(tmp_path / "ft")  # config, every tensor's shape and dtype, checksums
+    # quantkit eval and report name the row as tuned: same recipe and bits, other values
+    from quantkit.eval.model_info import describe_model
+    from quantkit.loading import resolve_model
+
+    assert describe_model(resolve_model(str(tmp_path / "ft")), r.model).method.endswith(" + finetune 24 steps")
+    assert " + finetune" not in describe_model(resolve_model(str(q)), r.model).method
     # save → reload gives the tuned model's logits
     assert_round_trip(r.model, tmp_path / "ft")
 
