@@ -25,6 +25,7 @@ from quantkit.allocate.emit import predicted
 from quantkit.checkpoint import REPORT_NAME
 from quantkit.config import LayerScheme, Recipe
 from quantkit.config.recipe import load_recipe
+from quantkit.errors import QuantkitError
 
 
 def _nll(path: str) -> tuple[float, float, str]:
@@ -41,7 +42,10 @@ def choice_of(config: str, m: dict) -> tuple[dict[str, int], float, str]:
         recipe, names, bpw = Recipe.from_dict(rep["recipe"], source=str(report)), list(rep["layers"]), \
             rep["bits_per_weight"]
     else:
-        recipe, names, bpw = load_recipe(config), list(m["linears"]), None
+        try:
+            recipe, names, bpw = load_recipe(config), list(m["linears"]), None
+        except QuantkitError as e:
+            raise SystemExit(f"{config}: neither a quantized folder nor a recipe ({e})") from None
     schemes = [LayerScheme.from_dict(c["scheme"]) for c in m["candidates"]]
     resolved = recipe.resolve(names)
     choice = {}
