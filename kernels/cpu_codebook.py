@@ -1,15 +1,14 @@
 """CPU path for the codebook formats (``quantkit-vq``, ``quantkit-aq``): the dense weight decoded once, kept.
 
-The formats' reference forward unpacks the bit-packed codes, gathers the codewords, scales them and undoes the
-act-order permutation at every call: on SmolLM2's 1536 x 576 projections ~14 ms a call on one core (9 ms
-unpacking, 5 ms decoding, measured with another job on the machine), whatever the number of tokens. Beside a
-2048-token window's GEMMs that is little (the 148-window perplexity took 16 min 5 s with this kernel against
-16 min 24 s for a same-shaped folder without it); SmolLM2's 210 linears add
-seconds to every forward however short, as lm-eval's multiple-choice requests are. ``cpu-codebook`` decodes the weight once, with the format's own
-``dequantize`` cast to the activations' dtype exactly as the reference casts it, keeps it in the module's
-``kernel_cache`` and multiplies with ``F.linear``, so its output is the reference's bit for bit. The cache is
-rebuilt when one of the stored tensors is replaced, edited in place or moved (the same signature as the uniform
-CPU kernels, ``quantkit.kernels.cpu``).
+The formats' reference forward unpacks the bit-packed codes, gathers the codewords, scales them and undoes the act-
+order permutation at every call: on SmolLM2's 1536 x 576 projections ~14 ms a call on one core (9 ms unpacking, 5 ms
+decoding, measured with another job on the machine), whatever the number of tokens. Beside a 2048-token window's
+GEMMs that is little (the 148-window perplexity took 16 min 5 s with this kernel against 16 min 24 s for a same-
+shaped folder without it); SmolLM2's 210 linears add seconds to every forward however short, as lm-eval's multiple-
+choice requests are. ``cpu-codebook`` decodes the weight once, with the format's own ``dequantize`` cast to the
+activations' dtype exactly as the reference casts it, keeps it in the module's ``kernel_cache`` and multiplies with
+``F.linear``, so its output is the reference's bit for bit. The cache is rebuilt when one of the stored tensors is
+replaced, edited in place or moved (the same signature as the uniform CPU kernels, ``quantkit.kernels.cpu``).
 
 The trade: a decoded copy of each weight stays in memory in the activations' dtype (bf16: the size of the bf16
 model; fp32: twice that), on top of the packed tensors. ``QUANTKIT_CPU_KERNELS=0`` turns it off, and every call
