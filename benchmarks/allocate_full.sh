@@ -7,6 +7,9 @@
 # next layer (measurement.partial/), an interrupted quantization at its next layer. Run one job at a time.
 #   usage: QUANTKIT_DATA_DIR=../shared/data bash benchmarks/allocate_full.sh OUTDIR [BUDGET ...]
 #   progress: OUTDIR/progress.txt; time and peak memory of each step: OUTDIR/time_*.txt (/usr/bin/time -v)
+#   env (for trying the script on a small model; the protocol is the default): MODEL (smollm2-135m),
+#        CALIB ("--calib c4 --nsamples 128 --seqlen 2048 --seed 0"), WINDOWS (all; e.g. 16 for the quick protocol),
+#        CANDIDATES (the built-in set)
 set -euo pipefail
 out=${1:?usage: allocate_full.sh OUTDIR [BUDGET ...]}; shift
 : "${QUANTKIT_DATA_DIR:?set QUANTKIT_DATA_DIR to the data folder}"
@@ -14,40 +17,50 @@ here=$(cd "$(dirname "$0")" && pwd)
 seed=${SEED:-$here/results/smollm2}
 budgets=("$@")
 [ ${#budgets[@]} -gt 0 ] || budgets=(2.5 3.0 3.5 4.0)
-calib=(--calib c4 --nsamples 128 --seqlen 2048 --seed 0)
+model=${MODEL:-smollm2-135m}
+read -r -a calib <<< "${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}"
+windows=(); [ -z "${WINDOWS:-}" ] || windows=(--ppl-windows "$WINDOWS")
+cands=(); [ -z "${CANDIDATES:-}" ] || cands=(--candidates "$CANDIDATES")
 mkdir -p "$out/Q" "$out/E"
 log() { echo "$(date '+%F %T') $*" >> "$out/progress.txt"; }
 
 if [ ! -f "$out/alloc/allocation.json" ] || [ ! -f "$out/alloc/measurement.json" ]; then
   log "allocate: start"
-  /usr/bin/time -v -o "$out/time_allocate.txt" quantkit allocate --model smollm2-135m \
-      --budget "$(IFS=,; echo "${budgets[*]}")" --out "$out/alloc" "${calib[@]}" 2> "$out/allocate.log"
+  /usr/bin/time -v -o "$out/time_allocate.txt" quantkit allocate --model "$model" \
+      --budget "$(IFS=,; echo "${budgets[*]}")" --out "$out/alloc" "${calib[@]}" "${cands[@]}" 2> "$out/allocate.log"
   log "allocate: done"
 fi
 # Budgets added later reuse the measurement (seconds).
-quantkit allocate --model smollm2-135m --budget "$(IFS=,; echo "${budgets[*]}")" --out "$out/alloc" "${calib[@]}" \
-    2>> "$out/allocate.log"
+quantkit allocate --model "$model" --budget "$(IFS=,; echo "${budgets[*]}")" --out "$out/alloc" "${calib[@]}" \
+    "${cands[@]}" 2>> "$out/allocate.log"
 
 runs=()
 for b in "${budgets[@]}"; do
   q="$out/Q/alloc-$b"
   if [ ! -f "$q/quantkit_report.json" ]; then
     log "quantize $b: start"
-    /usr/bin/time -v -o "$out/time_quantize_$b.txt" quantkit quantize --model smollm2-135m \
+    /usr/bin/time -v -o "$out/time_quantize_$b.txt" quantkit quantize --model "$model" \
         --recipe "$out/alloc/recipe-$b.yaml" "${calib[@]}" --out "$q" 2> "$out/quantize_$b.log"
     log "quantize $b: done"
   fi
   e="$out/E/eval_ppl_alloc-$b.json"
   if [ ! -f "$e" ]; then
     log "eval $b: start"
-    /usr/bin/time -v -o "$out/time_eval_$b.txt" quantkit eval --model "$q" --ppl wikitext2 --device cpu \
+    /usr/bin/time -v -o "$out/time_eval_$b.txt" quantkit eval --model "$q" --ppl wikitext2 "${windows[@]}" --device cpu \
         --out "$e" 2> "$out/eval_$b.log"
     log "eval $b: done"
   fi
   runs+=("$q=$e")
 done
-for f in "$seed"/eval_ppl_smollm2-*.json; do  # uniform rows: their recipe stands in for the folder
-  name=$(basename "$f" .json); runs+=("${name#eval_ppl_smollm2-}=$f")
-done
-python "$here/allocation_check.py" --skip-unmeasured "$out/alloc/measurement.json" "$seed/eval_ppl_fp32.json" "${runs[@]}" \
+if [ -z "${WINDOWS:-}" ] && [ "$model" = smollm2-135m ]; then
+  fp="$seed/eval_ppl_fp32.json"
+  for f in "$seed"/eval_ppl_smollm2-*.json; do  # uniform rows: their recipe stands in for the folder
+    name=$(basename "$f" .json); runs+=("${name#eval_ppl_smollm2-}=$f")
+  done
+else  # another model or protocol: its own fp row, no uniform rows
+  fp="$out/E/eval_ppl_fp.json"
+  [ -f "$fp" ] || quantkit eval --model "$model" --ppl wikitext2 "${windows[@]}" --device cpu --out "$fp" \
+      2> "$out/eval_fp.log"
+fi
+python "$here/allocation_check.py" --skip-unmeasured "$out/alloc/measurement.json" "$fp" "${runs[@]}" \
     | tee "$out/allocation_check.md"
