@@ -238,27 +238,40 @@ def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> 
 
 
 def _place_labels(ax, pts: list[tuple[float, float, str]], renderer) -> None:
-    """Label each point beside it, taking the first nearby spot that overlaps no other label or point."""
-    offsets = [(7, 5), (7, -13), (-7, 5), (-7, -13), (7, 16), (7, -24), (-7, 16), (-7, -24), (7, 27), (7, -35)]
+    """Label each point beside it: the first nearby spot inside the axes that overlaps no other label or point,
+    else the spot inside the axes with the least overlap (a crowded plot never pushes a label off the axes)."""
+    offsets = [(7, 5), (7, -13), (-7, 5), (-7, -13), (7, 16), (7, -24), (-7, 16), (-7, -24), (7, 27), (7, -35),
+               (-7, 27), (-7, -35), (7, 40), (7, -48), (-7, 40), (-7, -48)]
     marker_boxes = []
     for x, y, _ in pts:
         px, py = ax.transData.transform((x, y))
         marker_boxes.append((px - 5, py - 5, px + 5, py + 5))
     placed: list[tuple[float, float, float, float]] = []
     axes_box = ax.get_window_extent(renderer)
+
+    def overlap(box) -> float:
+        return sum(max(0.0, min(box[2], o[2]) - max(box[0], o[0])) * max(0.0, min(box[3], o[3]) - max(box[1], o[1]))
+                   for o in placed + marker_boxes)
+
     for x, y, label in sorted(pts, key=lambda p: (p[0], p[1])):
+        best = None  # (outside, overlap, offset, box)
         for dx, dy in offsets:
             ann = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9,
                               ha="left" if dx > 0 else "right")
             b = ann.get_window_extent(renderer)
+            ann.remove()
             box = (b.x0, b.y0, b.x1, b.y1)
             inside = axes_box.x0 <= b.x0 and b.x1 <= axes_box.x1 and axes_box.y0 <= b.y0 and b.y1 <= axes_box.y1
-            clear = not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3]
-                            for o in placed + marker_boxes)
-            if inside and clear:
+            score = (not inside, overlap(box), (dx, dy), box)
+            if best is None or score[:2] < best[:2]:
+                best = score
+            if inside and score[1] == 0:
                 break
-            if (dx, dy) != offsets[-1]:
-                ann.remove()
+        (dx, dy), box = best[2], best[3]
+        far = abs(dy) > 13  # away from its point: a thin leader line says whose label it is
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9,
+                    ha="left" if dx > 0 else "right",
+                    arrowprops=dict(arrowstyle="-", lw=0.6, color="0.5", shrinkA=0, shrinkB=4) if far else None)
         placed.append(box)
 
 
