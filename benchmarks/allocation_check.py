@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,6 +34,10 @@ def _nll(path: str) -> tuple[float, float, str]:
     return p["nll"], p["ppl"], p.get("protocol", f"{p['windows']} windows")
 
 
+class Unmeasured(ValueError):
+    """A configuration the measurement cannot predict (not a folder or recipe, or a scheme not measured)."""
+
+
 def choice_of(config: str, m: dict) -> tuple[dict[str, int], float, str]:
     """Each measured linear's candidate index in ``config``'s recipe, its bits per weight, and the recipe's name."""
     report = Path(config) / REPORT_NAME
@@ -45,29 +49,20 @@ def choice_of(config: str, m: dict) -> tuple[dict[str, int], float, str]:
         try:
             recipe, names, bpw = load_recipe(config), list(m["linears"]), None
         except QuantkitError as e:
-            raise SystemExit(f"{config}: neither a quantized folder nor a recipe ({e})") from None
+            raise Unmeasured(f"{config}: neither a quantized folder nor a recipe ({e})") from None
     schemes = [LayerScheme.from_dict(c["scheme"]) for c in m["candidates"]]
     resolved = recipe.resolve(names)
     choice = {}
     for name in m["linears"]:
         if name not in resolved:
-            raise SystemExit(f"{config}: linear {name} is not quantized there")
+            raise Unmeasured(f"{config}: linear {name} is not quantized there")
         s = resolved[name]
         if s not in schemes:
-            raise SystemExit(f"{config}: {name}'s scheme is none of the measurement's candidates")
+            raise Unmeasured(f"{config}: {name}'s scheme is none of the measurement's candidates")
         choice[name] = schemes.index(s)
     if bpw is None:
         bpw = sum(m["linears"][n]["bits"][k] for n, k in choice.items()) / m["weights"]
     return choice, bpw, recipe.name
-
-
-def pearson(x: list[float], y: list[float]) -> float:
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         config, _, ev = run.partition("=")
         try:
             choice, bpw, name = choice_of(config, m)
-        except SystemExit as e:
+        except Unmeasured as e:
             if not a.skip_unmeasured:
-                raise
+                raise SystemExit(str(e)) from None
             print(f"left out: {e}")
             continue
         nll, ppl, proto = _nll(ev)
@@ -102,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| `{name}` | {bpw:.4f} | {ppl:.3f} | {meas:.4f} | {pred:.4f} | {meas / pred:.2f} |")
     if len(rows) > 2:
         print(f"\nPearson r (measured, predicted) over {len(rows)} configurations: "
-              f"{pearson([r[3] for r in rows], [r[4] for r in rows]):.3f}")
+              f"{statistics.correlation([r[3] for r in rows], [r[4] for r in rows]):.3f}")
     return 0
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import random
+import statistics
 
 import pytest
 import torch
@@ -417,4 +418,12 @@ def test_allocation_check_gives_the_solvers_prediction_and_the_measured_increase
     assert allocation_check.main([str(out / "measurement.json"), str(fp), f"{res[0].recipe}={q}"]) == 0
     again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")][0].split("|")
     assert again == row
-    assert allocation_check.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(0.9934, abs=1e-4)
+    # Three configurations (both budgets' recipes and a uniform preset): Pearson's r over the table's columns.
+    runs = [f"{a.recipe}={eval_file(f'{a.budget}.json', 3.0 + 0.1 * i + a.predicted)}" for i, a in enumerate(res)]
+    runs.append(f"rtn-w2g64={eval_file('rtn.json', 4.5)}")
+    assert allocation_check.main([str(out / "measurement.json"), str(fp), *runs]) == 0
+    printed = capsys.readouterr().out
+    table = [line.split("|") for line in printed.splitlines() if line.startswith("| `")]
+    assert len(table) == 3
+    r = statistics.correlation([float(t[4]) for t in table], [float(t[5]) for t in table])
+    assert f"over 3 configurations: {r:.3f}" in printed
