@@ -331,8 +331,9 @@ def _add_allocate(sub) -> None:
     al.add_argument("--model", default=None, help="as for quantize (default: smollm2-135m, the bundled model)")
     al.add_argument("--candidates", default="default",
                     help="YAML list of candidate schemes (preset names, fp16, or scheme mappings); default: the "
-                    "built-in set (rtn and gptq at 2/3/4 bits, g64/g128, and 8 bits; hadamard-gptq at 2/3/4 bits; "
-                    "fp16)")
+                    "built-in set of 29: gptq at 2 bits (g64/g128), 3 and 4 bits (g64/g128/g256/per row) and 8 bits, "
+                    "the same after a Hadamard rotation at 2-4 bits, rtn-w4g128 and rtn-w8, the codebook presets "
+                    "hadamard-gptq-vq2 and -vq3, vq3's pairs with 32/128/256 entries (2.5/3.5/4 bits), and fp16)")
     al.add_argument("--budget", required=True, type=_budgets,
                     help="comma-separated budgets in stored bits per weight, e.g. 2.5,3.0,3.5,4.0")
     al.add_argument("--out", required=True,

@@ -301,9 +301,11 @@ def test_layer_granularity_gives_each_layer_one_scheme(measured):
 
 def test_default_candidates_parse_and_round_trip():
     cands = default_candidates()
-    assert {"fp16", "gptq-w3g128", "hadamard-gptq-w2g64", "rtn-w8", "hadamard-gptq-vq2",
-            "hadamard-gptq-vq3"} <= {c.name for c in cands}
-    assert len(cands) == 26
+    assert {"fp16", "gptq-w3g128", "hadamard-gptq-w2g64", "rtn-w8", "hadamard-gptq-vq2", "hadamard-gptq-vq3",
+            "hadamard-gptq-vq2.5", "hadamard-gptq-vq3.5", "hadamard-gptq-vq4"} <= {c.name for c in cands}
+    assert len(cands) == 29
+    vq4 = next(c for c in cands if c.name == "hadamard-gptq-vq4").scheme.quantizer
+    assert (vq4.dim, vq4.entries) == (2, 256)
     again = parse_candidates([{"name": c.name, **c.scheme.to_dict()} for c in cands])
     assert again == cands
 

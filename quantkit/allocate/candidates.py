@@ -16,6 +16,7 @@ A candidates file is YAML, a list (or ``{candidates: [...]}``) whose entries are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,14 @@ def _rtn(bits: int, group: int) -> dict[str, Any]:
             "group_size": group}
 
 
+def _vq_pairs(entries: int) -> dict[str, Any]:
+    """hadamard-gptq-vq3's scheme with another codebook size: log2(entries) / 2 bits per weight for the codes."""
+    bits = math.log2(entries) / 2
+    return {"name": f"hadamard-gptq-vq{bits:g}", "method": {"name": "gptq", "act_order": True,
+            "attention_weighted": False}, "quantizer": {"name": "vq", "dim": 2, "entries": entries},
+            "rotation": {"kind": "hadamard"}}
+
+
 # The built-in set. GPTQ (act-order) at 2 bits (groups of 64, 128), 3 and 4 bits (groups of 64, 128, 256 and one
 # scale per row) and 8 bits per row; the same after a Hadamard rotation at 2, 3 and 4 bits; round to nearest at 4
 # (groups of 128) and 8 bits; fp16 (chosen only where a budget allows). The coarse groups and per-row scales are
@@ -56,12 +65,15 @@ def _rtn(bits: int, group: int) -> dict[str, Any]:
 # error the linear model underestimates most); round to nearest at 2 and 3 bits is never better than GPTQ at the
 # same bits and is left out. The codebook presets at 2 and 3 bits (quantkit.codebooks, rotated, act-order): on
 # SmolLM2 vq3 at 3.06 bpw scores below rotated scalar W3 g128 at 3.30 and vq2 is the one 2-bit scheme that does not
-# collapse (BENCHMARKS.md); each adds a k-means fit per linear to the measurement.
+# collapse (BENCHMARKS.md); vq3's pairs with 32, 128 and 256 entries (2.5, 3.5 and 4 bits for the codes) fill the
+# steps between: on SmolLM2's first layer the 128-entry pairs leave about the relative error of the 4-bit scalar
+# grids in the attention linears, the 256-entry ones half of it. Each adds a k-means fit per linear to the
+# measurement.
 DEFAULT: list[Any] = [
     _rtn(4, 128), _rtn(8, -1),
     *(_gptq(2, g) for g in (64, 128)), *(_gptq(b, g) for b in (3, 4) for g in (64, 128, 256, -1)), _gptq(8, -1),
     *(_gptq(2, g, True) for g in (64, 128)), *(_gptq(b, g, True) for b in (3, 4) for g in (64, 128, 256, -1)),
-    "hadamard-gptq-vq2", "hadamard-gptq-vq3",
+    "hadamard-gptq-vq2", "hadamard-gptq-vq3", *(_vq_pairs(k) for k in (32, 128, 256)),
     "fp16",
 ]
 
