@@ -331,7 +331,7 @@ def _add_allocate(sub) -> None:
     al.add_argument("--model", default=None, help="as for quantize (default: smollm2-135m, the bundled model)")
     al.add_argument("--candidates", default="default",
                     help="YAML list of candidate schemes (preset names, fp16, or scheme mappings); default: the "
-                    "built-in set of 29: gptq at 2 bits (g64/g128), 3 and 4 bits (g64/g128/g256/per row) and 8 bits, "
+                    "built-in set: gptq at 2 bits (g64/g128), 3 and 4 bits (g64/g128/g256/per row) and 8 bits, "
                     "the same after a Hadamard rotation at 2-4 bits, rtn-w4g128 and rtn-w8, the codebook presets "
                     "hadamard-gptq-vq2 and -vq3, vq3's pairs with 32/128/256 entries (2.5/3.5/4 bits), and fp16)")
     al.add_argument("--budget", required=True, type=_budgets,

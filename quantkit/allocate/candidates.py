@@ -51,11 +51,11 @@ def _rtn(bits: int, group: int) -> dict[str, Any]:
 
 
 def _vq_pairs(entries: int) -> dict[str, Any]:
-    """hadamard-gptq-vq3's scheme with another codebook size: log2(entries) / 2 bits per weight for the codes."""
-    bits = math.log2(entries) / 2
-    return {"name": f"hadamard-gptq-vq{bits:g}", "method": {"name": "gptq", "act_order": True,
-            "attention_weighted": False}, "quantizer": {"name": "vq", "dim": 2, "entries": entries},
-            "rotation": {"kind": "hadamard"}}
+    """The hadamard-gptq-vq3 preset's scheme with another codebook size: log2(entries) / dim bits per weight for
+    the codes."""
+    scheme = load_recipe("hadamard-gptq-vq3").schemes[0].scheme.to_dict()
+    q = {**scheme["quantizer"], "entries": entries}
+    return {**scheme, "name": f"hadamard-gptq-vq{math.log2(entries) / q['dim']:g}", "quantizer": q}
 
 
 # The built-in set. GPTQ (act-order) at 2 bits (groups of 64, 128), 3 and 4 bits (groups of 64, 128, 256 and one
