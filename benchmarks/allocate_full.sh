@@ -9,7 +9,9 @@
 #   progress: OUTDIR/progress.txt; time and peak memory of each step: OUTDIR/time_*.txt (/usr/bin/time -v)
 #   env (for trying the script on a small model; the protocol is the default): MODEL (smollm2-135m),
 #        CALIB ("--calib c4 --nsamples 128 --seqlen 2048 --seed 0"), WINDOWS (all; e.g. 16 for the quick protocol),
-#        CANDIDATES (the built-in set)
+#        CANDIDATES (the built-in set), MEASUREMENT (a measurement.json to start from, e.g. the full protocol's in
+#        benchmarks/results/smollm2/allocate/: copied into OUTDIR/alloc unless one is there; allocate refuses it if
+#        it was measured on another model, candidate set or calibration)
 set -euo pipefail
 out=${1:?usage: allocate_full.sh OUTDIR [BUDGET ...]}; shift
 : "${QUANTKIT_DATA_DIR:?set QUANTKIT_DATA_DIR to the data folder}"
@@ -22,6 +24,9 @@ read -r -a calib <<< "${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}
 windows=(); [ -z "${WINDOWS:-}" ] || windows=(--ppl-windows "$WINDOWS")
 cands=(); [ -z "${CANDIDATES:-}" ] || cands=(--candidates "$CANDIDATES")
 mkdir -p "$out/Q" "$out/E"
+if [ -n "${MEASUREMENT:-}" ] && [ ! -f "$out/alloc/measurement.json" ]; then
+  mkdir -p "$out/alloc" && cp "$MEASUREMENT" "$out/alloc/measurement.json"
+fi
 log() { echo "$(date '+%F %T') $*" >> "$out/progress.txt"; }
 
 if [ ! -f "$out/alloc/allocation.json" ] || [ ! -f "$out/alloc/measurement.json" ]; then
@@ -55,7 +60,9 @@ done
 if [ -z "${WINDOWS:-}" ] && [ "$model" = smollm2-135m ]; then
   fp="$seed/eval_ppl_fp32.json"
   for f in "$seed"/eval_ppl_smollm2-*.json; do  # uniform rows: their recipe stands in for the folder
-    name=$(basename "$f" .json); runs+=("${name#eval_ppl_smollm2-}=$f")
+    name=$(basename "$f" .json); name=${name#eval_ppl_smollm2-}
+    case $name in alloc-*) continue ;; esac  # allocated rows copied there: this run's own are above
+    runs+=("$name=$f")
   done
 else  # another model or protocol: its own fp row, no uniform rows
   fp="$out/E/eval_ppl_fp.json"
