@@ -61,8 +61,12 @@ if [ -z "${WINDOWS:-}" ] && [ "$model" = smollm2-135m ]; then
   fp="$seed/eval_ppl_fp32.json"
   for f in "$seed"/eval_ppl_smollm2-*.json; do  # uniform rows: their recipe stands in for the folder
     name=$(basename "$f" .json); name=${name#eval_ppl_smollm2-}
-    case $name in alloc-*) continue ;; esac  # allocated rows copied there: this run's own are above
-    runs+=("$name=$f")
+    case $name in
+      alloc-*)  # an allocated row kept there: its recipe is in allocate/; this run's own budgets are above
+        b=${name#alloc-}
+        [[ " ${budgets[*]} " == *" $b "* ]] || runs+=("$seed/allocate/recipe-$b.yaml=$f") ;;
+      *) runs+=("$name=$f") ;;
+    esac
   done
 else  # another model or protocol: its own fp row, no uniform rows
   fp="$out/E/eval_ppl_fp.json"
