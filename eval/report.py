@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -238,14 +239,14 @@ def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> 
 
 
 def _place_labels(ax, pts: list[tuple[float, float, str]], renderer) -> None:
-    """Label each point beside it: the first nearby spot inside the axes that overlaps no other label or point,
-    else the spot inside the axes with the least overlap (a crowded plot never pushes a label off the axes)."""
-    offsets = [(7, 5), (7, -13), (-7, 5), (-7, -13), (7, 16), (7, -24), (-7, 16), (-7, -24), (7, 27), (7, -35),
-               (-7, 27), (-7, -35), (7, 40), (7, -48), (-7, 40), (-7, -48)]
-    marker_boxes = []
-    for x, y, _ in pts:
-        px, py = ax.transData.transform((x, y))
-        marker_boxes.append((px - 5, py - 5, px + 5, py + 5))
+    """Label each point beside it: the first nearby spot inside the axes that overlaps no other label or point and
+    sits closer to its own point than to any other (so no label reads as another point's), else the least bad spot
+    inside the axes (a crowded plot never pushes a label off the axes). A label away from its point gets a thin
+    leader line."""
+    offsets = [(7, 5), (7, -13), (-7, 5), (-7, -13), (9, -4), (-9, -4), (7, 16), (7, -24), (-7, 16), (-7, -24),
+               (7, 27), (7, -35), (-7, 27), (-7, -35), (7, 40), (7, -48), (-7, 40), (-7, -48)]
+    centres = [tuple(ax.transData.transform((x, y))) for x, y, _ in pts]
+    marker_boxes = [(px - 5, py - 5, px + 5, py + 5) for px, py in centres]
     placed: list[tuple[float, float, float, float]] = []
     axes_box = ax.get_window_extent(renderer)
 
@@ -253,8 +254,12 @@ def _place_labels(ax, pts: list[tuple[float, float, str]], renderer) -> None:
         return sum(max(0.0, min(box[2], o[2]) - max(box[0], o[0])) * max(0.0, min(box[3], o[3]) - max(box[1], o[1]))
                    for o in placed + marker_boxes)
 
-    for x, y, label in sorted(pts, key=lambda p: (p[0], p[1])):
-        best = None  # (outside, overlap, offset, box)
+    def gap(box, c) -> float:  # distance from a point to a box
+        return math.hypot(max(box[0] - c[0], 0.0, c[0] - box[2]), max(box[1] - c[1], 0.0, c[1] - box[3]))
+
+    for i in sorted(range(len(pts)), key=lambda i: (pts[i][0], pts[i][1])):
+        x, y, label = pts[i]
+        best = None  # (outside, overlapping, ambiguous, overlap, offset, box)
         for dx, dy in offsets:
             ann = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9,
                               ha="left" if dx > 0 else "right")
@@ -262,17 +267,27 @@ def _place_labels(ax, pts: list[tuple[float, float, str]], renderer) -> None:
             ann.remove()
             box = (b.x0, b.y0, b.x1, b.y1)
             inside = axes_box.x0 <= b.x0 and b.x1 <= axes_box.x1 and axes_box.y0 <= b.y0 and b.y1 <= axes_box.y1
-            score = (not inside, overlap(box), (dx, dy), box)
-            if best is None or score[:2] < best[:2]:
+            own = gap(box, centres[i])
+            ambiguous = any(gap(box, c) < own for j, c in enumerate(centres) if j != i and c != centres[i])
+            o = overlap(box)
+            score = (not inside, o > 0, ambiguous, o, (dx, dy), box)
+            if best is None or score[:4] < best[:4]:
                 best = score
-            if inside and score[1] == 0:
+            if score[:3] == (False, False, False):
                 break
-        (dx, dy), box = best[2], best[3]
-        far = abs(dy) > 13  # away from its point: a thin leader line says whose label it is
+        (dx, dy), box = best[4], best[5]
+        far = abs(dy) > 13 or best[2]  # away from its point, or nearer another: a leader line says whose it is
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9,
                     ha="left" if dx > 0 else "right",
                     arrowprops=dict(arrowstyle="-", lw=0.6, color="0.5", shrinkA=0, shrinkB=4) if far else None)
         placed.append(box)
+
+
+def _off_scale_cap(values: list[float]) -> float | None:
+    """The top of a log perplexity axis that keeps the useful range readable: 50x the best value when some run is
+    beyond it (a collapsed 2-bit grid reaches 1e6 where the rest sit within 20-200), else None (no cap)."""
+    cap = 50 * min(values) if values else None
+    return cap if cap is not None and max(values) > cap else None
 
 
 def _panel(ax, runs, values: list[float | None], ylabel: str, *, higher_is_better: bool,
@@ -282,8 +297,16 @@ def _panel(ax, runs, values: list[float | None], ylabel: str, *, higher_is_bette
     pts = [(r["bits_per_weight"], v, r["_label"]) for r, v in zip(runs, values, strict=True)
            if v is not None and r.get("bits_per_weight") is not None]
     xs = sorted({p[0] for p in pts})
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=45, color="tab:blue", zorder=3)
     front = _pareto_front([(x, y) for x, y, _ in pts], higher_is_better)
+    top = _off_scale_cap([y for _, y, _ in pts]) if log_y and not higher_is_better else None
+    off = [top is not None and y > top for _, y, _ in pts]
+    if top is not None:  # a collapsed run would squash the useful decades: it sits on the top edge, its value named
+        pts = [(x, top / 1.12, f"{label} ({y:.3g}, off scale)") if o else (x, y, label)
+               for (x, y, label), o in zip(pts, off, strict=True)]
+    for marker, size, color, pick in (("o", 45, "tab:blue", False), ("^", 55, "tab:red", True)):
+        chosen = [(x, y) for (x, y, _), o in zip(pts, off, strict=True) if o == pick]
+        if chosen:
+            ax.scatter(*zip(*chosen, strict=True), s=size, marker=marker, color=color, zorder=3)
     if len(front) > 1:
         ax.plot(*zip(*front, strict=True), color="tab:orange", lw=1.5, zorder=2, label="Pareto front")
         ax.legend(loc="best", fontsize=9)
@@ -298,6 +321,8 @@ def _panel(ax, runs, values: list[float | None], ylabel: str, *, higher_is_bette
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
+        if top is not None:
+            ax.set_ylim(min(y for _, y, _ in pts) / 1.25, top)
     ax.set_xlabel("bits per weight (log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.3)

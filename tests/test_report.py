@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from quantkit.cli import main
-from quantkit.eval.report import _pareto_front, average_acc
+from quantkit.eval.report import _panel, _pareto_front, _place_labels, average_acc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -84,6 +84,39 @@ def test_pareto_front_and_average():
     assert _pareto_front([(2, 0.3), (3, 0.5), (4, 0.4)], higher_is_better=True) == [(2, 0.3), (3, 0.5)]
     assert average_acc({"tasks": {"a": {"acc": 0.5}, "b": {"acc": 0.25}, "c": {"perplexity": 3.0}}}) == 0.375
     assert average_acc({"tasks": {}}) is None
+
+
+def test_a_collapsed_run_sits_on_the_top_edge_and_labels_stay_with_their_points():
+    """A 1e6 perplexity would squash 20-100 into a sliver: the axis stops at 50x the best value, the collapsed run
+    is drawn on its top edge with its value in its label, and every label ends up nearer its own point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [{"bits_per_weight": b, "_label": name} for b, name in
+            ((2.5, "rtn-w2g64"), (4.27, "rtn-w4g128"), (4.29, "gptq-w4g128"), (3.0, "a"), (32.0, "fp32"))]
+    fig, ax = plt.subplots()
+    try:
+        pts = _panel(ax, runs, [9.2e5, 29.9, 25.2, 30.0, 21.6], "ppl", higher_is_better=False, log_y=True)
+        assert ax.get_ylim()[1] == pytest.approx(50 * 21.6)
+        assert pts[0][1] < 50 * 21.6 and pts[0][2] == "rtn-w2g64 (9.2e+05, off scale)"
+        assert [p[2] for p in pts[1:]] == ["rtn-w4g128", "gptq-w4g128", "a", "fp32"]  # the rest as measured
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        _place_labels(ax, pts, renderer)
+        centres = {p[2]: ax.transData.transform((p[0], p[1])) for p in pts}
+        for t in ax.texts:
+            b = t.get_window_extent(renderer)
+            dist = {name: max(b.x0 - c[0], 0, c[0] - b.x1) ** 2 + max(b.y0 - c[1], 0, c[1] - b.y1) ** 2
+                    for name, c in centres.items()}
+            nearest = min(dist, key=dist.get)
+            assert nearest == t.get_text() or t.arrow_patch is not None, t.get_text()  # else a leader line
+        _, clean = plt.subplots()
+        _panel(clean, runs[1:], [29.9, 25.2, 30.0, 21.6], "ppl", higher_is_better=False, log_y=True)
+        assert clean.get_ylim()[1] < 40  # nothing collapsed: no cap
+    finally:
+        plt.close("all")
 
 
 def _split(run: Path, tmp: Path) -> tuple[Path, Path]:
