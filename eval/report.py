@@ -346,7 +346,7 @@ def pareto_plot(runs: list[dict[str, Any]], out: str | os.PathLike) -> Path:
     panels = (1 if ppl_name else 0) + (1 if any(a is not None for a in accs) else 0)
     if panels == 0:
         raise QuantkitError("the results have neither perplexity nor zero-shot figures to plot")
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 6), squeeze=False)
     i = 0
     labelled = []
     if ppl_name:
