@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -43,20 +44,21 @@ def main() -> None:
     hess_ids = ids[-4:]  # the Hessian that scales the noise: 4 sequences apart from every KL set
     small = [ids[2 * s: 2 * s + 2, :256] for s in range(a.sets)]
     large = ids[:nl, :tl]
-    m = json.load(open(a.measurement)) if a.measurement else None
+    m = json.loads(Path(a.measurement).read_text()) if a.measurement else None
+    names = a.linears.split(",")
+    hessians = {name: HessianAccumulator(model.get_submodule(name).in_features) for name in names}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda mod, i, o, acc=hessians[name]: acc.add(i[0].detach().reshape(-1, i[0].shape[-1]))) for name in names]
+    with torch.no_grad():  # one pass fills every linear's Hessian
+        model(input_ids=hess_ids)
+    for h in hooks:
+        h.remove()
     head = ["linear", *[f"set {s + 1}" for s in range(a.sets)], "max/min", f"{nl}x{tl}"]
     if m:
         head.append("measurement.json coeff")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for name in a.linears.split(","):
-        lin = model.get_submodule(name)
-        X: list[torch.Tensor] = []
-        hook = lin.register_forward_hook(lambda mod, i, o, X=X: X.append(i[0].detach().reshape(-1, i[0].shape[-1])))
-        with torch.no_grad():
-            model(input_ids=hess_ids)
-        hook.remove()
-        acc = HessianAccumulator(lin.in_features)
-        acc.add(torch.cat(X))
+    for name in names:
+        acc = hessians[name]
         coeffs = [noise_kl(model, s, name, a.noise, acc.H) / a.noise for s in small]
         big = noise_kl(model, large, name, a.noise, acc.H) / a.noise
         row = [name, *[f"{c:.3f}" for c in coeffs], f"{max(coeffs) / min(coeffs):.2f}", f"{big:.3f}"]
