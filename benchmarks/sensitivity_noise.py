@@ -4,9 +4,12 @@
 (2 x 256 tokens by default). This script injects the same seeded Gaussian noise (relative output error ``--noise``)
 into one linear at a time and measures the KL divergence from the unquantized model on several disjoint 2 x 256
 token sets and on one larger set, so the spread across the small sets shows the sampling noise the solver sees.
+``--probes`` adds, on the larger set, the coefficient of each named candidate's own rounding error (quantized as
+``quantkit quantize`` does, with the Hessian of ``--hessian`` calibration sequences), to compare error structures.
 
     QUANTKIT_DATA_DIR=../shared/data python benchmarks/sensitivity_noise.py \
         [--model smollm2-135m] [--linears model.layers.12.self_attn.k_proj,...] [--measurement measurement.json]
+        [--probes gptq-w3g128,hadamard-gptq-vq3 --hessian 16x2048] [--sets 0]
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 import torch
 
 from quantkit.algos.hessian import HessianAccumulator
-from quantkit.allocate.measure import noise_kl
+from quantkit.allocate.candidates import default_candidates
+from quantkit.allocate.measure import noise_kl, relative_error, stored_weight, weight_kl
 from quantkit.data import calibration_ids, load_calibration_texts
 from quantkit.loading import load_model
 
@@ -34,6 +38,9 @@ def main() -> None:
     ap.add_argument("--sets", type=int, default=4, help="disjoint small token sets (2 x 256 each)")
     ap.add_argument("--large", default="8x512", help="the larger token set, SEQUENCESxTOKENS")
     ap.add_argument("--measurement", help="a measurement.json whose coefficients to list beside")
+    ap.add_argument("--probes", default="", help="default candidates whose rounding error to measure too")
+    ap.add_argument("--hessian", help="SEQUENCESxTOKENS drawn apart (seed 1) for the Hessian; default 4 "
+                    "sequences of the KL draw")
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_model(a.model, dtype=torch.float32)
@@ -42,6 +49,11 @@ def main() -> None:
     n = max(2 * a.sets, nl) + 4
     ids = calibration_ids(tok, load_calibration_texts("c4"), nsamples=n, seqlen=max(256, tl), seed=0)
     hess_ids = ids[-4:]  # the Hessian that scales the noise: 4 sequences apart from every KL set
+    if a.hessian:
+        hn, ht = (int(v) for v in a.hessian.split("x"))
+        hess_ids = calibration_ids(tok, load_calibration_texts("c4"), nsamples=hn, seqlen=ht, seed=1)
+    cands = {c.name: c for c in default_candidates()}
+    probes = [cands[p] for p in a.probes.split(",") if p]
     small = [ids[2 * s: 2 * s + 2, :256] for s in range(a.sets)]
     large = ids[:nl, :tl]
     m = json.loads(Path(a.measurement).read_text()) if a.measurement else None
@@ -49,11 +61,13 @@ def main() -> None:
     hessians = {name: HessianAccumulator(model.get_submodule(name).in_features) for name in names}
     hooks = [model.get_submodule(name).register_forward_hook(
         lambda mod, i, o, acc=hessians[name]: acc.add(i[0].detach().reshape(-1, i[0].shape[-1]))) for name in names]
-    with torch.no_grad():  # one pass fills every linear's Hessian
-        model(input_ids=hess_ids)
+    with torch.no_grad():  # one pass (per sequence) fills every linear's Hessian
+        for seq in hess_ids.split(1):
+            model(input_ids=seq)
     for h in hooks:
         h.remove()
-    head = ["linear", *[f"set {s + 1}" for s in range(a.sets)], "max/min", f"{nl}x{tl}"]
+    head = ["linear", *[f"set {s + 1}" for s in range(a.sets)], *(["max/min"] if a.sets else []), f"{nl}x{tl}",
+            *[f"{p.name} (e)" for p in probes]]
     if m:
         head.append("measurement.json coeff")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -61,7 +75,13 @@ def main() -> None:
         acc = hessians[name]
         coeffs = [noise_kl(model, s, name, a.noise, acc.H) / a.noise for s in small]
         big = noise_kl(model, large, name, a.noise, acc.H) / a.noise
-        row = [name, *[f"{c:.3f}" for c in coeffs], f"{max(coeffs) / min(coeffs):.2f}", f"{big:.3f}"]
+        row = [name, *[f"{c:.3f}" for c in coeffs], *([f"{max(coeffs) / min(coeffs):.2f}"] if a.sets else []),
+               f"{big:.3f}"]
+        lin = model.get_submodule(name)
+        for p in probes:
+            W_hat = stored_weight(name, lin, p.scheme, acc.H)
+            e = relative_error(lin.weight.detach().float(), W_hat, acc.H)
+            row.append(f"{weight_kl(model, large, name, W_hat) / e:.3f} ({e:.4f})")
         if m:
             row.append(f"{m['linears'][name]['coeff']:.3f}")
         print("| " + " | ".join(row) + " |", flush=True)

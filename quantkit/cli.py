@@ -81,7 +81,7 @@ def _allocate(a: argparse.Namespace) -> int:
                                    a.kl_probe)
     m, results = allocate(a.model, candidates, a.budget, out, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
                           seed=a.seed, device=a.device, data_dir=a.data_dir, settings=settings,
-                          granularity=a.granularity, sensitivity=a.sensitivity)
+                          granularity=a.granularity, sensitivity=a.sensitivity, reuse=a.reuse_errors)
     print(f"measurement {out / 'measurement.json'} ({len(m['linears'])} linears x {len(m['candidates'])} "
           "candidates)")
     unit = "nats/token" if a.sensitivity == "kl" else "(objective)"
@@ -353,9 +353,15 @@ def _add_allocate(sub) -> None:
     al.add_argument("--kl-tokens", type=int, default=None, help="their first N tokens (default 256, at most --seqlen)")
     al.add_argument("--kl-noise", type=float, default=0.01,
                     help="relative output error of the injected noise, with --kl-probe noise (default 0.01)")
-    al.add_argument("--kl-probe", default=None, metavar="CANDIDATE|noise",
-                    help="whose error measures each linear's sensitivity: a candidate's rounding, or Gaussian "
-                         "noise (default gptq-w3g128 when it is a candidate, else noise)")
+    al.add_argument("--kl-probe", default=None, metavar="CANDIDATE[,CANDIDATE...]|noise",
+                    help="whose errors measure each linear's sensitivity: candidates' rounding (one coefficient "
+                         "per probe; a candidate is priced by the probe of its family: same rotation and "
+                         "quantizer, else same rotation), or Gaussian noise (default: gptq-w3g128 and "
+                         "hadamard-gptq-vq3, those that are candidates, else noise)")
+    al.add_argument("--reuse-errors", default=None, metavar="MEASUREMENT.json",
+                    help="take the candidates' errors from a kept measurement of the same model, candidates and "
+                    "calibration (any sensitivity settings, quantkit measurement version 2 or later) and measure "
+                    "only the sensitivities; --out must not hold another measurement")
     al.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     al.add_argument("--data-dir", default=None, help="local data folder (default: $QUANTKIT_DATA_DIR)")
     al.set_defaults(fn=_allocate)

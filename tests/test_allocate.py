@@ -147,11 +147,12 @@ def test_batched_kl_matches_noise_in_the_whole_model_and_grows_with_the_noise(me
         acc = HessianAccumulator(model.get_submodule(name).in_features)
         acc.add(_captured(model, ids, name))
         kl = noise_kl(model, windows, name, WINDOWS.noise, acc.H)
-        assert m["linears"][name]["kl"] == pytest.approx(kl, rel=2e-3)
+        r = m["linears"][name]["probes"]["noise"]
+        assert r["kl"] == pytest.approx(kl, rel=2e-3)
         kls = [noise_kl(model, windows, name, e, acc.H) for e in (0.001, 0.01, 0.1, 0.5)]
         assert all(a < b for a, b in zip(kls, kls[1:], strict=False)), kls
         assert kls[1] / kls[0] == pytest.approx(10, rel=0.3)  # linear in the relative error while it is small
-        assert m["linears"][name]["probe"] == "noise" and m["linears"][name]["probe_error"] == WINDOWS.noise
+        assert r["used"] == "noise" and r["error"] == WINDOWS.noise and r["coeff"] == r["kl"] / WINDOWS.noise
 
 
 def _kl_with(model, ids: torch.Tensor, name: str, W_hat: torch.Tensor) -> float:
@@ -166,14 +167,27 @@ def _kl_with(model, ids: torch.Tensor, name: str, W_hat: torch.Tensor) -> float:
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
-def test_a_candidate_probe_measures_the_kl_of_that_candidates_own_error(tiny_llama, calib_file, tmp_path):
-    """--kl-probe rtn-w2g64: each linear's KL is that of the model with this linear alone rounded by the candidate
-    (data-free, so the stored weight is exactly reproducible here), and coeff = KL / the candidate's error."""
+PROBES = SensitivitySettings(windows=2, tokens=32, probe="rtn-w2g64,hgptq-w4g32")
+
+
+@pytest.fixture(scope="module")
+def probed(tiny_llama, calib_file, tmp_path_factory):
+    """A measurement with two probes: rtn-w2g64 for the unrotated candidates, hgptq-w4g32 for the rotated one."""
+    out = tmp_path_factory.mktemp("probed")
+    m, _ = allocate(str(tiny_llama), parse_candidates(CANDIDATES), [3.0], out, calib=str(calib_file),
+                    settings=PROBES, progress=False, **CALIB)
+    return out, m
+
+
+def test_a_candidate_probe_measures_the_kl_of_that_candidates_own_error(probed, tiny_llama, calib_file):
+    """--kl-probe rtn-w2g64,hgptq-w4g32: each linear's KL per probe is that of the model with this linear alone
+    given the probe's rounding (rtn: data-free, so the stored weight is exactly reproducible here), coeff = KL /
+    the candidate's error, and each candidate is priced by its family's probe."""
+    _, m = probed
     cands = parse_candidates(CANDIDATES)
-    settings = SensitivitySettings(windows=2, tokens=32, probe="rtn-w2g64")
-    m, _ = allocate(str(tiny_llama), cands, [3.0], tmp_path, calib=str(calib_file), settings=settings,
-                    progress=False, **CALIB)
-    assert m["sensitivity"]["probe"] == "rtn-w2g64"
+    assert m["sensitivity"]["probe"] == "rtn-w2g64,hgptq-w4g32"
+    # rtn-w2g64 itself; gptq-w3g32 the same family (no rotation, uniform); hgptq-w4g32 itself; fp16 the same rotation
+    assert m["sensitivity"]["probe_of"] == ["rtn-w2g64", "rtn-w2g64", "hgptq-w4g32", "rtn-w2g64"]
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     windows = _inputs(tiny_llama, calib_file, 2, 32)
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.2.mlp.down_proj"):
@@ -181,21 +195,77 @@ def test_a_candidate_probe_measures_the_kl_of_that_candidates_own_error(tiny_lla
         lin = model.get_submodule(name)
         packed, _ = quantize_linear(name, lin, cands[0].scheme, None)
         W_hat = get_format(cands[0].scheme.format).dequantize(packed, cands[0].scheme, lin.in_features)
-        assert r["probe"] == "rtn-w2g64" and r["probe_error"] == r["error"][0]
-        assert r["kl"] == pytest.approx(_kl_with(model, windows, name, W_hat), rel=2e-3)
-        assert r["coeff"] == pytest.approx(r["kl"] / r["error"][0])
+        rtn, rot = r["probes"]["rtn-w2g64"], r["probes"]["hgptq-w4g32"]
+        assert rtn["used"] == "rtn-w2g64" and rtn["error"] == r["error"][0]
+        assert rtn["kl"] == pytest.approx(_kl_with(model, windows, name, W_hat), rel=2e-3)
+        assert rtn["coeff"] == pytest.approx(rtn["kl"] / r["error"][0])
+        assert rot["used"] == "hgptq-w4g32" and rot["error"] == r["error"][2] and rot["kl"] != rtn["kl"]
+        assert rot["coeff"] == pytest.approx(rot["kl"] / r["error"][2])
+        cost = {it.name: it.cost for it in items(m)}[name]
+        assert cost[:3] == (rtn["coeff"] * r["error"][0], rtn["coeff"] * r["error"][1], rot["coeff"] * r["error"][2])
 
 
-def test_the_default_probe_is_gptq_w3g128_when_it_is_a_candidate(tiny_llama, calib_file):
-    from quantkit.allocate.measure import resolve_probe
+def test_the_default_probes_are_gptq_w3g128_and_hadamard_gptq_vq3(tiny_llama, calib_file):
+    from quantkit.allocate.measure import probe_of, resolve_probe
 
-    assert resolve_probe(None, default_candidates()) == "gptq-w3g128"
+    cands = default_candidates()
+    assert resolve_probe(None, cands) == "gptq-w3g128,hadamard-gptq-vq3"
     assert resolve_probe(None, parse_candidates(CANDIDATES)) == "noise"
-    p = plan(str(tiny_llama), default_candidates(), calib=str(calib_file), nsamples=2, seqlen=48,
+    of = dict(zip([c.name for c in cands], probe_of("gptq-w3g128,hadamard-gptq-vq3", cands), strict=True))
+    assert of["gptq-w4g128"] == of["rtn-w8"] == of["fp16"] == "gptq-w3g128"
+    assert of["hadamard-gptq-vq2.5"] == of["hadamard-gptq-w2g64"] == "hadamard-gptq-vq3"
+    assert set(probe_of("noise,hadamard-gptq-vq3", cands)) == {"noise", "hadamard-gptq-vq3"}
+    p = plan(str(tiny_llama), cands, calib=str(calib_file), nsamples=2, seqlen=48,
              settings=SensitivitySettings(windows=1, tokens=32))
-    assert p.settings.probe == "gptq-w3g128"
+    assert p.settings.probe == "gptq-w3g128,hadamard-gptq-vq3"
     with pytest.raises(QuantkitError, match="--kl-probe gptq-w9: not a candidate"):
         resolve_probe("gptq-w9", parse_candidates(CANDIDATES))
+    with pytest.raises(QuantkitError, match="names a probe twice"):
+        resolve_probe("rtn-w2g64,rtn-w2g64", parse_candidates(CANDIDATES))
+
+
+def test_reused_errors_measure_only_the_sensitivities(measured, probed, tiny_llama, calib_file, tmp_path,
+                                                      monkeypatch):
+    """--reuse-errors: a measurement with other sensitivity settings takes the kept one's candidate errors (the
+    non-probe candidates are not rounded again) and equals a full measurement with those settings."""
+    out0, m0, _ = measured
+    _, full = probed
+    rounded = []
+    import importlib
+
+    measure_mod = importlib.import_module("quantkit.allocate.measure")
+    real = measure_mod.stored_weight
+    monkeypatch.setattr(measure_mod, "stored_weight", lambda name, lin, scheme, H: (rounded.append(scheme),
+                                                                                   real(name, lin, scheme, H))[1])
+    m, _ = allocate(str(tiny_llama), parse_candidates(CANDIDATES), [3.0], tmp_path, calib=str(calib_file),
+                    settings=PROBES, progress=False, reuse=out0 / "measurement.json", **CALIB)
+    assert len(rounded) == 2 * len(m["linears"])  # the two probes only
+    assert m["errors_from"]["path"] == str(out0 / "measurement.json")
+    for name, r in m["linears"].items():
+        assert r["error"] == m0["linears"][name]["error"]
+        for probe, v in r["probes"].items():
+            assert v["kl"] == pytest.approx(full["linears"][name]["probes"][probe]["kl"], rel=1e-6, abs=1e-12)
+    assert m["fingerprint"] == full["fingerprint"] and m["sensitivity"] == full["sensitivity"]
+
+
+def test_reused_errors_from_other_inputs_are_refused(measured, tiny_llama, calib_file, tmp_path):
+    out0, m0, _ = measured
+    cands = parse_candidates(CANDIDATES)
+    with pytest.raises(QuantkitError, match="another calibration"):
+        allocate(str(tiny_llama), cands, [3.0], tmp_path / "a", calib=str(calib_file), settings=PROBES,
+                 progress=False, reuse=out0 / "measurement.json", **{**CALIB, "seed": 1})
+    # Same fingerprint, but a probe's error is not what the walk measures: its errors came from other inputs.
+    name = "model.layers.1.mlp.up_proj"
+    bad = json.loads((out0 / "measurement.json").read_text())
+    bad["linears"][name]["error"][0] *= 1.01
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(QuantkitError, match=f"bad.json: {name} under rtn-w2g64 has relative error"):
+        allocate(str(tiny_llama), cands, [3.0], tmp_path / "b", calib=str(calib_file), settings=PROBES,
+                 progress=False, reuse=tmp_path / "bad.json", **CALIB)
+    assert not (tmp_path / "b" / "measurement.json").exists()
+    with pytest.raises(QuantkitError, match="not a quantkit measurement"):
+        allocate(str(tiny_llama), cands, [3.0], tmp_path / "c", calib=str(calib_file), settings=PROBES,
+                 progress=False, reuse=calib_file, **CALIB)
 
 
 def test_a_measurement_of_an_older_version_is_refused_naming_it(measured, tiny_llama, calib_file, tmp_path):

@@ -95,19 +95,19 @@ def allocate(model: str | None, candidates: list[Candidate], budgets: list[float
              calib: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "cpu",
              data_dir: str | Path | None = None, settings: SensitivitySettings | None = None,
              granularity: str = "linear", sensitivity: str = "kl", progress: bool = True,
-             plot: bool = True) -> tuple[dict[str, Any], list[Allocation]]:
+             plot: bool = True, reuse: str | Path | None = None) -> tuple[dict[str, Any], list[Allocation]]:
     """Measure (or reuse ``out/measurement.json``), then solve every budget. The budgets are checked against the
-    candidates' bits before anything is measured or written."""
+    candidates' bits before anything is measured or written. ``reuse``: a kept measurement whose candidate errors
+    to take (only the sensitivities are measured)."""
     if not budgets:
         raise QuantkitError("--budget: name at least one budget in bits per weight")
     p = plan(model, candidates, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
              data_dir=data_dir, settings=settings or SensitivitySettings())
-    shapes_only = {"linears": {n: {**r, "error": [0.0] * len(r["bits"]), "coeff": 1.0, "lwq": 1.0}
-                               for n, r in p.linears.items()}}
-    check_budgets(budgets, items(shapes_only, granularity=granularity, sensitivity=sensitivity), p.weights)
+    shapes_only = {"linears": {n: {**r, "error": [0.0] * len(r["bits"])} for n, r in p.linears.items()}}
+    check_budgets(budgets, items(shapes_only, granularity=granularity, sensitivity="none"), p.weights)
     t0 = time.time()
     reused = (Path(out) / MEASUREMENT_NAME).exists()
-    m = measure(p, out, progress=progress)
+    m = measure(p, out, progress=progress, reuse=reuse)
     measured = time.time() - t0
     results = solve_budgets(m, budgets, out, granularity=granularity, sensitivity=sensitivity, plot=plot)
     summary = {"measurement": MEASUREMENT_NAME, "measurement_seconds": None if reused else measured,

@@ -22,12 +22,15 @@ __all__ = ["SENSITIVITIES", "allocation_cells", "bits_plot", "folder_cells", "he
 SENSITIVITIES = ("kl", "lwq", "none")
 
 
-def _coeff(rec: dict[str, Any], sensitivity: str) -> float:
+def coefficients(m: dict[str, Any], rec: dict[str, Any], sensitivity: str) -> list[float]:
+    """The weight of each candidate's relative error in one linear: its probe's KL coefficient (the measurement's
+    ``probe_of``), Layer-Wise Quantization's score, or 1."""
+    n = len(rec["error"])
     if sensitivity == "kl":
-        return rec["coeff"]
+        return [rec["probes"][p]["coeff"] for p in m["sensitivity"]["probe_of"]]
     if sensitivity == "lwq":
-        return rec["lwq"]
-    return 1.0
+        return [rec["lwq"]] * n
+    return [1.0] * n
 
 
 def items(m: dict[str, Any], *, granularity: str = "linear", sensitivity: str = "kl") -> list[Item]:
@@ -38,9 +41,8 @@ def items(m: dict[str, Any], *, granularity: str = "linear", sensitivity: str = 
         raise QuantkitError(f"--sensitivity {sensitivity!r}: expected one of {', '.join(SENSITIVITIES)}")
     per: list[Item] = []
     for name, rec in m["linears"].items():
-        a = _coeff(rec, sensitivity)
-        per.append(Item(name, tuple(rec["bits"]),
-                        tuple(None if e is None else a * e for e in rec["error"])))
+        per.append(Item(name, tuple(rec["bits"]), tuple(None if e is None else a * e for a, e in zip(
+            coefficients(m, rec, sensitivity), rec["error"], strict=True))))
     if granularity == "linear":
         return per
     groups: dict[int, list[Item]] = defaultdict(list)
@@ -67,7 +69,8 @@ def per_linear(m: dict[str, Any], sol: Solution) -> dict[str, int]:
 
 def predicted(m: dict[str, Any], choice: dict[str, int], sensitivity: str = "kl") -> float:
     """``Σ_l coeff_l · err_l`` of an allocation (any: allocated or uniform)."""
-    return sum(_coeff(m["linears"][n], sensitivity) * m["linears"][n]["error"][k] for n, k in choice.items())
+    return sum(coefficients(m, m["linears"][n], sensitivity)[k] * m["linears"][n]["error"][k]
+               for n, k in choice.items())
 
 
 def _targets(names: list[str], m: dict[str, Any]) -> list[str]:

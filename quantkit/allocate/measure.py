@@ -50,6 +50,7 @@ from quantkit.calibration.quantize import QuantizeStep, layer_rotations, quantiz
 from quantkit.calibration.steps import LayerContext, LayerStep
 from quantkit.calibration.walk import LayerWalk, release_freed_memory
 from quantkit.checkpoint import atomic_write_text
+from quantkit.config.scheme import LayerScheme
 from quantkit.data import calibration_ids, load_calibration_texts
 from quantkit.errors import QuantkitError, RecipeError
 from quantkit.fingerprint import source_digests, text_digest
@@ -59,13 +60,13 @@ from quantkit.model import RenamedCheckpoint, build_skeleton, decoder_layers, li
 from quantkit.resume import Progress
 
 __all__ = ["MEASUREMENT_NAME", "MeasureStep", "Plan", "SensitivitySettings", "check_measurement", "measure", "plan",
-           "noise_kl", "resolve_probe"]
+           "noise_kl", "probe_of", "resolve_probe", "reusable_errors", "stored_weight", "weight_kl"]
 
 logger = logging.getLogger(__name__)
 
 MEASUREMENT_NAME = "measurement.json"
-MEASUREMENT_VERSION = 2  # 2: the sensitivity's probe
-DEFAULT_PROBE = "gptq-w3g128"
+MEASUREMENT_VERSION = 3  # 2: the sensitivity's probe; 3: one probe per candidate family, errors reusable
+DEFAULT_PROBES = ("gptq-w3g128", "hadamard-gptq-vq3")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ class SensitivitySettings:
     windows: int = 2  # calibration sequences the KL divergence is measured on
     tokens: int = 256  # their first tokens
     noise: float = 0.01  # relative output error of the injected noise (probe "noise")
-    probe: str | None = None  # the candidate whose error measures the sensitivity, "noise"; None: see resolve_probe
+    # the candidates whose errors measure the sensitivity (comma-separated; "noise" for Gaussian noise), one per
+    # candidate family (see probe_of); None: see resolve_probe
+    probe: str | None = None
 
 
 def _sha(obj: Any) -> str:
@@ -92,7 +95,8 @@ class Plan:
     ids: torch.Tensor
     calibration: dict[str, Any]
     settings: SensitivitySettings
-    fingerprint: dict[str, str]  # model, candidates, calibration
+    fingerprint: dict[str, str]  # model, candidates, calibration, sensitivity
+    text_sha256: str = ""
 
     @property
     def weights(self) -> int:
@@ -148,28 +152,62 @@ def plan(model: str | None, candidates: list[Candidate], *, calib: str = "c4", n
     ids = calibration_ids(tokenizer, texts, nsamples=nsamples, seqlen=seqlen, seed=seed)
     calibration = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     formats = sorted({(c.scheme.format, get_format(c.scheme.format).version) for c in candidates})
+    digest = text_digest(texts)
     fp = {
         "model": _sha(source_digests(source.folder)),
         "candidates": _sha({"candidates": [c.to_dict() for c in candidates], "formats": formats}),
-        "calibration": _sha({**calibration, "calib": None, "text_sha256": text_digest(texts),
-                             "sensitivity": asdict(settings), "device": dev.type, "version": MEASUREMENT_VERSION}),
+        "calibration": _sha({**calibration, "calib": None, "text_sha256": digest, "device": dev.type}),
+        "sensitivity": _sha({"sensitivity": asdict(settings), "version": MEASUREMENT_VERSION}),
     }
-    return Plan(source, candidates, dev, table, ids, calibration, settings, fp)
+    return Plan(source, candidates, dev, table, ids, calibration, settings, fp, digest)
+
+
+def _errors_digest_v2(p: Plan, sensitivity: dict[str, Any]) -> str:
+    """The calibration part of a version-2 fingerprint (which folded the sensitivity settings in)."""
+    settings = {k: sensitivity.get(k) for k in ("windows", "tokens", "noise", "probe")}
+    return _sha({**p.calibration, "calib": None, "text_sha256": p.text_sha256, "sensitivity": settings,
+                 "device": p.device.type, "version": 2})
 
 
 def resolve_probe(probe: str | None, candidates: list[Candidate]) -> str:
-    """The sensitivity's probe: a candidate's name or ``"noise"``; None picks ``DEFAULT_PROBE`` when the set has
-    it, else noise."""
+    """The sensitivity's probes, comma-separated: candidates' names or ``"noise"``; None picks those of
+    ``DEFAULT_PROBES`` the set has, else noise."""
     names = [c.name for c in candidates]
     if probe is None:
-        return DEFAULT_PROBE if DEFAULT_PROBE in names else "noise"
-    if probe != "noise" and probe not in names:
-        raise QuantkitError(f"--kl-probe {probe}: not a candidate ({', '.join(names)}), nor 'noise'")
-    return probe
+        return ",".join(p for p in DEFAULT_PROBES if p in names) or "noise"
+    probes = [p.strip() for p in probe.split(",") if p.strip()]
+    if not probes:
+        raise QuantkitError("--kl-probe: name at least one candidate, or 'noise'")
+    for p in probes:
+        if p != "noise" and p not in names:
+            raise QuantkitError(f"--kl-probe {p}: not a candidate ({', '.join(names)}), nor 'noise'")
+    if len(set(probes)) < len(probes):
+        raise QuantkitError(f"--kl-probe {probe}: names a probe twice")
+    return ",".join(probes)
+
+
+def _family(c: Candidate) -> tuple[str, str]:
+    return c.scheme.rotation.kind, c.scheme.quantizer.name
+
+
+def probe_of(probe: str, candidates: list[Candidate]) -> list[str]:
+    """Which probe's coefficient prices each candidate's error: the probe of the same family (rotation and
+    quantizer), else one with the same rotation, else the first probe. A rotation spreads a linear's error over
+    its outputs and inputs; unrotated GPTQ leaves it where the weights' outliers are, and on SmolLM2 the same
+    relative error in ``layers.12.self_attn.k_proj`` costs 14-23x more KL divergence unrotated
+    (benchmarks/sensitivity_noise.py), so one probe for all misprices the other family."""
+    by_name = {c.name: c for c in candidates}
+    probes = probe.split(",")
+    out = []
+    for c in candidates:
+        scored = [(2 if _family(by_name[p]) == _family(c) else 1, -i, p) for i, p in enumerate(probes)
+                  if p != "noise" and by_name[p].scheme.rotation.kind == c.scheme.rotation.kind]
+        out.append(max(scored)[2] if scored else probes[0])
+    return out
 
 
 _WHAT = {"model": "another model (its files differ)", "candidates": "another candidate set",
-         "calibration": "another calibration (text, settings or sensitivity settings)"}
+         "calibration": "another calibration (text or settings)", "sensitivity": "other sensitivity settings"}
 
 
 def check_measurement(m: dict[str, Any], fingerprint: dict[str, str], where: str) -> None:
@@ -181,7 +219,7 @@ def check_measurement(m: dict[str, Any], fingerprint: dict[str, str], where: str
     if version != MEASUREMENT_VERSION:
         raise QuantkitError(f"{where} is not a quantkit measurement (version {MEASUREMENT_VERSION})")
     got = m.get("fingerprint") or {}
-    for part in ("model", "candidates", "calibration"):
+    for part in ("model", "candidates", "calibration", "sensitivity"):
         if got.get(part) != fingerprint[part]:
             raise QuantkitError(f"{where} was measured on {_WHAT[part]}; measure again into another --out, or "
                                 "delete it")
@@ -201,6 +239,17 @@ def noise(name: str, W: torch.Tensor, H: torch.Tensor, e: float) -> torch.Tensor
     """Gaussian noise [out, in] (seeded by the linear's name) scaled so its relative output error is exactly ``e``."""
     Z = torch.randn(W.shape, generator=torch.Generator().manual_seed(_seed(name))).to(W.device)
     return Z * (e / relative_error(W, W - Z, H)) ** 0.5
+
+
+def stored_weight(name: str, lin: nn.Linear, scheme: LayerScheme, H: torch.Tensor) -> torch.Tensor:
+    """What ``scheme`` stores for this linear (rounded by the quantize step's own ``quantize_linear``), decoded and
+    rotated back to the original basis."""
+    packed, _ = quantize_linear(name, lin, scheme, H)
+    fmt = get_format(scheme.format)
+    W_hat = fmt.dequantize({k: v for k, v in packed.items() if not k.startswith("rot_")}, scheme, lin.in_features)
+    for rot in reversed(layer_rotations(name, scheme, lin.weight).values()):
+        W_hat = rot.unfuse(W_hat)
+    return W_hat
 
 
 def _head(model: nn.Module):
@@ -246,8 +295,9 @@ class MeasureStep(LayerStep):
     needs_calibration: ClassVar[bool] = True
 
     def __init__(self, plan: Plan, model: nn.Module, layers_name: str, layers: nn.ModuleList, reader,
-                 windows: Calibration):
+                 windows: Calibration, reused: dict[str, list[float | None]] | None = None, reuse_path: str = ""):
         self.plan, self.model, self.layers_name, self.layers, self.reader = plan, model, layers_name, layers, reader
+        self.reused, self.reuse_path = reused, reuse_path  # candidate errors of a kept measurement, per linear
         self.windows = windows  # the sensitivity windows: inputs of layer ``self.at`` (full precision)
         self.at = 0
         self.head = _head(model)
@@ -262,35 +312,45 @@ class MeasureStep(LayerStep):
         self._advance(ctx.index)
         plain, weighted = stats["hessian"], stats.get("attention_hessian", {})
         targets = linears(ctx.layer, ctx.prefix)
+        probes = self.plan.settings.probe.split(",")
         record: dict[str, Any] = {"linears": {}}
-        probes: dict[str, tuple[torch.Tensor, float, str]] = {}  # name -> (weight with the probe's error, e, probe)
+        # name -> probe -> (weight with the probe's error, its relative error, what it was: the probe or "noise")
+        perturbed: dict[str, dict[str, tuple[torch.Tensor, float, str]]] = {}
         for name, lin in targets.items():
             H = plain[ctx.local(name)]
             W = lin.weight.detach().float()
-            errors = []
+            errors: list[float | None] = []
+            perturbed[name] = {}
+            reused = self.reused[name] if self.reused is not None else None
             with reuse_factors():  # the candidates of one linear share its Hessian (and its rotated Hessian)
-                for c, bits in zip(self.plan.candidates, self.plan.linears[name]["bits"], strict=True):
-                    if bits is None:
-                        errors.append(None)
+                for k, (c, bits) in enumerate(zip(self.plan.candidates, self.plan.linears[name]["bits"],
+                                                  strict=True)):
+                    if bits is None or (reused is not None and c.name not in probes):
+                        errors.append(None if bits is None else reused[k])
                         continue
                     Hm = weighted.get(ctx.local(name)) if QuantizeStep._weighted(c.scheme) else None
-                    W_hat = self._stored_weight(name, lin, c, H if Hm is None else Hm)
+                    W_hat = stored_weight(name, lin, c.scheme, H if Hm is None else Hm)
                     errors.append(relative_error(W, W_hat, H))
-                    if c.name == self.plan.settings.probe and errors[-1] > 0:
-                        probes[name] = (W_hat, errors[-1], c.name)
-            if name not in probes:  # noise, asked for or where the probe cannot store this linear
-                e = self.plan.settings.noise
-                probes[name] = (W + noise(name, W, H, e), e, "noise")
+                    if reused is not None:
+                        self._check_reused(name, c.name, reused[k], errors[-1])
+                        errors[-1] = reused[k]
+                    if c.name in probes and errors[-1] > 0:
+                        perturbed[name][c.name] = (W_hat, errors[-1], c.name)
+            for probe in probes:  # noise, asked for or where the probe cannot store this linear
+                if probe not in perturbed[name]:
+                    e = self.plan.settings.noise
+                    perturbed[name][probe] = (W + noise(name, W, H, e), e, "noise")
             record["linears"][name] = {"error": errors}
-        # Sensitivity: the unperturbed stream and one stream per linear with the probe's error in that linear alone.
+        # Sensitivity: the unperturbed stream and one stream per linear and probe, its error in that linear alone.
         streams = [self._run(ctx.layer, ctx.index, self.windows.hidden)]
         for name, lin in targets.items():
             W0 = lin.weight.data.clone()
-            lin.weight.data.copy_(probes[name][0].to(W0.dtype))
-            try:
-                streams.append(self._run(ctx.layer, ctx.index, self.windows.hidden))
-            finally:
-                lin.weight.data.copy_(W0)
+            for probe in probes:
+                lin.weight.data.copy_(perturbed[name][probe][0].to(W0.dtype))
+                try:
+                    streams.append(self._run(ctx.layer, ctx.index, self.windows.hidden))
+                finally:
+                    lin.weight.data.copy_(W0)
         record["lwq"] = self._lwq(self.windows.hidden, streams[0])
         self.windows.hidden, self.at = streams[0], ctx.index + 1
         for j in range(ctx.index + 1, len(self.layers)):
@@ -299,23 +359,22 @@ class MeasureStep(LayerStep):
             self.layers[j] = layer.to("meta")
             release_freed_memory()
         ref = _log_probs(streams[0], self.head)
-        for name, s in zip(targets, streams[1:], strict=True):
-            kl = _kl(ref, s, self.head)
-            _, e, probe = probes[name]
-            # A KL divergence is >= 0; a linear whose probe does not move the output can round below it.
-            record["linears"][name].update({"kl": kl, "coeff": max(kl, 0.0) / e, "probe": probe,
-                                            "probe_error": e})
+        rest = iter(streams[1:])
+        for name in targets:
+            record["linears"][name]["probes"] = {}
+            for probe in probes:
+                kl = _kl(ref, next(rest), self.head)
+                _, e, used = perturbed[name][probe]
+                # A KL divergence is >= 0; a linear whose probe does not move the output can round below it.
+                record["linears"][name]["probes"][probe] = {"kl": kl, "coeff": max(kl, 0.0) / e, "error": e,
+                                                            "used": used}
         return record
 
-    def _stored_weight(self, name: str, lin: nn.Linear, c: Candidate, H: torch.Tensor) -> torch.Tensor:
-        """What the candidate stores for this linear, decoded and rotated back to the original basis."""
-        packed, _ = quantize_linear(name, lin, c.scheme, H)
-        fmt = get_format(c.scheme.format)
-        W_hat = fmt.dequantize({k: v for k, v in packed.items() if not k.startswith("rot_")}, c.scheme,
-                               lin.in_features)
-        for rot in reversed(layer_rotations(name, c.scheme, lin.weight).values()):
-            W_hat = rot.unfuse(W_hat)
-        return W_hat
+    def _check_reused(self, name: str, candidate: str, kept: float | None, now: float) -> None:
+        """A reused measurement's error of a probe must be what this walk measures: else its inputs differ."""
+        if kept is None or abs(kept - now) > 1e-3 * max(abs(now), 1e-12):
+            raise QuantkitError(f"{self.reuse_path}: {name} under {candidate} has relative error {kept}, this "
+                                f"walk measures {now:.6g}: its errors come from other inputs; measure again")
 
     def _materialize(self, j: int) -> nn.Module:
         prefix = f"{self.layers_name}.{j}"
@@ -343,9 +402,40 @@ class MeasureStep(LayerStep):
         return 1.0 - torch.cat(cos).double().mean().item()
 
 
-def measure(p: Plan, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def reusable_errors(path: str | Path, p: Plan) -> tuple[dict[str, list[float | None]], str]:
+    """The candidate errors of a kept measurement (this version's or version 2) of the same model, candidates and
+    calibration, whatever its sensitivity settings, and the file's sha256; another one is refused."""
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_bytes()
+        m = json.loads(raw)
+    except OSError as e:
+        raise QuantkitError(f"--reuse-errors {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError:
+        raise QuantkitError(f"--reuse-errors {path}: not a quantkit measurement (not JSON)") from None
+    version = m.get("quantkit_measurement") if isinstance(m, dict) else None
+    if version not in (2, MEASUREMENT_VERSION):
+        raise QuantkitError(f"--reuse-errors {path}: not a quantkit measurement of version 2 or "
+                            f"{MEASUREMENT_VERSION}")
+    got = m.get("fingerprint") or {}
+    calibration = p.fingerprint["calibration"] if version == MEASUREMENT_VERSION else _errors_digest_v2(
+        p, m.get("sensitivity") or {})
+    for part, want in (("model", p.fingerprint["model"]), ("candidates", p.fingerprint["candidates"]),
+                       ("calibration", calibration)):
+        if got.get(part) != want:
+            raise QuantkitError(f"--reuse-errors {path} was measured on {_WHAT[part]}; its errors do not apply")
+    try:
+        errors = {name: m["linears"][name]["error"] for name in p.linears}
+    except (KeyError, TypeError):
+        raise QuantkitError(f"--reuse-errors {path}: lacks a linear's errors") from None
+    return errors, hashlib.sha256(raw).hexdigest()
+
+
+def measure(p: Plan, out: str | Path, *, progress: bool = True, reuse: str | Path | None = None) -> dict[str, Any]:
     """Measure into ``out/measurement.json`` (resuming ``out/measurement.partial``), or return the measurement
-    already there when its fingerprint is this plan's; another one is refused."""
+    already there when its fingerprint is this plan's; another one is refused. ``reuse``: take the candidates'
+    errors from that kept measurement (see :func:`reusable_errors`) and measure only the sensitivities (the
+    probes' errors are measured again, and must agree)."""
     out = Path(out).expanduser()
     path = out / MEASUREMENT_NAME
     if path.exists():
@@ -356,8 +446,9 @@ def measure(p: Plan, out: str | Path, *, progress: bool = True) -> dict[str, Any
         check_measurement(m, p.fingerprint, str(path))
         logger.info("%s: measured before with the same model, candidates and calibration; reusing it", path)
         return m
+    reused, reused_sha = reusable_errors(reuse, p) if reuse is not None else (None, None)
     out.mkdir(parents=True, exist_ok=True)
-    done = Progress(out / "measurement.partial", _sha(p.fingerprint))
+    done = Progress(out / "measurement.partial", _sha({**p.fingerprint, "errors_from": reused_sha}))
     skeleton = build_skeleton(p.source, p.device)
     reader = RenamedCheckpoint(CheckpointReader(p.source.folder), skeleton)
     layers_name, layers = decoder_layers(skeleton)
@@ -367,7 +458,7 @@ def measure(p: Plan, out: str | Path, *, progress: bool = True) -> dict[str, Any
     calib = capture_inputs(skeleton, layers, p.ids, p.device)
     s = p.settings
     windows = capture_inputs(skeleton, layers, p.ids[: s.windows, : s.tokens].contiguous(), p.device)
-    step = MeasureStep(p, skeleton, layers_name, layers, reader, windows)
+    step = MeasureStep(p, skeleton, layers_name, layers, reader, windows, reused, str(reuse))
     walk = LayerWalk(skeleton, layers_name, layers, reader, [step], done, p.device, calib)
     records = walk.run(desc="measure", show=progress)["measure"]
     linears_out: dict[str, Any] = {}
@@ -376,23 +467,26 @@ def measure(p: Plan, out: str | Path, *, progress: bool = True) -> dict[str, Any
         layer_scores[prefix] = rec["lwq"]
         for name, r in rec["linears"].items():
             linears_out[name] = {**p.linears[name], **r, "lwq": rec["lwq"]}
-    nlayers, members = len(layers), sum(len(rec["linears"]) + 1 for rec in records.values())
+    nprobes = len(s.probe.split(","))
+    nlayers, members = len(layers), sum(nprobes * len(rec["linears"]) + 1 for rec in records.values())
     tokens = s.windows * s.tokens
     m = {
         "quantkit_measurement": MEASUREMENT_VERSION,
         "fingerprint": p.fingerprint,
         "model": str(p.source.name),
         "calibration": p.calibration,
-        "sensitivity": {**asdict(s), "method": "KL divergence from the full-precision model with one linear given "
-                        "the probe's error (a candidate's rounding, or Gaussian noise of relative output error "
-                        "`noise`); coeff = kl / probe_error"},
+        "sensitivity": {**asdict(s), "probe_of": probe_of(s.probe, p.candidates),
+                        "method": "KL divergence from the full-precision model with one linear given a probe's "
+                        "error (a candidate's rounding, or Gaussian noise of relative output error `noise`); "
+                        "coeff = kl / error; each candidate is priced by the coefficient of its probe_of"},
+        "errors_from": None if reuse is None else {"path": str(reuse), "sha256": reused_sha},
         "candidates": [c.to_dict() for c in p.candidates],
         "weights": p.weights,
         # Work, in tokens through one decoder layer: the calibration walk (statistics, then the next inputs) and
         # the sensitivity streams (each layer's unperturbed and perturbed streams through the rest of the model).
         "cost": {"calibration_layer_tokens": 2 * p.ids.numel() * nlayers,
                  "sensitivity_layer_tokens": tokens * sum(
-                     (len(rec["linears"]) + 1) * (nlayers - i) for i, rec in enumerate(records.values())),
+                     (nprobes * len(rec["linears"]) + 1) * (nlayers - i) for i, rec in enumerate(records.values())),
                  "sensitivity_head_tokens": tokens * members},
         "layers": layer_scores,
         "linears": linears_out,
@@ -402,17 +496,23 @@ def measure(p: Plan, out: str | Path, *, progress: bool = True) -> dict[str, Any
     return m
 
 
-def noise_kl(model: nn.Module, ids: torch.Tensor, name: str, e: float, H: torch.Tensor) -> float:
-    """KL divergence of a whole in-memory model's next-token distribution on ``ids`` when linear ``name`` gets the
-    noise :func:`noise` of relative output error ``e`` (for tests and checks; the walk does this batched)."""
+def weight_kl(model: nn.Module, ids: torch.Tensor, name: str, W_new: torch.Tensor) -> float:
+    """KL divergence of a whole in-memory model's next-token distribution on ``ids`` when linear ``name`` holds
+    ``W_new`` (for tests and checks; the walk does this batched)."""
     lin = model.get_submodule(name)
     W0 = lin.weight.data.clone()
     with torch.no_grad():
         ref = model(input_ids=ids).logits.float()
-        lin.weight.data += noise(name, W0.float(), H, e).to(W0.dtype)
+        lin.weight.data.copy_(W_new.to(W0.dtype))
         try:
             got = model(input_ids=ids).logits.float()
         finally:
             lin.weight.data.copy_(W0)
     lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+def noise_kl(model: nn.Module, ids: torch.Tensor, name: str, e: float, H: torch.Tensor) -> float:
+    """:func:`weight_kl` of linear ``name`` given the noise :func:`noise` of relative output error ``e``."""
+    W0 = model.get_submodule(name).weight.data.float()
+    return weight_kl(model, ids, name, W0 + noise(name, W0, H, e))
