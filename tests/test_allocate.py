@@ -499,3 +499,13 @@ def test_allocation_check_gives_the_solvers_prediction_and_the_measured_increase
     assert len(table) == 3
     r = statistics.correlation([float(t[4]) for t in table], [float(t[5]) for t in table])
     assert f"over 3 configurations: {r:.3f}" in printed
+
+
+def test_a_version_2_measurement_is_not_solved_with_one_coefficient_for_every_family(measured):
+    """Version 2 kept one KL coefficient per linear; solving from it would price every family by one probe."""
+    _, m, _ = measured
+    old = {**m, "linears": {n: {k: v for k, v in r.items() if k != "probes"} | {"coeff": 1.0}
+                            for n, r in m["linears"].items()}}
+    with pytest.raises(QuantkitError, match="version 2.*--reuse-errors"):
+        items(old)
+    assert len(items(old, sensitivity="lwq")) == len(m["linears"])

@@ -27,6 +27,9 @@ def coefficients(m: dict[str, Any], rec: dict[str, Any], sensitivity: str) -> li
     ``probe_of``), Layer-Wise Quantization's score, or 1."""
     n = len(rec["error"])
     if sensitivity == "kl":
+        if "probes" not in rec or "probe_of" not in m.get("sensitivity", {}):
+            raise QuantkitError("the measurement has one KL coefficient per linear (quantkit measurement version 2): "
+                                "measure its sensitivities again with --reuse-errors")
         return [rec["probes"][p]["coeff"] for p in m["sensitivity"]["probe_of"]]
     if sensitivity == "lwq":
         return [rec["lwq"]] * n

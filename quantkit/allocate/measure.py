@@ -12,10 +12,13 @@ output error, and the linear's sensitivity, in one layer walk (quantkit.calibrat
   ``Σ_l α_l e_l`` for small relative errors ``e_l``. ``α_l`` is estimated by putting one known error into linear
   ``l`` alone and measuring the KL divergence on a few calibration windows (the first ``windows`` sequences, first
   ``tokens`` tokens): ``α_l = KL / e``. At decoder layer ``i`` the walk already holds the windows' inputs; the step
-  runs the layer once per linear (plus once unperturbed), then all those streams together through layers
+  runs the layer once per linear and probe (plus once unperturbed), then all those streams together through layers
   ``i+1 …`` (each materialized once per layer ``i``) and the head.
-- **Which error** (``probe``). By default the rounding error of one candidate itself, ``gptq-w3g128`` when the set
-  has it: ``α_l`` is then measured on an error shaped as the candidates' errors are. Gaussian noise of relative
+- **Which error** (``probe``). The rounding error of a candidate itself, one probe per candidate family: by default
+  ``gptq-w3g128`` and ``hadamard-gptq-vq3``, those the set has, so ``α_l`` is measured on an error shaped as the
+  candidates' errors are; each candidate is priced by the coefficient of its family's probe (:func:`probe_of`).
+  The families differ: in SmolLM2's ``layers.12.self_attn.k_proj`` the same relative error costs 14-23 times more
+  KL unrotated than rotated (BENCHMARKS.md). Gaussian noise of relative
   output error ``noise`` (``probe: noise``, HIGGS's own procedure) costs the same, and fits data-free rounding,
   whose error is close to isotropic after a rotation. It does not fit GPTQ on a linear whose inputs carry massive
   activations (SmolLM2's ``layers.11.mlp.down_proj``: token norms up to 3,293 against a median of 5.8). There
@@ -27,7 +30,9 @@ output error, and the linear's sensitivity, in one layer walk (quantkit.calibrat
 
 The walk's per-layer progress (quantkit.resume) makes the measurement resumable: a rerun after a kill continues
 at the next layer and writes the same ``measurement.json``. Its fingerprint covers the model's files, the
-candidates and the calibration (text, settings, sensitivity settings); a measurement with another is refused.
+candidates, the calibration (text, settings) and the sensitivity settings; a measurement with another is refused.
+The candidates' errors do not depend on the sensitivity settings: ``reuse`` takes them from a kept measurement of
+the same model, candidates and calibration and rounds only the probes (whose errors must agree with the kept ones).
 """
 
 from __future__ import annotations
