@@ -11,7 +11,8 @@
 #        CALIB ("--calib c4 --nsamples 128 --seqlen 2048 --seed 0"), WINDOWS (all; e.g. 16 for the quick protocol),
 #        CANDIDATES (the built-in set), MEASUREMENT (a measurement.json to start from, e.g. the full protocol's in
 #        benchmarks/results/smollm2/allocate/: copied into OUTDIR/alloc unless one is there; allocate refuses it if
-#        it was measured on another model, candidate set or calibration)
+#        it was measured on another model, candidate set or calibration), REUSE_ERRORS (a kept measurement whose
+#        candidate errors to reuse, measuring only the sensitivities: `allocate --reuse-errors`)
 set -euo pipefail
 out=${1:?usage: allocate_full.sh OUTDIR [BUDGET ...]}; shift
 : "${QUANTKIT_DATA_DIR:?set QUANTKIT_DATA_DIR to the data folder}"
@@ -23,6 +24,7 @@ model=${MODEL:-smollm2-135m}
 read -r -a calib <<< "${CALIB:---calib c4 --nsamples 128 --seqlen 2048 --seed 0}"
 windows=(); [ -z "${WINDOWS:-}" ] || windows=(--ppl-windows "$WINDOWS")
 cands=(); [ -z "${CANDIDATES:-}" ] || cands=(--candidates "$CANDIDATES")
+reuse=(); [ -z "${REUSE_ERRORS:-}" ] || reuse=(--reuse-errors "$REUSE_ERRORS")
 mkdir -p "$out/Q" "$out/E"
 if [ -n "${MEASUREMENT:-}" ] && [ ! -f "$out/alloc/measurement.json" ]; then
   mkdir -p "$out/alloc" && cp "$MEASUREMENT" "$out/alloc/measurement.json"
@@ -32,7 +34,8 @@ log() { echo "$(date '+%F %T') $*" >> "$out/progress.txt"; }
 if [ ! -f "$out/alloc/allocation.json" ] || [ ! -f "$out/alloc/measurement.json" ]; then
   log "allocate: start"
   /usr/bin/time -v -o "$out/time_allocate.txt" quantkit allocate --model "$model" \
-      --budget "$(IFS=,; echo "${budgets[*]}")" --out "$out/alloc" "${calib[@]}" "${cands[@]}" 2> "$out/allocate.log"
+      --budget "$(IFS=,; echo "${budgets[*]}")" --out "$out/alloc" "${calib[@]}" "${cands[@]}" "${reuse[@]}" \
+      2> "$out/allocate.log"
   log "allocate: done"
 fi
 # Budgets added later reuse the measurement (seconds).

@@ -509,3 +509,14 @@ def test_a_version_2_measurement_is_not_solved_with_one_coefficient_for_every_fa
     with pytest.raises(QuantkitError, match="version 2.*--reuse-errors"):
         items(old)
     assert len(items(old, sensitivity="lwq")) == len(m["linears"])
+
+
+@pytest.mark.parametrize("reuse, what", [("missing.json", "cannot read it"), ("c.yaml", "not a quantkit measurement")])
+def test_reuse_errors_from_a_bad_file_is_one_line(tiny_llama, calib_file, tmp_path, capsys, reuse, what):
+    cands = tmp_path / "c.yaml"
+    cands.write_text(yaml.safe_dump(CANDIDATES))
+    rc, err = _cli(capsys, "allocate", "--model", str(tiny_llama), "--candidates", str(cands), "--budget", "3",
+                   "--out", str(tmp_path / "o"), "--calib", str(calib_file), "--nsamples", "6", "--seqlen", "48",
+                   "--reuse-errors", str(tmp_path / reuse))
+    assert rc == 2 and err.count("\n") == 0 and what in err and f"--reuse-errors {tmp_path / reuse}" in err
+    assert not (tmp_path / "o").exists()
