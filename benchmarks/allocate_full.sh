@@ -65,6 +65,9 @@ if [ -z "${WINDOWS:-}" ] && [ "$model" = smollm2-135m ]; then
   for f in "$seed"/eval_ppl_smollm2-*.json; do  # uniform rows: their recipe stands in for the folder
     name=$(basename "$f" .json); name=${name#eval_ppl_smollm2-}
     case $name in
+      alloc-*-*)  # an allocated row of an earlier measurement: alloc-v2-3.0 -> allocate/v2/recipe-3.0.yaml
+        b=${name#alloc-}
+        runs+=("$seed/allocate/${b%-*}/recipe-${b##*-}.yaml=$f") ;;
       alloc-*)  # an allocated row kept there: its recipe is in allocate/; this run's own budgets are above
         b=${name#alloc-}
         [[ " ${budgets[*]} " == *" $b "* ]] || runs+=("$seed/allocate/recipe-$b.yaml=$f") ;;
