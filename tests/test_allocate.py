@@ -21,7 +21,7 @@ from quantkit.algos.hessian import HessianAccumulator
 from quantkit.allocate import allocate, load_candidates, parse_candidates, solve
 from quantkit.allocate.candidates import default_candidates
 from quantkit.allocate.emit import allocation_cells, folder_cells, heatmap, items
-from quantkit.allocate.measure import MeasureStep, SensitivitySettings, noise_kl, plan, relative_error
+from quantkit.allocate.measure import MeasureStep, SensitivitySettings, noise_kl, plan, relative_error, weight_kl
 from quantkit.allocate.solve import Item
 from quantkit.calibration.quantize import quantize_linear
 from quantkit.cli import main
@@ -155,18 +155,6 @@ def test_batched_kl_matches_noise_in_the_whole_model_and_grows_with_the_noise(me
         assert r["used"] == "noise" and r["error"] == WINDOWS.noise and r["coeff"] == r["kl"] / WINDOWS.noise
 
 
-def _kl_with(model, ids: torch.Tensor, name: str, W_hat: torch.Tensor) -> float:
-    lin = model.get_submodule(name)
-    W0 = lin.weight.data.clone()
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
-        lin.weight.data.copy_(W_hat)
-        got = model(input_ids=ids).logits
-        lin.weight.data.copy_(W0)
-    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
-
-
 PROBES = SensitivitySettings(windows=2, tokens=32, probe="rtn-w2g64,hgptq-w4g32")
 
 
@@ -197,7 +185,7 @@ def test_a_candidate_probe_measures_the_kl_of_that_candidates_own_error(probed, 
         W_hat = get_format(cands[0].scheme.format).dequantize(packed, cands[0].scheme, lin.in_features)
         rtn, rot = r["probes"]["rtn-w2g64"], r["probes"]["hgptq-w4g32"]
         assert rtn["used"] == "rtn-w2g64" and rtn["error"] == r["error"][0]
-        assert rtn["kl"] == pytest.approx(_kl_with(model, windows, name, W_hat), rel=2e-3)
+        assert rtn["kl"] == pytest.approx(weight_kl(model, windows, name, W_hat), rel=2e-3)
         assert rtn["coeff"] == pytest.approx(rtn["kl"] / r["error"][0])
         assert rot["used"] == "hgptq-w4g32" and rot["error"] == r["error"][2] and rot["kl"] != rtn["kl"]
         assert rot["coeff"] == pytest.approx(rot["kl"] / r["error"][2])
