@@ -22,7 +22,7 @@ import torch
 
 from quantkit.algos.hessian import HessianAccumulator
 from quantkit.allocate.candidates import default_candidates
-from quantkit.allocate.measure import noise_kl, relative_error, stored_weight, weight_kl
+from quantkit.allocate.measure import noise_kl, reference_log_probs, relative_error, stored_weight, weight_kl
 from quantkit.data import calibration_ids, load_calibration_texts
 from quantkit.loading import load_model
 
@@ -71,17 +71,19 @@ def main() -> None:
     if m:
         head.append("measurement.json coeff")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    small_ref = [reference_log_probs(model, s) for s in small]  # the fp model's, once per token set
+    large_ref = reference_log_probs(model, large)
     for name in names:
         acc = hessians[name]
-        coeffs = [noise_kl(model, s, name, a.noise, acc.H) / a.noise for s in small]
-        big = noise_kl(model, large, name, a.noise, acc.H) / a.noise
+        coeffs = [noise_kl(model, s, name, a.noise, acc.H, r) / a.noise for s, r in zip(small, small_ref, strict=True)]
+        big = noise_kl(model, large, name, a.noise, acc.H, large_ref) / a.noise
         row = [name, *[f"{c:.3f}" for c in coeffs], *([f"{max(coeffs) / min(coeffs):.2f}"] if a.sets else []),
                f"{big:.3f}"]
         lin = model.get_submodule(name)
         for p in probes:
             W_hat = stored_weight(name, lin, p.scheme, acc.H)
             e = relative_error(lin.weight.detach().float(), W_hat, acc.H)
-            row.append(f"{weight_kl(model, large, name, W_hat) / e:.3f} ({e:.4f})")
+            row.append(f"{weight_kl(model, large, name, W_hat, large_ref) / e:.3f} ({e:.4f})")
         if m:
             row.append(f"{m['linears'][name]['coeff']:.3f}")
         print("| " + " | ".join(row) + " |", flush=True)

@@ -21,7 +21,15 @@ from quantkit.algos.hessian import HessianAccumulator
 from quantkit.allocate import allocate, load_candidates, parse_candidates, solve
 from quantkit.allocate.candidates import default_candidates
 from quantkit.allocate.emit import allocation_cells, folder_cells, heatmap, items
-from quantkit.allocate.measure import MeasureStep, SensitivitySettings, noise_kl, plan, relative_error, weight_kl
+from quantkit.allocate.measure import (
+    MeasureStep,
+    SensitivitySettings,
+    noise_kl,
+    plan,
+    reference_log_probs,
+    relative_error,
+    weight_kl,
+)
 from quantkit.allocate.solve import Item
 from quantkit.calibration.quantize import quantize_linear
 from quantkit.cli import main
@@ -147,6 +155,9 @@ def test_batched_kl_matches_noise_in_the_whole_model_and_grows_with_the_noise(me
         acc = HessianAccumulator(model.get_submodule(name).in_features)
         acc.add(_captured(model, ids, name))
         kl = noise_kl(model, windows, name, WINDOWS.noise, acc.H)
+        # the fp model's log-probabilities computed once (as benchmarks/sensitivity_noise.py does) give the same KL
+        ref = reference_log_probs(model, windows)
+        assert noise_kl(model, windows, name, WINDOWS.noise, acc.H, ref) == pytest.approx(kl, rel=1e-9)
         r = m["linears"][name]["probes"]["noise"]
         assert r["kl"] == pytest.approx(kl, rel=2e-3)
         kls = [noise_kl(model, windows, name, e, acc.H) for e in (0.001, 0.01, 0.1, 0.5)]

@@ -65,7 +65,8 @@ from quantkit.model import RenamedCheckpoint, build_skeleton, decoder_layers, li
 from quantkit.resume import Progress
 
 __all__ = ["MEASUREMENT_NAME", "MeasureStep", "Plan", "SensitivitySettings", "check_measurement", "measure", "plan",
-           "noise_kl", "probe_of", "resolve_probe", "reusable_errors", "stored_weight", "weight_kl"]
+           "noise_kl", "probe_of", "reference_log_probs", "resolve_probe", "reusable_errors", "stored_weight",
+           "weight_kl"]
 
 logger = logging.getLogger(__name__)
 
@@ -501,23 +502,33 @@ def measure(p: Plan, out: str | Path, *, progress: bool = True, reuse: str | Pat
     return m
 
 
-def weight_kl(model: nn.Module, ids: torch.Tensor, name: str, W_new: torch.Tensor) -> float:
+def reference_log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The unquantized model's next-token log-probabilities on ``ids`` (float64), the reference of :func:`weight_kl`;
+    compute it once to price many weights on the same tokens."""
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+
+
+def weight_kl(model: nn.Module, ids: torch.Tensor, name: str, W_new: torch.Tensor,
+              ref: torch.Tensor | None = None) -> float:
     """KL divergence of a whole in-memory model's next-token distribution on ``ids`` when linear ``name`` holds
-    ``W_new`` (for tests and checks; the walk does this batched)."""
+    ``W_new`` (for tests and checks; the walk does this batched). ``ref``: :func:`reference_log_probs` of the same
+    model and ``ids``, computed here when not given."""
+    lp = reference_log_probs(model, ids) if ref is None else ref
     lin = model.get_submodule(name)
     W0 = lin.weight.data.clone()
     with torch.no_grad():
-        ref = model(input_ids=ids).logits.float()
         lin.weight.data.copy_(W_new.to(W0.dtype))
         try:
-            got = model(input_ids=ids).logits.float()
+            got = model(input_ids=ids).logits
         finally:
             lin.weight.data.copy_(W0)
-    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+    lq = torch.log_softmax(got.double(), -1)
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
-def noise_kl(model: nn.Module, ids: torch.Tensor, name: str, e: float, H: torch.Tensor) -> float:
+def noise_kl(model: nn.Module, ids: torch.Tensor, name: str, e: float, H: torch.Tensor,
+             ref: torch.Tensor | None = None) -> float:
     """:func:`weight_kl` of linear ``name`` given the noise :func:`noise` of relative output error ``e``."""
     W0 = model.get_submodule(name).weight.data.float()
-    return weight_kl(model, ids, name, W0 + noise(name, W0, H, e))
+    return weight_kl(model, ids, name, W0 + noise(name, W0, H, e), ref)
