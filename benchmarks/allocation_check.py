@@ -88,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         nll, ppl, proto = _nll(ev)
         if proto != protocol:
             raise SystemExit(f"{ev}: protocol {proto!r}, but the fp32 run's is {protocol!r}")
-        rows.append((bpw, name, ppl, nll - nll_fp, predicted(m, choice)))
-    rows.sort()
+        rows.append((bpw, name, ppl, nll - nll_fp, predicted(m, choice), Path(ev).stem))
+    names = [r[1] for r in rows]  # two rows of one recipe name (two measurements' recipes): tell them by their file
+    rows = sorted((bpw, f"`{name}`" + (f" ({stem})" if names.count(name) > 1 else ""), *rest)
+                  for bpw, name, *rest, stem in rows)
     print(f"fp: ppl {ppl_fp:.3f} ({protocol}); measurement {a.measurement}\n")
     print("| configuration | bits per weight | perplexity | measured log(ppl/fp) | predicted | measured / predicted |")
     print("|---|---|---|---|---|---|")
     for bpw, name, ppl, meas, pred in rows:
-        print(f"| `{name}` | {bpw:.4f} | {ppl:.3f} | {meas:.4f} | {pred:.4f} | {meas / pred:.2f} |")
+        print(f"| {name} | {bpw:.4f} | {ppl:.3f} | {meas:.4f} | {pred:.4f} | {meas / pred:.2f} |")
     if len(rows) > 2:
         print(f"\nPearson r (measured, predicted) over {len(rows)} configurations: "
               f"{statistics.correlation([r[3] for r in rows], [r[4] for r in rows]):.3f}")

@@ -498,6 +498,13 @@ def test_allocation_check_gives_the_solvers_prediction_and_the_measured_increase
     assert len(table) == 3
     r = statistics.correlation([float(t[4]) for t in table], [float(t[5]) for t in table])
     assert f"over 3 configurations: {r:.3f}" in printed
+    # One recipe name twice (two measurements' recipes of one budget): each row names its results file.
+    assert allocation_check.main([str(out / "measurement.json"), str(fp), f"{res[0].recipe}={q}",
+                                  f"{res[0].recipe}={eval_file('q-v2.json', 3.5)}"]) == 0
+    cells = sorted(line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("| `"))
+    name = yaml.safe_load(res[0].recipe.read_text())["name"]
+    assert cells == [f"`{name}` (q)", f"`{name}` (q-v2)"]
 
 
 def test_a_version_2_measurement_is_not_solved_with_one_coefficient_for_every_family(measured):
