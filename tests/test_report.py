@@ -167,3 +167,20 @@ def test_a_failed_plot_keeps_the_previous_one(two_runs, tmp_path, monkeypatch, c
     assert "No space left" in capsys.readouterr().err
     assert png.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.png"]
+
+
+def test_two_runs_of_one_method_are_told_apart_by_folder_then_by_results_file(two_runs, tmp_path):
+    """Two queues' allocated-3.0 folders are both named alloc-3.0: their rows take the results files' names."""
+    from quantkit.eval.report import load_results
+
+    r = json.loads(two_runs[1].read_text())
+
+    def copy(name: str, folder: str) -> Path:
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps({**r, "model": folder, "model_folder": folder}))
+        return p
+
+    labels = [x["_label"] for x in load_results([copy("a", "/x/q1"), copy("b", "/y/q2")])]
+    assert labels == ["rtn-w4g128 [q1]", "rtn-w4g128 [q2]"]
+    labels = [x["_label"] for x in load_results([copy("eval-v2", "/x/q"), copy("eval-v3", "/y/q"), two_runs[0]])]
+    assert labels == ["rtn-w4g128 [eval-v2]", "rtn-w4g128 [eval-v3]", "unquantized (fp32)"]
