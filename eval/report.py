@@ -40,12 +40,11 @@ def load_results(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
     runs = _merge_same_model(runs)
     labels = [run_label(r) for r in runs]
     for r, label in zip(runs, labels, strict=True):
-        # Two runs of one method (e.g. two models): tell them apart by their model's name.
-        r["_label"] = label if labels.count(label) == 1 else f"{label} [{Path(r['model']).name}]"
-    tagged = [r["_label"] for r in runs]
-    for r in runs:  # folders of one name too (two queues' alloc-3.0): by the first results file's name instead
-        if tagged.count(r["_label"]) > 1:
-            r["_label"] = f"{run_label(r)} [{Path(r['_paths'][0]).stem}]"
+        # Two runs of one method (e.g. two models): tell them apart by their model's name, or where those agree
+        # too (two queues' alloc-3.0 folders) by their first results file's name.
+        folders = [Path(o["model"]).name for o, other in zip(runs, labels, strict=True) if other == label]
+        tag = Path(r["model"]).name if folders.count(Path(r["model"]).name) == 1 else Path(r["_paths"][0]).stem
+        r["_label"] = label if len(folders) == 1 else f"{label} [{tag}]"
     return runs
 
 
