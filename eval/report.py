@@ -41,9 +41,10 @@ def load_results(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
     labels = [run_label(r) for r in runs]
     for r, label in zip(runs, labels, strict=True):
         # Two runs of one method (e.g. two models): tell them apart by their model's name, or where those agree
-        # too (two queues' alloc-3.0 folders) by their first results file's name.
+        # too (two queues' alloc-3.0 folders) by their first results file's name, less the eval_ppl_ /
+        # eval_zeroshot_ prefix the files share by convention.
         folders = [Path(o["model"]).name for o, other in zip(runs, labels, strict=True) if other == label]
-        tag = Path(r["model"]).name if folders.count(Path(r["model"]).name) == 1 else Path(r["_paths"][0]).stem
+        tag = Path(r["model"]).name if folders.count(Path(r["model"]).name) == 1 else _file_tag(r["_paths"][0])
         r["_label"] = label if len(folders) == 1 else f"{label} [{tag}]"
     return runs
 
@@ -156,6 +157,14 @@ def _merge_same_model(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m["_paths"].append(r["_path"])
         m["_path"] = " + ".join(m["_paths"])
     return list(merged.values())
+
+
+def _file_tag(path: str) -> str:
+    stem = Path(path).stem
+    for prefix in ("eval_ppl_", "eval_zeroshot_"):
+        if stem.startswith(prefix) and len(stem) > len(prefix):
+            return stem[len(prefix):]
+    return stem
 
 
 def run_label(r: dict[str, Any]) -> str:

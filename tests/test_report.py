@@ -184,3 +184,6 @@ def test_two_runs_of_one_method_are_told_apart_by_folder_then_by_results_file(tw
     assert labels == ["rtn-w4g128 [q1]", "rtn-w4g128 [q2]"]
     labels = [x["_label"] for x in load_results([copy("eval-v2", "/x/q"), copy("eval-v3", "/y/q"), two_runs[0]])]
     assert labels == ["rtn-w4g128 [eval-v2]", "rtn-w4g128 [eval-v3]", "unquantized (fp32)"]
+    labels = [x["_label"] for x in load_results([copy("eval_ppl_smollm2-alloc-3.0", "/x/q"),
+                                                 copy("eval_ppl_smollm2-alloc-v2-3.0", "/y/q")])]
+    assert labels == ["rtn-w4g128 [smollm2-alloc-3.0]", "rtn-w4g128 [smollm2-alloc-v2-3.0]"]
