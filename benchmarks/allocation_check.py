@@ -26,6 +26,7 @@ from quantkit.checkpoint import REPORT_NAME
 from quantkit.config import LayerScheme, Recipe
 from quantkit.config.recipe import load_recipe
 from quantkit.errors import QuantkitError
+from quantkit.eval.report import results_name
 
 
 def _nll(path: str) -> tuple[float, float, str]:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         nll, ppl, proto = _nll(ev)
         if proto != protocol:
             raise SystemExit(f"{ev}: protocol {proto!r}, but the fp32 run's is {protocol!r}")
-        rows.append((bpw, name, ppl, nll - nll_fp, predicted(m, choice), Path(ev).stem))
+        rows.append((bpw, name, ppl, nll - nll_fp, predicted(m, choice), results_name(ev)))
     names = [r[1] for r in rows]  # two rows of one recipe name (two measurements' recipes): tell them by their file
     rows = sorted((bpw, f"`{name}`" + (f" ({stem})" if names.count(name) > 1 else ""), *rest)
                   for bpw, name, *rest, stem in rows)

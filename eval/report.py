@@ -20,7 +20,7 @@ from typing import Any
 from quantkit.checkpoint import atomic_path
 from quantkit.errors import QuantkitError
 
-__all__ = ["load_results", "run_label", "average_acc", "markdown_table", "pareto_plot"]
+__all__ = ["load_results", "run_label", "results_name", "average_acc", "markdown_table", "pareto_plot"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,9 @@ def load_results(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
     labels = [run_label(r) for r in runs]
     for r, label in zip(runs, labels, strict=True):
         # Two runs of one method (e.g. two models): tell them apart by their model's name, or where those agree
-        # too (two queues' alloc-3.0 folders) by their first results file's name, less the eval_ppl_ /
-        # eval_zeroshot_ prefix the files share by convention.
+        # too (two queues' alloc-3.0 folders) by their first results file's name.
         folders = [Path(o["model"]).name for o, other in zip(runs, labels, strict=True) if other == label]
-        tag = Path(r["model"]).name if folders.count(Path(r["model"]).name) == 1 else _file_tag(r["_paths"][0])
+        tag = Path(r["model"]).name if folders.count(Path(r["model"]).name) == 1 else results_name(r["_paths"][0])
         r["_label"] = label if len(folders) == 1 else f"{label} [{tag}]"
     return runs
 
@@ -159,7 +158,9 @@ def _merge_same_model(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def _file_tag(path: str) -> str:
+def results_name(path: str | os.PathLike) -> str:
+    """A results file's name for telling two runs of one method apart: its stem, less the eval_ppl_ /
+    eval_zeroshot_ prefix results files share by convention (the report and benchmarks/allocation_check.py)."""
     stem = Path(path).stem
     for prefix in ("eval_ppl_", "eval_zeroshot_"):
         if stem.startswith(prefix) and len(stem) > len(prefix):
